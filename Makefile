@@ -1,0 +1,30 @@
+# The two commands of the README:
+#   make run   - the daemon on the example config (SQLite, loopback ports)
+#   make test  - real peers, lint, types, and the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test peers lint bench-smtp-ingest
+
+$(BIN)/mailgate: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+run: $(BIN)/mailgate
+	$(BIN)/mailgate -c config/mailgate.example.toml run
+
+peers:
+	bash .ci/install-peers
+
+lint: $(BIN)/mailgate
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: peers lint
+	$(BIN)/pytest
+
+bench-smtp-ingest: $(BIN)/mailgate
+	$(BIN)/python bench/smtp_ingest.py
