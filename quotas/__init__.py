@@ -1,0 +1,1 @@
+"""Quota policy and accounting (Spam excluded) and warnings."""

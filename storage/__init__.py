@@ -1,0 +1,1 @@
+"""Storage: SQLAlchemy models and migrations, the mail store, the blob store."""

@@ -1,0 +1,72 @@
+"""Content-addressed blob store for raw RFC 5322 messages.
+
+A blob is stored once under its sha256 (``ab/cd/abcd…``), written to a
+temporary file, fsynced, renamed into place, and its directory fsynced: after
+:meth:`BlobStore.put` returns, the bytes survive a crash. Blobs are immutable,
+so snapshots can hard-link them and two messages with the same bytes share
+one file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+
+class BlobStore:
+    """Immutable blobs under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._tmp = root / "tmp"
+
+    def path(self, digest: str) -> Path:
+        """Where the blob with this sha256 hex digest lives."""
+        return self.root / digest[:2] / digest[2:4] / digest
+
+    async def put(self, data: bytes) -> str:
+        """Store ``data`` durably (in a thread) and return its sha256 hex digest."""
+        return await asyncio.to_thread(self.put_sync, data)
+
+    def put_sync(self, data: bytes) -> str:
+        """Blocking :meth:`put`, for threads and command-line tools."""
+        digest = hashlib.sha256(data).hexdigest()
+        final = self.path(digest)
+        if final.exists():
+            return digest
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        if not final.parent.exists():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(final.parent.parent)
+            _fsync_dir(final.parent.parent.parent)
+        fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=digest[:16])
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+        return digest
+
+    async def get(self, digest: str) -> bytes:
+        """The bytes of a blob (read in a thread)."""
+        return await asyncio.to_thread(self.path(digest).read_bytes)
+
+    def exists(self, digest: str) -> bool:
+        """True when the blob is present."""
+        return self.path(digest).exists()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

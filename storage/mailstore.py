@@ -1,0 +1,362 @@
+"""The mail store: folders and messages, IMAP-shaped.
+
+Every function works inside the caller's write transaction (a session from
+:meth:`storage.db.Database.write`), so a caller can combine, say, a dedupe key
+and an append into one atomic commit.
+
+Theory of operation
+-------------------
+* UIDs and MODSEQs are allocated by one ``UPDATE folders ... RETURNING``
+  per operation. The row update locks the folder row until commit (SQLite
+  serialises writers anyway), so per folder UIDs and MODSEQs are strictly
+  increasing and never reused, even across concurrent writers.
+* Usage counters (``folders.used_*`` and ``tenants.used_*``) change in the same
+  statement batch as the rows they count. The tenant counters skip the
+  ``\\Junk`` folder, so the tenant quota never counts spam and a quota check
+  is a single row read.
+* Expunged UIDs are recorded with the MODSEQ of their removal, so IMAP
+  sessions can learn what vanished since a given MODSEQ.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from sqlalchemy import case, delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.errors import FolderExists, NoSuchFolder, StoreError
+from storage.flags import join_flags, keywords_text, split_flags
+from storage.models import Expunge, Folder, Message, Tenant
+
+INBOX = "INBOX"
+DELIMITER = "/"
+JUNK = "\\Junk"
+
+# Folders every tenant has: name and special-use.
+DEFAULT_FOLDERS: tuple[tuple[str, str], ...] = (
+    (INBOX, "\\Inbox"),
+    ("Sent", "\\Sent"),
+    ("Drafts", "\\Drafts"),
+    ("Trash", "\\Trash"),
+    ("Spam", JUNK),
+    ("Archive", "\\Archive"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to append: its blob and the metadata parsed from it."""
+
+    blob: str
+    size: int
+    received_at: datetime
+    internal_date: datetime | None = None  # defaults to received_at
+    message_id: str | None = None
+    in_reply_to: str | None = None
+    references: str | None = None
+    subject: str = ""
+    from_addr: str = ""
+    to_addr: str = ""
+    sent_date: datetime | None = None
+    flags: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """Where an appended or copied message landed."""
+
+    id: int
+    folder_id: int
+    uid: int
+    modseq: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlagChange:
+    """A message whose flags a STORE changed."""
+
+    uid: int
+    modseq: int
+    flags: tuple[str, ...]
+
+
+def canonical_name(name: str) -> str:
+    """Folder name with ``INBOX`` matched case-insensitively, as IMAP requires."""
+    return INBOX if name.upper() == INBOX else name
+
+
+# --------------------------------------------------------------------------- folders
+
+
+async def get_folder(s: AsyncSession, tenant_id: str, name: str) -> Folder | None:
+    """The tenant's folder with this name, if any."""
+    return await s.scalar(
+        select(Folder).where(Folder.tenant_id == tenant_id, Folder.name == canonical_name(name))
+    )
+
+
+async def require_folder(s: AsyncSession, tenant_id: str, name: str) -> Folder:
+    """The tenant's folder with this name; :class:`NoSuchFolder` otherwise."""
+    folder = await get_folder(s, tenant_id, name)
+    if folder is None:
+        raise NoSuchFolder(name)
+    return folder
+
+
+async def special_folder(s: AsyncSession, tenant_id: str, special_use: str) -> Folder | None:
+    """The tenant's folder with this special-use (e.g. ``\\Junk``), if any."""
+    return await s.scalar(
+        select(Folder)
+        .where(Folder.tenant_id == tenant_id, Folder.special_use == special_use)
+        .order_by(Folder.id)
+        .limit(1)
+    )
+
+
+async def list_folders(s: AsyncSession, tenant_id: str) -> Sequence[Folder]:
+    """All folders of a tenant, by name."""
+    return (await s.scalars(select(Folder).where(Folder.tenant_id == tenant_id).order_by(Folder.name))).all()
+
+
+async def create_folder(
+    s: AsyncSession,
+    tenant_id: str,
+    name: str,
+    *,
+    special_use: str | None = None,
+    quota_bytes: int | None = None,
+) -> Folder:
+    """Create a folder with a fresh UIDVALIDITY; :class:`FolderExists` if taken."""
+    name = canonical_name(name)
+    if not name or len(name) > 255 or name.startswith(DELIMITER) or f"{DELIMITER}{DELIMITER}" in name:
+        raise StoreError(f"invalid folder name {name!r}")
+    if await get_folder(s, tenant_id, name) is not None:
+        raise FolderExists(name)
+    # A folder created again after a delete must never reuse a UIDVALIDITY.
+    now = int(time.time())
+    uidvalidity = await s.scalar(
+        update(Tenant)
+        .where(Tenant.id == tenant_id)
+        .values(
+            last_uidvalidity=case((Tenant.last_uidvalidity + 1 > now, Tenant.last_uidvalidity + 1), else_=now)
+        )
+        .returning(Tenant.last_uidvalidity)
+    )
+    if uidvalidity is None:
+        raise StoreError(f"no tenant {tenant_id!r}")
+    folder = Folder(
+        tenant_id=tenant_id,
+        name=name,
+        special_use=special_use,
+        uidvalidity=uidvalidity % 2**32 or 1,
+        uidnext=1,
+        highestmodseq=1,
+        quota_bytes=quota_bytes,
+        used_bytes=0,
+        used_messages=0,
+        subscribed=True,
+    )
+    s.add(folder)
+    await s.flush()
+    return folder
+
+
+async def rename_folder(s: AsyncSession, tenant_id: str, old: str, new: str) -> None:
+    """Rename a folder and its subfolders (``old/...``)."""
+    folder = await require_folder(s, tenant_id, old)
+    if folder.name == INBOX:
+        raise StoreError("INBOX cannot be renamed")
+    new = canonical_name(new)
+    if await get_folder(s, tenant_id, new) is not None:
+        raise FolderExists(new)
+    children = await s.scalars(
+        select(Folder).where(
+            Folder.tenant_id == tenant_id, Folder.name.startswith(folder.name + DELIMITER, autoescape=True)
+        )
+    )
+    for child in children:
+        child.name = new + child.name[len(folder.name) :]
+    folder.name = new
+    await s.flush()
+
+
+async def delete_folder(s: AsyncSession, tenant_id: str, name: str) -> None:
+    """Delete a folder with its messages, releasing their usage."""
+    folder = await require_folder(s, tenant_id, name)
+    if folder.name == INBOX:
+        raise StoreError("INBOX cannot be deleted")
+    await _account(s, folder, -folder.used_bytes, -folder.used_messages)
+    await s.execute(delete(Message).where(Message.folder_id == folder.id))
+    await s.execute(delete(Expunge).where(Expunge.folder_id == folder.id))
+    await s.delete(folder)
+    await s.flush()
+
+
+# --------------------------------------------------------------------------- messages
+
+
+async def append(s: AsyncSession, folder: Folder, messages: Sequence[NewMessage]) -> list[Stored]:
+    """Append messages to a folder, allocating consecutive UIDs and one MODSEQ."""
+    if not messages:
+        return []
+    first_uid, modseq = await _allocate(s, folder.id, len(messages))
+    rows = []
+    for i, m in enumerate(messages):
+        bits, keywords = split_flags(m.flags)
+        rows.append(
+            {
+                "tenant_id": folder.tenant_id,
+                "folder_id": folder.id,
+                "uid": first_uid + i,
+                "modseq": modseq,
+                "sysflags": bits,
+                "keywords": keywords_text(keywords),
+                "size": m.size,
+                "internal_date": m.internal_date or m.received_at,
+                "received_at": m.received_at,
+                "blob": m.blob,
+                "message_id": m.message_id,
+                "in_reply_to": m.in_reply_to,
+                "references": m.references,
+                "subject": m.subject,
+                "from_addr": m.from_addr,
+                "to_addr": m.to_addr,
+                "sent_date": m.sent_date,
+            }
+        )
+    ids = (await s.scalars(insert(Message).returning(Message.id, sort_by_parameter_order=True), rows)).all()
+    await _account(s, folder, sum(m.size for m in messages), len(messages))
+    return [Stored(id_, folder.id, first_uid + i, modseq) for i, id_ in enumerate(ids)]
+
+
+async def store_flags(
+    s: AsyncSession,
+    folder: Folder,
+    uids: Iterable[int],
+    flags: Iterable[str],
+    mode: Literal["set", "add", "remove"],
+) -> list[FlagChange]:
+    """Change flags of the messages with these UIDs; unchanged messages keep their MODSEQ."""
+    bits, keywords = split_flags(flags)
+    rows = (
+        await s.execute(
+            select(Message.id, Message.uid, Message.sysflags, Message.keywords)
+            .where(Message.folder_id == folder.id, Message.uid.in_(list(uids)))
+            .order_by(Message.uid)
+        )
+    ).all()
+    pending: list[tuple[int, int, int, str]] = []
+    for id_, uid, old_bits, old_text in rows:
+        kw = frozenset(k for k in old_text.split(" ") if k)
+        if mode == "set":
+            new_bits, new_kw = bits, keywords
+        elif mode == "add":
+            new_bits, new_kw = old_bits | bits, kw | keywords
+        else:
+            new_bits, new_kw = old_bits & ~bits, kw - keywords
+        if (new_bits, new_kw) != (old_bits, kw):
+            pending.append((id_, uid, new_bits, keywords_text(new_kw)))
+    if not pending:
+        return []
+    _, modseq = await _allocate(s, folder.id, 0)
+    for id_, _uid, bits_, text in pending:
+        await s.execute(
+            update(Message).where(Message.id == id_).values(sysflags=bits_, keywords=text, modseq=modseq)
+        )
+    return [FlagChange(uid, modseq, join_flags(b, k)) for _, uid, b, k in pending]
+
+
+async def copy(
+    s: AsyncSession, source: Folder, uids: Iterable[int], target: Folder
+) -> list[tuple[int, Stored]]:
+    """Copy messages to another folder; returns (source UID, new location) pairs."""
+    rows = (
+        await s.scalars(
+            select(Message)
+            .where(Message.folder_id == source.id, Message.uid.in_(list(uids)))
+            .order_by(Message.uid)
+        )
+    ).all()
+    if not rows:
+        return []
+    copies = [
+        NewMessage(
+            blob=m.blob,
+            size=m.size,
+            received_at=m.received_at,
+            internal_date=m.internal_date,
+            message_id=m.message_id,
+            in_reply_to=m.in_reply_to,
+            references=m.references,
+            subject=m.subject,
+            from_addr=m.from_addr,
+            to_addr=m.to_addr,
+            sent_date=m.sent_date,
+            flags=frozenset(join_flags(m.sysflags, m.keywords)),
+        )
+        for m in rows
+    ]
+    stored = await append(s, target, copies)
+    return [(m.uid, st) for m, st in zip(rows, stored, strict=True)]
+
+
+async def move(
+    s: AsyncSession, source: Folder, uids: Iterable[int], target: Folder
+) -> list[tuple[int, Stored]]:
+    """Move messages: copy, then expunge the originals, in one transaction."""
+    moved = await copy(s, source, uids, target)
+    await expunge(s, source, [uid for uid, _ in moved])
+    return moved
+
+
+async def expunge(s: AsyncSession, folder: Folder, uids: Iterable[int] | None = None) -> list[int]:
+    """Remove messages: the given UIDs, or (None) every message flagged ``\\Deleted``."""
+    query = select(Message.uid, Message.size).where(Message.folder_id == folder.id)
+    if uids is None:
+        query = query.where(Message.sysflags.op("&")(8) != 0)
+    else:
+        query = query.where(Message.uid.in_(list(uids)))
+    rows = (await s.execute(query.order_by(Message.uid))).all()
+    if not rows:
+        return []
+    removed = [uid for uid, _ in rows]
+    _, modseq = await _allocate(s, folder.id, 0)
+    await s.execute(delete(Message).where(Message.folder_id == folder.id, Message.uid.in_(removed)))
+    await s.execute(insert(Expunge), [{"folder_id": folder.id, "uid": u, "modseq": modseq} for u in removed])
+    await _account(s, folder, -sum(size for _, size in rows), -len(rows))
+    return removed
+
+
+# --------------------------------------------------------------------------- internals
+
+
+async def _allocate(s: AsyncSession, folder_id: int, count: int) -> tuple[int, int]:
+    """Reserve ``count`` UIDs and a new MODSEQ; returns (first UID, MODSEQ)."""
+    row = (
+        await s.execute(
+            update(Folder)
+            .where(Folder.id == folder_id)
+            .values(uidnext=Folder.uidnext + count, highestmodseq=Folder.highestmodseq + 1)
+            .returning(Folder.uidnext, Folder.highestmodseq)
+        )
+    ).one()
+    return row.uidnext - count, row.highestmodseq
+
+
+async def _account(s: AsyncSession, folder: Folder, nbytes: int, nmessages: int) -> None:
+    await s.execute(
+        update(Folder)
+        .where(Folder.id == folder.id)
+        .values(used_bytes=Folder.used_bytes + nbytes, used_messages=Folder.used_messages + nmessages)
+    )
+    if folder.special_use != JUNK:
+        await s.execute(
+            update(Tenant)
+            .where(Tenant.id == folder.tenant_id)
+            .values(used_bytes=Tenant.used_bytes + nbytes, used_messages=Tenant.used_messages + nmessages)
+        )
