@@ -94,10 +94,13 @@ async def _sync_tenant(s: AsyncSession, spec: TenantSpec) -> None:
     for f in wanted:
         folder = await mailstore.get_folder(s, spec.id, f.name)
         if folder is None:
-            if f.special_use and f.special_use not in configured_uses:
-                # A default folder: skip it if some folder already has its role.
-                if await mailstore.special_folder(s, spec.id, f.special_use) is not None:
-                    continue
+            # A default folder is skipped when some folder already has its role.
+            if (
+                f.special_use
+                and f.special_use not in configured_uses
+                and await mailstore.special_folder(s, spec.id, f.special_use) is not None
+            ):
+                continue
             await mailstore.create_folder(
                 s, spec.id, f.name, special_use=f.special_use, quota_bytes=f.quota_bytes
             )

@@ -71,10 +71,9 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
-        """A read-only transaction (rolled back at the end)."""
+        """A transaction for reading; loaded objects stay usable after it ends."""
         async with self._read_sessions() as session, session.begin():
             yield session
-            await session.rollback()
 
     async def close(self) -> None:
         """Dispose of the connection pools."""

@@ -1,0 +1,1 @@
+"""mailgate: the daemon (config, lifecycle, protocol front-ends, CLI)."""

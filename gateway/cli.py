@@ -1,0 +1,219 @@
+"""The ``mailgate`` command line (DESIGN.md section 6)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway import logs
+from gateway.config import Config, ConfigError, default_config_path, load_config
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def _human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n} B"
+
+
+def print_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str) -> None:
+    """Print a listing as an aligned table or as a JSON array of objects."""
+    if fmt == "json":
+        print(json.dumps([{c: r[c] for c in columns} for r in rows], ensure_ascii=False, indent=2))
+        return
+    cells = [[c.upper() for c in columns]] + [
+        ["-" if r[c] is None else str(r[c]) for c in columns] for r in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def secret_errors(config: Config) -> list[str]:
+    """Secrets the configuration refers to but that cannot be read."""
+    errors = []
+    for i, tenant in enumerate(config.tenants):
+        sections: list[tuple[str, Any]] = [(f"tenants[{i}].smtp", tenant.smtp)]
+        sections += [(f"tenants[{i}].mailboxes[{j}]", m) for j, m in enumerate(tenant.mailboxes)]
+        for path, section in sections:
+            if section is None:
+                continue
+            try:
+                section.password()
+            except ConfigError as exc:
+                errors += [f"{path}.{e}" for e in exc.errors]
+    return errors
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
+    errors = secret_errors(config)
+    if errors:
+        for e in errors:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"configuration OK: {args.config}")
+    listeners = [f"{k} {v}" for k, v in config.listen.model_dump().items() if v]
+    print(f"listeners: {', '.join(listeners) or 'none'}")
+    print(f"database: {config.gateway.database_url or 'sqlite in ' + str(config.gateway.data_dir)}")
+    for t in config.tenants:
+        print(
+            f"tenant {t.id} ({t.name or 'no name'}): domains {', '.join(t.domains)}; "
+            f"{len(t.agents)} agent(s), {len(t.rules)} rule(s), {len(t.mailboxes)} mailbox(es); "
+            f"quota {_human_size(t.quota)}, max message {_human_size(t.max_message_size)}"
+        )
+    return EXIT_OK
+
+
+def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    from gateway.daemon import Daemon
+
+    logs.configure()
+    return asyncio.run(Daemon(config, args.config).run())
+
+
+def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
+    from storage.db import Database
+    from storage.migrate import migrate
+
+    async def go() -> None:
+        db = Database(config.gateway.effective_database_url)
+        try:
+            await migrate(db)
+        finally:
+            await db.close()
+
+    asyncio.run(go())
+    print("database schema is up to date")
+    return EXIT_OK
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from argon2 import PasswordHasher
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("error: the passwords differ", file=sys.stderr)
+            return EXIT_ERROR
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("error: empty password", file=sys.stderr)
+        return EXIT_ERROR
+    print(PasswordHasher().hash(password))
+    return EXIT_OK
+
+
+def cmd_rules_test(config: Config, args: argparse.Namespace) -> int:
+    from gateway.ingest import Delivery, decide
+    from gateway.message import parse_headers
+
+    tenant = config.tenant(args.tenant)
+    raw = Path(args.file).read_bytes()
+    headers = parse_headers(raw)
+    delivery = Delivery(source="cli", mail_from=args.mail_from or "", recipients=tuple(args.rcpt or ()))
+    verdict = decide(tenant, headers, len(raw), delivery)
+    print(f"message: {args.file} ({len(raw)} bytes), subject {headers.subject!r}")
+    print(verdict.explain())
+    return EXIT_OK
+
+
+def cmd_folders(config: Config, args: argparse.Namespace) -> int:
+    from storage import mailstore
+    from storage.db import Database
+
+    tenant = config.tenant(args.tenant)
+
+    async def go() -> list[dict[str, Any]]:
+        db = Database(config.gateway.effective_database_url)
+        try:
+            async with db.read() as s:
+                folders = await mailstore.list_folders(s, tenant.id)
+        finally:
+            await db.close()
+        return [
+            {
+                "name": f.name,
+                "special_use": f.special_use,
+                "messages": f.used_messages,
+                "bytes": f.used_bytes,
+                "quota": f.quota_bytes,
+            }
+            for f in folders
+        ]
+
+    rows = asyncio.run(go())
+    print_rows(rows, ["name", "special_use", "messages", "bytes", "quota"], args.format)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``mailgate``."""
+    p = argparse.ArgumentParser(prog="mailgate", description="Mail gateway for shared mailboxes.")
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        help="configuration file (default: $MAILGATE_CONFIG, then /etc/mailgate/mailgate.toml)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="run the daemon in the foreground").set_defaults(func=cmd_run)
+    sub.add_parser("check-config", help="validate the configuration").set_defaults(func=cmd_check_config)
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    sub.add_parser("hash-password", help="read a password on stdin, print an argon2 hash").set_defaults(
+        func=cmd_hash_password, needs_config=False
+    )
+    rules_p = sub.add_parser("rules", help="routing rules").add_subparsers(
+        dest="rules_command", required=True
+    )
+    t = rules_p.add_parser("test", help="show where a message would be filed, and why")
+    t.add_argument("--tenant", required=True)
+    t.add_argument("--from", dest="mail_from", help="envelope sender (MAIL FROM)")
+    t.add_argument("--rcpt", action="append", help="envelope recipient (repeatable)")
+    t.add_argument("file", metavar="FILE.eml")
+    t.set_defaults(func=cmd_rules_test)
+    f = sub.add_parser("folders", help="a tenant's folders with usage")
+    f.add_argument("--tenant", required=True)
+    f.add_argument("--format", choices=["table", "json"], default="table")
+    f.set_defaults(func=cmd_folders)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mailgate`` console script."""
+    args = build_parser().parse_args(argv)
+    func: Callable[..., int] = args.func
+    if not getattr(args, "needs_config", True):
+        return func(args)
+    args.config = args.config or default_config_path()
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        return func(config, args)
+    except KeyError as exc:  # an unknown --tenant
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return EXIT_ERROR

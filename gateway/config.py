@@ -1,0 +1,485 @@
+"""Configuration: the TOML file of DESIGN.md section 6, validated.
+
+Every model is frozen and forbids unknown keys, so a typo is an error rather
+than a silently ignored setting. Errors are reported with field paths such as
+``tenants[0].smtp.port``. Secrets are never values in the file: a ``*_file``
+path or a ``*_env`` variable name refers to them, and they are read only on
+demand into :class:`pydantic.SecretStr`, whose repr is masked.
+
+Relative paths (``data_dir``, ``*_file``) are relative to the working
+directory of the process, as with most daemons run under systemd
+(``WorkingDirectory=``/``StateDirectory=``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from datetime import time, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from rules import Action, ActionKind, Condition, Rule, RuleSet, compile_rules, parse_op
+
+# --------------------------------------------------------------------------- values
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(value: object) -> int:
+    """Parse ``"20 MB"``, ``"1.2 GB"``, ``"512 KiB"`` or a plain integer into bytes.
+
+    KB/MB/GB are decimal (as capacity is sold), KiB/MiB/GiB binary.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as '20 MB'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a size such as '20 MB'")
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"invalid size {value!r}: expected a number and a unit such as '20 MB'")
+    number, unit = m.groups()
+    return int(float(number) * _SIZE_UNITS[(unit or "b").lower()])
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> timedelta:
+    """Parse ``"60s"``, ``"90d"``, ``"1h30m"`` or a number of seconds."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '60s'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.replace(" ", "").lower()
+        parts = _DURATION_RE.findall(text)
+        if not text or "".join(n + u for n, u in parts) != text:
+            raise ValueError(f"invalid duration {value!r}: expected e.g. '60s', '5m', '90d', '1h30m'")
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    else:
+        raise ValueError("expected a duration such as '60s'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return timedelta(seconds=seconds)
+
+
+def _parse_listen(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected 'host:port' or '' to disable")
+    if value == "":
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"invalid listen address {value!r}: expected 'host:port', e.g. '127.0.0.1:2525'")
+    return value
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+ListenAddress = Annotated[str, BeforeValidator(_parse_listen)]
+Domain = Annotated[
+    str,
+    BeforeValidator(lambda v: v.strip().lower().rstrip(".") if isinstance(v, str) else v),
+    Field(
+        max_length=253,
+        pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$",
+    ),
+]
+Address = Annotated[
+    str,
+    BeforeValidator(lambda v: v.strip().lower() if isinstance(v, str) else v),
+    Field(pattern=r"^[^@\s<>]+@[^@\s<>]+$"),
+]
+SpecialUse = Literal["\\Inbox", "\\Sent", "\\Drafts", "\\Trash", "\\Junk", "\\Archive"]
+Security = Literal["none", "starttls", "tls"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(_Model):
+    """Mixin for sections holding a secret as ``<name>_file`` / ``<name>_env``."""
+
+    @staticmethod
+    def _read(file: Path | None, env: str | None, what: str) -> SecretStr | None:
+        if file is not None:
+            try:
+                return SecretStr(file.read_text(encoding="utf-8").rstrip("\r\n"))
+            except OSError as exc:
+                raise ConfigError([f"{what}_file: cannot read {str(file)!r}: {exc.strerror}"]) from None
+        if env is not None:
+            if env not in os.environ:
+                raise ConfigError([f"{what}_env: environment variable {env!r} is not set"])
+            return SecretStr(os.environ[env])
+        return None
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class GatewaySection(_Model):
+    hostname: str = "localhost"
+    data_dir: Path = Path("var")
+    database_url: str = ""
+
+    @property
+    def effective_database_url(self) -> str:
+        """The configured URL, or the embedded SQLite database in ``data_dir``."""
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'mailgate.db'}"
+
+
+class ListenSection(_Model):
+    smtp: ListenAddress = "127.0.0.1:2525"
+    submission: ListenAddress = ""
+    submissions: ListenAddress = ""
+    imap: ListenAddress = ""
+    imaps: ListenAddress = ""
+    metrics: ListenAddress = ""
+
+
+class TLSSection(_Model):
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @field_validator("cert_file", "key_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TLSSection:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be set together")
+        return self
+
+
+class RetentionSection(_Model):
+    spam_days: int = Field(90, ge=1)
+
+
+class SnapshotsSection(_Model):
+    dir: Path = Path("var/snapshots")
+    at: time = time(2, 30)
+    keep: int = Field(7, ge=1)
+
+
+# Outbound presets (DESIGN.md section 2, contract).
+SMTP_PRESETS: Mapping[str, tuple[str, int, Security]] = {
+    "gmail": ("smtp.gmail.com", 587, "starttls"),
+    "interia": ("poczta.interia.pl", 587, "none"),
+    "onet": ("smtp.poczta.onet.pl", 465, "tls"),
+    "wp": ("smtp.wp.pl", 465, "tls"),
+    "o2": ("poczta.o2.pl", 587, "none"),
+}
+
+
+class SMTPRelaySection(SecretRef):
+    """A tenant's outbound SMTP settings, from a preset or given in full."""
+
+    preset: Literal["gmail", "interia", "onet", "wp", "o2"] | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    security: Security | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    from_: Address | None = Field(None, alias="from")
+    ca_file: Path | None = None
+
+    @field_validator("ca_file", "password_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _complete(self) -> SMTPRelaySection:
+        if self.preset is None and (self.host is None or self.port is None):
+            raise ValueError("give a preset or both host and port")
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("give password_file or password_env, not both")
+        return self
+
+    @property
+    def effective(self) -> tuple[str, int, Security]:
+        """Host, port and security after applying the preset."""
+        p_host, p_port, p_sec = SMTP_PRESETS[self.preset] if self.preset else ("", 25, "none")
+        return (self.host or p_host, self.port or p_port, self.security or p_sec)
+
+    @property
+    def security_pinned(self) -> bool:
+        """True when ``security`` was set explicitly (``none`` then forbids STARTTLS)."""
+        return self.security is not None
+
+    def password(self) -> SecretStr | None:
+        """Read the password from its file or environment variable."""
+        return self._read(self.password_file, self.password_env, "password")
+
+
+class AgentSection(_Model):
+    login: Address
+    name: str = ""
+    password_hash: str = Field(pattern=r"^\$argon2(id|i|d)\$")
+    folders: tuple[str, ...] = ()
+
+    def __repr_args__(self) -> Any:
+        for k, v in super().__repr_args__():
+            yield (k, "**********" if k == "password_hash" else v)
+
+
+class FolderSection(_Model):
+    name: str = Field(min_length=1, max_length=255)
+    quota: Size | None = None
+    special_use: SpecialUse | None = None
+
+
+AFTER_FETCH_RE = r"^(keep|seen|delete|move:.+)$"
+
+
+class MailboxSection(SecretRef):
+    """An upstream IMAP account to pull from."""
+
+    name: str = Field(min_length=1)
+    host: str
+    port: int = Field(993, ge=1, le=65535)
+    security: Security = "tls"
+    username: str
+    password_file: Path | None = None
+    password_env: str | None = None
+    folders: dict[str, str] = Field(default_factory=lambda: {"INBOX": "INBOX"})
+    after_fetch: str = Field("keep", pattern=AFTER_FETCH_RE)
+    idle: bool = True
+    poll_interval: Duration = timedelta(seconds=60)
+
+    def password(self) -> SecretStr | None:
+        """Read the password from its file or environment variable."""
+        return self._read(self.password_file, self.password_env, "password")
+
+
+class ConditionSection(_Model):
+    field: str
+    op: str
+    value: str | int
+
+    @model_validator(mode="after")
+    def _check(self) -> ConditionSection:
+        parse_op(self.op)  # RuleError is a ValueError: reported at this path
+        return self
+
+    def to_rule(self) -> Condition:
+        """The rules-package condition, with sizes converted to bytes."""
+        op, negate = parse_op(self.op)
+        value = parse_size(self.value) if self.field == "size" else self.value
+        return Condition(field=self.field, op=op, value=value, negate=negate)
+
+
+def _action(item: object) -> Action:
+    if not isinstance(item, Mapping) or len(item) != 1:
+        raise ValueError('an action is a table with exactly one key, e.g. { folder = "Orders" }')
+    ((key, value),) = item.items()
+    try:
+        kind = ActionKind(key)
+    except ValueError:
+        names = ", ".join(k.value for k in ActionKind)
+        raise ValueError(f"unknown action {key!r} (expected one of {names})") from None
+    if kind in (ActionKind.SPAM, ActionKind.SEEN, ActionKind.FLAG):
+        if value is not True:
+            raise ValueError(f"action {key!r} takes the value true")
+        return Action(kind)
+    if not isinstance(value, str):
+        raise ValueError(f"action {key!r} takes a string")
+    return Action(kind, value)
+
+
+class RuleSection(_Model):
+    name: str = Field(min_length=1)
+    match: Literal["any", "all"] = "any"
+    conditions: tuple[ConditionSection, ...] = ()
+    actions: tuple[Annotated[Action, BeforeValidator(_action)], ...]
+    stop: bool = False
+
+    def to_rule(self) -> Rule:
+        """The rules-package rule."""
+        return Rule(
+            name=self.name,
+            conditions=tuple(c.to_rule() for c in self.conditions),
+            actions=self.actions,
+            match=self.match,
+            stop=self.stop,
+        )
+
+
+class TenantSection(_Model):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    name: str = ""
+    domains: tuple[Domain, ...] = Field(min_length=1)
+    addresses: tuple[Address, ...] = ()
+    quota: Size | None = None
+    max_message_size: Size = 20 * 10**6
+    max_attachments: int = Field(3, ge=0)
+    collision: Literal["hold", "warn", "off"] = "hold"
+    smtp: SMTPRelaySection | None = None
+    agents: tuple[AgentSection, ...] = ()
+    folders: tuple[FolderSection, ...] = ()
+    mailboxes: tuple[MailboxSection, ...] = ()
+    rules: tuple[RuleSection, ...] = ()
+
+    _ruleset: RuleSet = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _check(self) -> TenantSection:
+        for addr in self.addresses:
+            if addr.rpartition("@")[2] not in self.domains:
+                raise ValueError(f"address {addr!r} is not in the tenant's domains")
+        names = [f.name for f in self.folders]
+        if len(set(names)) != len(names):
+            raise ValueError("folder names must be unique")
+        mailboxes = [m.name for m in self.mailboxes]
+        if len(set(mailboxes)) != len(mailboxes):
+            raise ValueError("mailbox names must be unique")
+        self._ruleset = compile_rules([r.to_rule() for r in self.rules])
+        return self
+
+    @property
+    def ruleset(self) -> RuleSet:
+        """The tenant's rules, compiled once."""
+        return self._ruleset
+
+    def accepts(self, address: str) -> bool:
+        """True when ``address`` (lower-case) is a recipient this tenant takes mail for."""
+        if self.addresses:
+            return address in self.addresses
+        return address.rpartition("@")[2] in self.domains
+
+
+class Config(_Model):
+    gateway: GatewaySection = GatewaySection()
+    listen: ListenSection = ListenSection()
+    tls: TLSSection = TLSSection()
+    retention: RetentionSection = RetentionSection()
+    snapshots: SnapshotsSection = SnapshotsSection()
+    tenants: tuple[TenantSection, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> Config:
+        seen_ids: set[str] = set()
+        owner: dict[str, str] = {}
+        logins: set[str] = set()
+        for t in self.tenants:
+            if t.id in seen_ids:
+                raise ValueError(f"tenant id {t.id!r} is used twice")
+            seen_ids.add(t.id)
+            for d in t.domains:
+                if d in owner:
+                    raise ValueError(f"domain {d!r} belongs to tenants {owner[d]!r} and {t.id!r}")
+                owner[d] = t.id
+            for a in t.agents:
+                if a.login in logins:
+                    raise ValueError(f"agent login {a.login!r} is used twice")
+                logins.add(a.login)
+        return self
+
+    def tenant(self, tenant_id: str) -> TenantSection:
+        """The tenant with this id; KeyError names it if there is none."""
+        for t in self.tenants:
+            if t.id == tenant_id:
+                return t
+        raise KeyError(f"no tenant {tenant_id!r} in the configuration")
+
+    def tenant_for_domain(self, domain: str) -> TenantSection | None:
+        """The tenant owning ``domain`` (lower-case), if any."""
+        for t in self.tenants:
+            if domain in t.domains:
+                return t
+        return None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class ConfigError(Exception):
+    """An invalid configuration; ``errors`` are lines of ``path: message``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not part.startswith(("function-", "lax-", "json-", "str", "int")) or not out:
+            out += ("." if out else "") + part
+    return out
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """Turn pydantic errors into ``tenants[0].smtp.port: message`` lines."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{_path(loc) or '(top level)'}: {msg}")
+    return lines
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """Validate already-parsed TOML data."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc)) from None
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a TOML configuration file."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError([f"{path}: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    return parse_config(data)
+
+
+def default_config_path() -> Path:
+    """``$MAILGATE_CONFIG``, then ``/etc/mailgate/mailgate.toml``."""
+    return Path(os.environ.get("MAILGATE_CONFIG") or "/etc/mailgate/mailgate.toml")

@@ -1,0 +1,132 @@
+"""The daemon's lifecycle: one function owns start-up and shutdown order.
+
+Start-up: database and migrations, configuration synchronised into the
+database, blob store and ingest pipeline, then the listeners. Shutdown
+(SIGTERM/SIGINT): listeners stop accepting, in-flight transactions commit,
+sessions close, the database closes, exit 0. SIGHUP re-reads the
+configuration; an invalid one is refused and the old one stays in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import structlog
+
+from gateway.config import Config, ConfigError, load_config
+from gateway.ingest import Pipeline
+from gateway.smtp.server import RelayServer
+from gateway.tls import server_context
+from storage.blobs import BlobStore
+from storage.catalog import AgentSpec, FolderSpec, TenantSpec, sync_tenants
+from storage.db import Database
+from storage.migrate import migrate
+
+log = structlog.get_logger(__name__)
+
+# Listeners whose front-ends are not built yet: configured, they are only logged.
+_PLANNED = ("submission", "submissions", "imap", "imaps", "metrics")
+
+
+def tenant_specs(config: Config) -> list[TenantSpec]:
+    """The storage view of the configured tenants."""
+    return [
+        TenantSpec(
+            id=t.id,
+            name=t.name,
+            quota_bytes=t.quota,
+            domains=t.domains,
+            agents=tuple(AgentSpec(a.login, a.name, a.password_hash) for a in t.agents),
+            folders=tuple(FolderSpec(f.name, f.quota, f.special_use) for f in t.folders),
+        )
+        for t in config.tenants
+    ]
+
+
+async def open_store(config: Config) -> tuple[Database, BlobStore]:
+    """Open (and migrate) the database and the blob store."""
+    db = Database(config.gateway.effective_database_url)
+    await migrate(db)
+    async with db.write() as s:
+        await sync_tenants(s, tenant_specs(config))
+    return db, BlobStore(config.gateway.data_dir / "blobs")
+
+
+def split_hostport(address: str) -> tuple[str, int]:
+    """``"127.0.0.1:2525"`` -> ("127.0.0.1", 2525); IPv6 hosts may be bracketed."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Daemon:
+    """The running gateway."""
+
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.stopping = asyncio.Event()
+        self.smtp: RelayServer | None = None
+        self.db: Database | None = None
+
+    def current_config(self) -> Config:
+        """The configuration in force (replaced on reload)."""
+        return self.config
+
+    async def start(self) -> None:
+        """Open storage and start the listeners."""
+        self.db, blobs = await open_store(self.config)
+        pipeline = Pipeline(self.db, blobs)
+        listen = self.config.listen
+        if listen.smtp:
+            self.smtp = RelayServer(self.current_config, pipeline, tls=server_context(self.config.tls))
+            await self.smtp.start(*split_hostport(listen.smtp))
+            log.info("listener.started", listener="smtp", address=listen.smtp, port=self.smtp.port)
+        for name in _PLANNED:
+            if getattr(listen, name):
+                log.warning("listener.not_available", listener=name, reason="not built in this version")
+
+    async def reload(self) -> None:
+        """Re-read the configuration file; keep the old one if the new one is invalid."""
+        if self.config_path is None or self.db is None:
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config.reload_refused", errors=exc.errors)
+            return
+        async with self.db.write() as s:
+            await sync_tenants(s, tenant_specs(new))
+        self.config = new
+        log.info("config.reloaded", tenants=len(new.tenants))
+
+    async def stop(self) -> None:
+        """Drain and close everything, in reverse order of start."""
+        if self.smtp is not None:
+            await self.smtp.stop()
+        if self.db is not None:
+            await self.db.close()
+
+    async def run(self) -> int:
+        """Run until SIGTERM or SIGINT; returns the exit status."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        reloads: set[asyncio.Task[None]] = set()
+
+        def on_hup() -> None:
+            task = loop.create_task(self.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        try:
+            await self.start()
+            log.info("daemon.ready", hostname=self.config.gateway.hostname)
+            await self.stopping.wait()
+            log.info("daemon.stopping")
+        finally:
+            await self.stop()
+        log.info("daemon.stopped")
+        return 0

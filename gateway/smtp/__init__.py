@@ -1,0 +1,1 @@
+"""SMTP front-ends: relay-in from other mail servers (and, later, submission)."""

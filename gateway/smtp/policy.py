@@ -1,0 +1,83 @@
+"""Pure SMTP policy: who we take mail for, the replies we give, the trace header.
+
+No sockets here: the server module calls these and sends what they return.
+Replies are the contract strings of DESIGN.md section 6.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from email.utils import format_datetime
+
+from gateway.config import Config, TenantSection
+
+OK = "250 2.0.0 OK"
+RELAY_DENIED = "554 5.7.1 <{addr}>: Relay access denied"
+NO_SUCH_USER = "550 5.1.1 <{addr}>: Recipient address rejected: no such user here"
+BAD_ADDRESS = "501 5.1.3 Bad recipient address syntax"
+TOO_BIG = "552 5.3.4 Message size exceeds fixed limit of {limit} bytes"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+BARE_NEWLINE = "550 5.5.2 Message contains a bare CR or LF; refused"
+TEMPFAIL = "451 4.3.0 Temporary failure, please try again later"
+TOO_MANY_CONNECTIONS = "421 4.7.0 {host} Too many connections, try again later"
+
+_ADDRESS = re.compile(r"^[^@\s<>]{1,64}@[a-z0-9.-]{1,253}$")
+
+
+def route_recipient(config: Config, address: str, declared_size: int | None) -> TenantSection | str:
+    """The tenant that takes mail for ``address``, or the reply refusing it."""
+    address = address.lower()
+    if not _ADDRESS.match(address):
+        return BAD_ADDRESS
+    tenant = config.tenant_for_domain(address.rpartition("@")[2])
+    if tenant is None:
+        return RELAY_DENIED.format(addr=address)
+    if not tenant.accepts(address):
+        return NO_SUCH_USER.format(addr=address)
+    if declared_size is not None and declared_size > tenant.max_message_size:
+        return TOO_BIG.format(limit=tenant.max_message_size)
+    return tenant
+
+
+def declared_size(mail_options: list[str]) -> int | None:
+    """The ``SIZE=`` a client declared on ``MAIL FROM``, if any."""
+    for option in mail_options:
+        key, _, value = option.partition("=")
+        if key.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return None
+
+
+def has_bare_newline(data: bytes) -> bool:
+    """True when ``data`` holds a CR or LF that is not part of a CRLF pair.
+
+    Such bytes are how SMTP smuggling hides a second message (``<LF>.<LF>``)
+    from one server and shows it to the next; we refuse them outright.
+    """
+    crlf = data.count(b"\r\n")
+    return data.count(b"\n") != crlf or data.count(b"\r") != crlf
+
+
+def _clean(text: str, limit: int = 100) -> str:
+    """Printable ASCII only: client-supplied words never break a header."""
+    return "".join(c if 33 <= ord(c) < 127 else "?" for c in text[:limit]) or "unknown"
+
+
+def received_header(
+    *,
+    helo: str | None,
+    peer_ip: str,
+    hostname: str,
+    protocol: str,
+    queue_id: str,
+    recipients: list[str],
+    now: datetime,
+) -> bytes:
+    """The RFC 5321 ``Received:`` trace line we prepend to a message."""
+    for_clause = f"\r\n\tfor <{_clean(recipients[0], 320)}>" if len(recipients) == 1 else ""
+    return (
+        f"Received: from {_clean(helo or 'unknown')} ([{_clean(peer_ip, 64)}])\r\n"
+        f"\tby {_clean(hostname)} (mailgate) with {protocol} id {queue_id}"
+        f"{for_clause}; {format_datetime(now)}\r\n"
+    ).encode("ascii")

@@ -1,0 +1,112 @@
+"""Shared fixtures: databases (SQLite and PostgreSQL), configs, real peers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from gateway.config import Config, parse_config
+from gateway.daemon import open_store
+from storage.blobs import BlobStore
+from storage.db import Database
+
+REQUIRE_PEERS = os.environ.get("MAILGATE_REQUIRE_PEERS") == "1"
+PG_DSN = os.environ.get("MAILGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_CONFIG = REPO / "config" / "mailgate.example.toml"
+# Well-known Debian locations of peers that are not on a normal user's PATH.
+_SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+
+
+def missing_peer(reason: str) -> None:
+    """Skip the test, or fail it when CI requires every real peer."""
+    if REQUIRE_PEERS:
+        pytest.fail(f"required peer missing: {reason}")
+    pytest.skip(reason)
+
+
+def peer(name: str) -> str:
+    """Path of a peer executable (swaks, smtp-sink, ...), or skip/fail."""
+    found = shutil.which(name) or next(
+        (f"{d}/{name}" for d in _SBIN if os.access(f"{d}/{name}", os.X_OK)), None
+    )
+    if found is None:
+        missing_peer(f"{name} is not installed (make peers installs it)")
+    assert found is not None
+    return found
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- databases
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh, empty database URL: every storage test runs on both engines."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'mailgate.db'}"
+        return
+    name = f"mailgate_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = await asyncpg.connect(PG_DSN, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        missing_peer(f"PostgreSQL at {PG_DSN} is not reachable: {exc}")
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def config_dict(tmp_path: Path, db_url: str = "", **tenant: Any) -> dict[str, Any]:
+    """A small valid configuration as data: tenant ``acme`` at acme.test, one rule."""
+    t: dict[str, Any] = {
+        "id": "acme",
+        "name": "ACME",
+        "domains": ["acme.test"],
+        "agents": [{"login": "anna@acme.test", "name": "Anna", "password_hash": "$argon2id$v=19$x"}],
+        "folders": [{"name": "Orders", "quota": "500 MB"}],
+        "rules": [
+            {
+                "name": "orders",
+                "conditions": [{"field": "subject", "op": "contains", "value": "zamówienie"}],
+                "actions": [{"folder": "Orders"}, {"label": "Orders"}],
+                "stop": True,
+            }
+        ],
+    }
+    t.update(tenant)
+    return {
+        "gateway": {"hostname": "mx.test", "data_dir": str(tmp_path / "var"), "database_url": db_url},
+        "listen": {"smtp": "127.0.0.1:0"},
+        "tenants": [t, {"id": "beta", "domains": ["beta.test"], "addresses": ["only@beta.test"]}],
+    }
+
+
+@pytest.fixture
+def config(tmp_path: Path, db_url: str) -> Config:
+    """The small configuration on the test's database."""
+    return parse_config(config_dict(tmp_path, db_url))
+
+
+@pytest.fixture
+async def store(config: Config) -> AsyncIterator[tuple[Database, BlobStore]]:
+    """Migrated database with the config's tenants synchronised, and a blob store."""
+    db, blobs = await open_store(config)
+    yield db, blobs
+    await db.close()
