@@ -13,6 +13,7 @@ from typing import Any
 
 from gateway import logs
 from gateway.config import Config, ConfigError, default_config_path, load_config
+from storage.db import Database
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -85,19 +86,31 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
-    from storage.db import Database
-    from storage.migrate import migrate
+    from gateway.daemon import open_store
 
     async def go() -> None:
-        db = Database(config.gateway.effective_database_url)
-        try:
-            await migrate(db)
-        finally:
-            await db.close()
+        db, _ = await open_store(config)
+        await db.close()
 
     asyncio.run(go())
-    print("database schema is up to date")
+    print("database schema is up to date; tenants, agents and folders synchronised")
     return EXIT_OK
+
+
+class NotMigrated(Exception):
+    """The database has no (or an old) schema."""
+
+
+async def open_for_reading(config: Config) -> Database:
+    """The database, after checking its schema is current (CLI listings never migrate)."""
+    from storage.db import Database
+    from storage.migrate import is_current
+
+    db = Database(config.gateway.effective_database_url)
+    if not await is_current(db):
+        await db.close()
+        raise NotMigrated("the database is not initialised or not up to date: run 'mailgate migrate'")
+    return db
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
@@ -133,12 +146,11 @@ def cmd_rules_test(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_folders(config: Config, args: argparse.Namespace) -> int:
     from storage import mailstore
-    from storage.db import Database
 
     tenant = config.tenant(args.tenant)
 
     async def go() -> list[dict[str, Any]]:
-        db = Database(config.gateway.effective_database_url)
+        db = await open_for_reading(config)
         try:
             async with db.read() as s:
                 folders = await mailstore.list_folders(s, tenant.id)
@@ -213,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(config, args)
     except KeyError as exc:  # an unknown --tenant
         print(f"error: {exc.args[0]}", file=sys.stderr)
+        return EXIT_ERROR
+    except NotMigrated as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:
         print(f"error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)

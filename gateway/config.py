@@ -13,6 +13,7 @@ directory of the process, as with most daemons run under systemd
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -107,8 +108,8 @@ def _parse_listen(value: object) -> str:
     return value
 
 
-Size = Annotated[int, BeforeValidator(parse_size)]
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size, json_schema_input_type=int | str)]
+Duration = Annotated[timedelta, BeforeValidator(parse_duration, json_schema_input_type=int | float | str)]
 ListenAddress = Annotated[str, BeforeValidator(_parse_listen)]
 Domain = Annotated[
     str,
@@ -328,7 +329,9 @@ class RuleSection(_Model):
     name: str = Field(min_length=1)
     match: Literal["any", "all"] = "any"
     conditions: tuple[ConditionSection, ...] = ()
-    actions: tuple[Annotated[Action, BeforeValidator(_action)], ...]
+    actions: tuple[
+        Annotated[Action, BeforeValidator(_action, json_schema_input_type=dict[str, str | bool])], ...
+    ]
     stop: bool = False
 
     def to_rule(self) -> Rule:
@@ -478,6 +481,12 @@ def load_config(path: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
     return parse_config(data)
+
+
+def json_schema() -> str:
+    """The JSON schema of the configuration file (shipped as config/mailgate.schema.json)."""
+    schema = Config.model_json_schema(by_alias=True, mode="validation")
+    return json.dumps(schema, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
 
 
 def default_config_path() -> Path:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 
 from storage.db import Database
@@ -30,3 +32,14 @@ async def migrate(db: Database) -> None:
     async with db.writer.connect() as conn:
         await conn.run_sync(upgrade)
         await conn.commit()
+
+
+async def is_current(db: Database) -> bool:
+    """True when the schema is at the newest revision (read-only check)."""
+
+    def current(connection: Connection) -> bool:
+        heads = set(ScriptDirectory.from_config(alembic_config()).get_heads())
+        return set(MigrationContext.configure(connection).get_current_heads()) == heads
+
+    async with db.reader.connect() as conn:
+        return await conn.run_sync(current)
