@@ -71,9 +71,10 @@ class Daemon:
                 pytest.fail(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
             except OSError:
                 time.sleep(0.05)
+            else:
+                return
         pytest.fail(f"daemon did not listen on {self.port}:\n{self.log.read_text()}")
 
     def signal(self, sig: int) -> int:

@@ -16,7 +16,10 @@ from storage import mailstore
 from storage.flags import join_flags
 from storage.models import Message, Outbound, OutboundRecipient
 
-BASE = b"From: c@example.org\r\nTo: biuro@acme.test\r\nSubject: %s\r\nMessage-ID: <%s@example.org>\r\n\r\nbody\r\n"
+BASE = (
+    b"From: c@example.org\r\nTo: biuro@acme.test\r\nSubject: %s\r\n"
+    b"Message-ID: <%s@example.org>\r\n\r\nbody\r\n"
+)
 
 
 def mail(subject: bytes = b"hello", mid: bytes = b"m1", extra: bytes = b"") -> bytes:
