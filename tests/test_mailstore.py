@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from gateway.config import Config, parse_config
 from gateway.daemon import open_store, tenant_specs
@@ -210,3 +210,17 @@ async def test_blob_store_async(tmp_path: Path) -> None:
     digest = await blobs.put(b"abc")
     assert await blobs.get(digest) == b"abc"
     assert blobs.exists(digest)
+
+
+async def test_sqlite_runs_durable_and_strict(store: tuple[Database, BlobStore]) -> None:
+    db, _ = store
+    if not db.is_sqlite:
+        pytest.skip("SQLite pragmas")
+    async with db.write() as s:
+        mode = (await s.execute(text("PRAGMA journal_mode"))).scalar()
+        sync = (await s.execute(text("PRAGMA synchronous"))).scalar()
+        fks = (await s.execute(text("PRAGMA foreign_keys"))).scalar()
+        busy = (await s.execute(text("PRAGMA busy_timeout"))).scalar()
+    assert (mode, sync, fks) == ("wal", 2, 1)  # synchronous=2 is FULL
+    assert busy is not None
+    assert busy >= 10_000
