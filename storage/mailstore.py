@@ -85,6 +85,16 @@ class FlagChange:
     flags: tuple[str, ...]
 
 
+def _text(value: str | None) -> str | None:
+    """Header-derived text as every engine can store it: no NUL, no lone surrogates.
+
+    Only the searchable copies are cleaned; the blob keeps the original bytes.
+    """
+    if value is None:
+        return None
+    return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
 def canonical_name(name: str) -> str:
     """Folder name with ``INBOX`` matched case-insensitively, as IMAP requires."""
     return INBOX if name.upper() == INBOX else name
@@ -220,12 +230,12 @@ async def append(s: AsyncSession, folder: Folder, messages: Sequence[NewMessage]
                 "internal_date": m.internal_date or m.received_at,
                 "received_at": m.received_at,
                 "blob": m.blob,
-                "message_id": m.message_id,
-                "in_reply_to": m.in_reply_to,
-                "references": m.references,
-                "subject": m.subject,
-                "from_addr": m.from_addr,
-                "to_addr": m.to_addr,
+                "message_id": _text(m.message_id),
+                "in_reply_to": _text(m.in_reply_to),
+                "references": _text(m.references),
+                "subject": _text(m.subject),
+                "from_addr": _text(m.from_addr),
+                "to_addr": _text(m.to_addr),
                 "sent_date": m.sent_date,
             }
         )

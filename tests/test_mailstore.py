@@ -19,7 +19,7 @@ from storage.blobs import BlobStore
 from storage.catalog import sync_tenants
 from storage.db import Database
 from storage.errors import FolderExists, NoSuchFolder, StoreError
-from storage.models import Agent, Base, Folder, Tenant
+from storage.models import Agent, Base, Folder, Message, Tenant
 from tests.conftest import config_dict
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -224,3 +224,14 @@ async def test_sqlite_runs_durable_and_strict(store: tuple[Database, BlobStore])
     assert (mode, sync, fks) == ("wal", 2, 1)  # synchronous=2 is FULL
     assert busy is not None
     assert busy >= 10_000
+
+
+async def test_header_text_with_nul_and_surrogates_is_stored(store: tuple[Database, BlobStore]) -> None:
+    db, _ = store
+    async with db.write() as s:
+        inbox = await mailstore.require_folder(s, "acme", "INBOX")
+        await mailstore.append(s, inbox, [msg(subject="a\x00b\udcff", message_id="<\x00@x>")])
+    async with db.read() as s:
+        row = await s.scalar(select(Message).where(Message.folder_id == inbox.id))
+    assert row is not None
+    assert row.subject == "a\ufffdb?"
