@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from gateway import logs
 from gateway.config import Config, ConfigError, default_config_path, load_config
 from storage.db import Database
@@ -38,6 +40,19 @@ def print_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str)
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _database_text(config: Config) -> str:
+    """The database for humans, never showing a password put in the URL."""
+    from sqlalchemy.engine import make_url
+
+    url = config.gateway.database_url
+    if not url:
+        return f"sqlite in {config.gateway.data_dir}"
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except SQLAlchemyError:
+        return url.partition("://")[0] + "://..."
 
 
 def secret_errors(config: Config) -> list[str]:
@@ -68,7 +83,7 @@ def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     print(f"configuration OK: {args.config}")
     listeners = [f"{k} {v}" for k, v in config.listen.model_dump().items() if v]
     print(f"listeners: {', '.join(listeners) or 'none'}")
-    print(f"database: {config.gateway.database_url or 'sqlite in ' + str(config.gateway.data_dir)}")
+    print(f"database: {_database_text(config)}")
     for t in config.tenants:
         print(
             f"tenant {t.id} ({t.name or 'no name'}): domains {', '.join(t.domains)}; "
@@ -229,6 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotMigrated as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except OSError as exc:
-        print(f"error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+    except OSError as exc:  # a missing file, or a database that cannot be reached
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except SQLAlchemyError as exc:  # e.g. a database that does not exist, a bad URL
+        detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        print(f"error: database: {detail}", file=sys.stderr)
         return EXIT_ERROR

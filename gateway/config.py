@@ -33,8 +33,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from rules import Action, ActionKind, Condition, Rule, RuleSet, compile_rules, parse_op
+from rules import Action, ActionKind, Condition, Rule, RuleError, RuleSet, compile_rules, parse_op
 
 # --------------------------------------------------------------------------- values
 
@@ -132,6 +133,12 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _error_at(loc: tuple[int | str, ...], message: str) -> ValidationError:
+    """An error at ``loc`` below the model being validated (pydantic prefixes the outer path)."""
+    error = PydanticCustomError("value_error", "{message}", {"message": message})
+    return ValidationError.from_exception_data("Config", [InitErrorDetails(type=error, loc=loc, input=None)])
+
+
 class SecretRef(_Model):
     """Mixin for sections holding a secret as ``<name>_file`` / ``<name>_env``."""
 
@@ -156,6 +163,15 @@ class GatewaySection(_Model):
     hostname: str = "localhost"
     data_dir: Path = Path("var")
     database_url: str = ""
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, v: str) -> str:
+        if v and not v.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError(
+                "expected '' (SQLite in data_dir), 'sqlite+aiosqlite:///PATH' or 'postgresql+asyncpg://...'"
+            )
+        return v
 
     @property
     def effective_database_url(self) -> str:
@@ -297,7 +313,10 @@ class ConditionSection(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> ConditionSection:
-        parse_op(self.op)  # RuleError is a ValueError: reported at this path
+        try:
+            parse_op(self.op)
+        except RuleError as exc:  # reported at this path; the rule's name is not known here
+            raise ValueError(exc.message) from None
         return self
 
     def to_rule(self) -> Condition:
@@ -334,6 +353,19 @@ class RuleSection(_Model):
     ]
     stop: bool = False
 
+    @model_validator(mode="after")
+    def _compile(self) -> RuleSection:
+        # Actions first (errors at this rule), then each condition alone, so that an
+        # error such as a bad regex is reported at its own path and names the rule.
+        compile_rules([Rule(self.name, (), self.actions)])
+        for i, condition in enumerate(self.conditions):
+            try:
+                compile_rules([Rule(self.name, (condition.to_rule(),), self.actions)])
+            except ValueError as exc:
+                text = str(exc) if isinstance(exc, RuleError) else f"rule {self.name!r}: {exc}"
+                raise _error_at(("conditions", i), text) from None
+        return self
+
     def to_rule(self) -> Rule:
         """The rules-package rule."""
         return Rule(
@@ -364,9 +396,9 @@ class TenantSection(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> TenantSection:
-        for addr in self.addresses:
+        for i, addr in enumerate(self.addresses):
             if addr.rpartition("@")[2] not in self.domains:
-                raise ValueError(f"address {addr!r} is not in the tenant's domains")
+                raise _error_at(("addresses", i), f"address {addr!r} is not in the tenant's domains")
         names = [f.name for f in self.folders]
         if len(set(names)) != len(names):
             raise ValueError("folder names must be unique")
@@ -401,17 +433,19 @@ class Config(_Model):
         seen_ids: set[str] = set()
         owner: dict[str, str] = {}
         logins: set[str] = set()
-        for t in self.tenants:
+        for i, t in enumerate(self.tenants):
             if t.id in seen_ids:
-                raise ValueError(f"tenant id {t.id!r} is used twice")
+                raise _error_at(("tenants", i, "id"), f"tenant id {t.id!r} is used twice")
             seen_ids.add(t.id)
-            for d in t.domains:
+            for j, d in enumerate(t.domains):
                 if d in owner:
-                    raise ValueError(f"domain {d!r} belongs to tenants {owner[d]!r} and {t.id!r}")
+                    message = f"domain {d!r} belongs to tenants {owner[d]!r} and {t.id!r}"
+                    raise _error_at(("tenants", i, "domains", j), message)
                 owner[d] = t.id
-            for a in t.agents:
+            for j, a in enumerate(t.agents):
                 if a.login in logins:
-                    raise ValueError(f"agent login {a.login!r} is used twice")
+                    message = f"agent login {a.login!r} is used twice"
+                    raise _error_at(("tenants", i, "agents", j, "login"), message)
                 logins.add(a.login)
         return self
 
@@ -441,12 +475,18 @@ class ConfigError(Exception):
         self.errors = errors
 
 
+# Location parts pydantic adds that are not keys of the file: union members ("str",
+# "int"), dict-key markers ("[key]") and schema tags ("function-after[...]").
+# Matched whole, so that keys such as "strona" or "[Gmail]/Spam" are kept.
+_INTERNAL_LOC = re.compile(r"str|int|float|bool|\[key\]|[a-z]+(?:-[a-z]+)*\[.*\]", re.DOTALL)
+
+
 def _path(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not part.startswith(("function-", "lax-", "json-", "str", "int")) or not out:
+        elif not _INTERNAL_LOC.fullmatch(part) or not out:
             out += ("." if out else "") + part
     return out
 
@@ -455,7 +495,7 @@ def format_errors(exc: ValidationError) -> list[str]:
     """Turn pydantic errors into ``tenants[0].smtp.port: message`` lines."""
     lines = []
     for err in exc.errors(include_url=False):
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        loc = tuple(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
