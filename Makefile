@@ -27,4 +27,4 @@ test: peers lint
 	$(BIN)/pytest
 
 bench-smtp-ingest: $(BIN)/mailgate
-	$(BIN)/python bench/smtp_ingest.py
+	$(BIN)/python bench/smtp_ingest.py $(ARGS)

@@ -1,0 +1,327 @@
+"""SMTP ingest benchmark: mailgate relay-in against Postfix smtp-sink, in one run.
+
+Postfix ``smtp-source`` sends the same N messages over C parallel sessions
+(``-d``: each session keeps its connection) first to ``smtp-sink`` (accepts
+and discards: the wire ceiling on this machine), then to a freshly started
+mailgate. Printed: both rates, their ratio, mailgate's peak RSS (VmHWM) and
+how many messages mailgate really stored (``mailgate folders``).
+
+smtp-source gives every message a distinct Message-ID (pid.fd.counter), so
+mailgate's dedupe (Message-ID + body hash) keeps them all.
+
+Exits non-zero when smtp-source fails, mailgate stores fewer messages than it
+acknowledged, or mailgate does not exit 0 on SIGTERM. Everything stays on
+127.0.0.1; every wait is bounded.
+
+    .venv/bin/python bench/smtp_ingest.py [--messages 2000] [--connections 8] [--size 4096]
+        [--database-url postgresql+asyncpg://postgres@127.0.0.1:5432/mailgate_bench]
+
+With a PostgreSQL URL the named database is created (it must not exist) and
+dropped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+MAILGATE = ROOT / ".venv" / "bin" / "mailgate"
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+SMTP_SINK = "/usr/sbin/smtp-sink"
+HOST = "127.0.0.1"
+SENDER = "sender@example.org"
+RECIPIENT = "rcpt@bench.test"
+
+
+class BenchError(Exception):
+    """The benchmark could not run."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait until ``port`` accepts connections; fail if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{proc.args[0]} exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection((HOST, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise BenchError(f"nothing listens on {HOST}:{port} after {timeout:.0f}s")
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM ``proc`` and wait; SIGKILL it if it does not exit in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        raise BenchError(f"{proc.args[0]} did not exit within {timeout:.0f}s of SIGTERM") from None
+
+
+def run_source(port: int, args: argparse.Namespace) -> tuple[float, int, str]:
+    """Send the messages with smtp-source: (seconds, messages acknowledged, error or "").
+
+    smtp-source exits 0 only when every message got a 2xx reply to its final
+    ".", so then all were acknowledged. When it fails, its ``-c`` counter
+    says how many final dots it *sent* (it counts before reading the reply),
+    so up to one per session may be unanswered: the count returned is then
+    the lower bound ``counter - sessions``.
+    """
+    cmd = [
+        SMTP_SOURCE,
+        "-c",  # print a running count of messages sent (the final "." written)
+        "-d",  # keep each session's connection for its next message
+        "-s",
+        str(args.connections),
+        "-m",
+        str(args.messages),
+        "-l",
+        str(args.size),
+        "-f",
+        SENDER,
+        "-t",
+        RECIPIENT,
+        f"{HOST}:{port}",
+    ]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, timeout=args.timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"smtp-source did not finish within {args.timeout:.0f}s") from None
+    seconds = time.perf_counter() - started
+    if done.returncode == 0:
+        return seconds, args.messages, ""
+    counters = re.findall(rb"\d+", done.stdout)
+    sent = int(counters[-1]) if counters else 0
+    err = done.stderr.decode(errors="replace").strip()
+    error = f"smtp-source exited {done.returncode} after sending {sent} messages: {err}"
+    return seconds, max(0, sent - args.connections), error
+
+
+def bench_sink(args: argparse.Namespace) -> float:
+    """Seconds smtp-sink takes to accept the messages."""
+    port = free_port()
+    cmd = [SMTP_SINK]
+    if os.geteuid() == 0:
+        cmd += ["-u", "nobody"]  # smtp-sink refuses to run as root without it
+    cmd += [f"{HOST}:{port}", "256"]
+    sink = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_port(port, sink, 10.0)
+        seconds, _, error = run_source(port, args)
+        if error:
+            raise BenchError(f"against smtp-sink: {error}")
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+        sink.wait(10)
+    return seconds
+
+
+# --------------------------------------------------------------------------- PostgreSQL scratch database
+
+
+def _psql(url: str, sql: str) -> None:
+    parts = urlsplit(url)
+    env = dict(os.environ)
+    if parts.password:
+        env["PGPASSWORD"] = unquote(parts.password)
+    cmd = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-c", sql]
+    cmd += ["-h", parts.hostname or HOST, "-p", str(parts.port or 5432)]
+    if parts.username:
+        cmd += ["-U", unquote(parts.username)]
+    done = subprocess.run(cmd, capture_output=True, env=env, timeout=60, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"psql {sql!r}: {done.stderr.decode(errors='replace').strip()}")
+
+
+def pg_database(url: str) -> str:
+    """The database name in a PostgreSQL URL (a plain identifier, checked)."""
+    parts = urlsplit(url)
+    if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise BenchError("--database-url: the benchmark only talks to a local PostgreSQL")
+    name = parts.path.lstrip("/")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise BenchError("--database-url must name a scratch database, e.g. .../mailgate_bench")
+    return name
+
+
+# --------------------------------------------------------------------------- mailgate
+
+
+def write_config(tmp: Path, port: int, database_url: str) -> Path:
+    config = tmp / "mailgate.toml"
+    config.write_text(
+        "[gateway]\n"
+        'hostname = "bench.test"\n'
+        f"data_dir = {json.dumps(str(tmp / 'var'))}\n"
+        f"database_url = {json.dumps(database_url)}\n"
+        "[listen]\n"
+        f'smtp = "{HOST}:{port}"\n'
+        "[[tenants]]\n"
+        'id = "bench"\n'
+        'domains = ["bench.test"]\n',
+        encoding="utf-8",
+    )
+    return config
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM (peak resident set size) of a live process, in KiB; 0 if it already exited."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0  # a zombie: mailgate died during the run, and its exit status says so
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a live process has used so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; utime, stime are fields 14, 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stored_messages(config: Path, cwd: Path) -> int:
+    cmd = [str(MAILGATE), "-c", str(config), "folders", "--tenant", "bench", "--format", "json"]
+    done = subprocess.run(cmd, capture_output=True, cwd=cwd, timeout=120, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"mailgate folders: {done.stderr.decode(errors='replace').strip()}")
+    return sum(int(f["messages"]) for f in json.loads(done.stdout))
+
+
+@dataclass
+class MailgateRun:
+    """What one mailgate run measured."""
+
+    seconds: float = 0.0  # smtp-source's wall time
+    acked: int = 0  # messages smtp-source saw a 250 for (a lower bound if it failed)
+    cpu: float = 0.0  # CPU seconds mailgate used while smtp-source ran
+    rss_kib: int = 0  # peak RSS (VmHWM) just before SIGTERM
+    status: int = -1  # exit status after SIGTERM
+    stored: int = 0  # messages in the tenant's folders afterwards
+    error: str = ""  # smtp-source's complaint, if it failed
+
+
+def bench_mailgate(args: argparse.Namespace, tmp: Path) -> MailgateRun:
+    """Start mailgate in ``tmp``, send the messages, stop it, count what it stored."""
+    run = MailgateRun()
+    port = free_port()
+    config = write_config(tmp, port, args.database_url)
+    log = tmp / "mailgate.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(MAILGATE), "-c", str(config), "run"], cwd=tmp, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        try:
+            wait_port(port, proc, 60.0)
+        except BenchError:
+            sys.stderr.write(log.read_text(errors="replace")[-2000:])
+            raise
+        cpu_before = cpu_seconds(proc.pid)
+        run.seconds, run.acked, run.error = run_source(port, args)
+        run.cpu = cpu_seconds(proc.pid) - cpu_before
+        run.rss_kib = peak_rss_kib(proc.pid)
+        run.status = stop(proc, 60.0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    if run.status != 0:
+        sys.stderr.write(log.read_text(errors="replace")[-2000:])
+    run.stored = stored_messages(config, tmp)
+    return run
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--messages", type=int, default=2000, help="messages to send (default 2000)")
+    p.add_argument(
+        "--connections", type=int, default=8, help="parallel SMTP sessions (default 8; mailgate allows 50/IP)"
+    )
+    p.add_argument("--size", type=int, default=4096, help="body bytes per message, smtp-source -l (4096)")
+    p.add_argument(
+        "--database-url",
+        default="",
+        help="default: embedded SQLite; or postgresql+asyncpg://postgres@127.0.0.1:5432/SCRATCH_DB",
+    )
+    p.add_argument("--timeout", type=float, default=900.0, help="limit per smtp-source run, seconds")
+    args = p.parse_args()
+    if args.messages < 1 or args.connections < 1 or args.size < 1:
+        p.error("--messages, --connections and --size must be positive")
+    pg = args.database_url.startswith("postgresql")
+    if args.database_url and not pg:
+        p.error("--database-url: only postgresql+asyncpg://... (SQLite is the default)")
+    for tool in (SMTP_SOURCE, SMTP_SINK, str(MAILGATE)):
+        if not os.access(tool, os.X_OK):
+            print(f"smtp_ingest: {tool} is missing (apt-get install postfix; make .venv)", file=sys.stderr)
+            return 2
+
+    print(f"smtp_ingest: {args.messages} messages x {args.size} bytes over {args.connections} connections")
+    try:
+        dbname = pg_database(args.database_url) if pg else ""
+        sink_s = bench_sink(args)
+        with tempfile.TemporaryDirectory(prefix="mailgate-bench-") as tmpdir:
+            if pg:
+                _psql(args.database_url, f"CREATE DATABASE {dbname}")
+            try:
+                run = bench_mailgate(args, Path(tmpdir))
+            finally:
+                if pg:
+                    _psql(args.database_url, f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+    except BenchError as exc:
+        print(f"smtp_ingest: error: {exc}", file=sys.stderr)
+        return 1
+
+    sink_rate, mg_rate = args.messages / sink_s, run.acked / run.seconds  # acked == N unless it failed
+    backend = "PostgreSQL" if pg else "SQLite"
+    print(f"{'peer':<12}{'msgs/s':>9}{'seconds':>10}")
+    print(f"{'smtp-sink':<12}{sink_rate:>9.0f}{sink_s:>10.2f}")
+    print(
+        f"{'mailgate':<12}{mg_rate:>9.0f}{run.seconds:>10.2f}   (stored: {run.stored}/{run.acked}, {backend})"
+    )
+    print(f"ratio mailgate/smtp-sink: {mg_rate / sink_rate:.3f}")
+    rss = f"{run.rss_kib / 1024:.0f} MiB (VmHWM)" if run.rss_kib else "unknown (mailgate died during the run)"
+    print(f"mailgate peak RSS: {rss}")
+    print(f"mailgate CPU while sending: {run.cpu:.1f} s ({100 * run.cpu / run.seconds:.0f}% of one core)")
+    failed = False
+    if run.error:
+        print(f"smtp_ingest: FAIL: against mailgate: {run.error}", file=sys.stderr)
+        failed = True
+    if run.stored < run.acked:
+        print(
+            f"smtp_ingest: FAIL: mailgate acknowledged {run.acked} but stored {run.stored}", file=sys.stderr
+        )
+        failed = True
+    if run.status != 0:
+        print(f"smtp_ingest: FAIL: mailgate exited {run.status}, not 0, after SIGTERM", file=sys.stderr)
+        failed = True
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
