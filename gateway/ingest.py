@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -32,7 +33,7 @@ from gateway.message import Headers, parse_headers
 from storage import mailstore
 from storage.blobs import BlobStore
 from storage.db import Database
-from storage.models import IngestKey, Outbound, OutboundRecipient
+from storage.models import Folder, IngestKey, Outbound, OutboundRecipient
 
 log = structlog.get_logger(__name__)
 
@@ -151,6 +152,22 @@ def fallback_key(headers: Headers, raw: bytes) -> str:
     return "h:" + h.hexdigest()
 
 
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A message ready to commit: parsed, decided, its blob durable."""
+
+    raw_size: int
+    headers: Headers
+    delivery: Delivery
+    verdict: Verdict
+    keys: tuple[str, ...]
+    digest: str
+
+
+# Runs inside the delivery transaction (e.g. to advance an upstream folder's state).
+Within = Callable[[AsyncSession], Awaitable[None]]
+
+
 class Pipeline:
     """Delivers raw messages into the mail store."""
 
@@ -161,74 +178,125 @@ class Pipeline:
 
     async def deliver(self, tenant: TenantSection, raw: bytes, delivery: Delivery) -> Outcome:
         """Store ``raw`` byte-exact for ``tenant``; returns once it is durable."""
+        (outcome,) = await self.deliver_many(tenant, [(raw, delivery)])
+        return outcome
+
+    async def deliver_many(
+        self,
+        tenant: TenantSection,
+        items: Sequence[tuple[bytes, Delivery]],
+        within: Within | None = None,
+    ) -> list[Outcome]:
+        """Store several messages in one transaction; returns once all are durable.
+
+        A message is a duplicate when any of its dedupe keys (the source's own
+        key, and always Message-ID plus body hash) was recorded before, or
+        earlier in the same batch. ``within`` runs inside the transaction.
+        """
+        prepared = [await self._prepare(tenant, raw, delivery) for raw, delivery in items]
+        try:
+            outcomes = await self._commit(tenant, prepared, within)
+        except IntegrityError:
+            # A concurrent delivery of the same message committed first
+            # (PostgreSQL); once more, the keys it recorded are now visible.
+            outcomes = await self._commit(tenant, prepared, within)
+        for p, out in zip(prepared, outcomes, strict=True):
+            log.info(
+                "ingest.duplicate" if out.duplicate else "ingest.stored",
+                tenant=tenant.id,
+                source=p.delivery.source,
+                folder=out.folder,
+                uid=out.uid,
+                size=p.raw_size,
+                spam=p.verdict.spam,
+                rules=[t.rule for t in p.verdict.decision.trace if t.matched],
+            )
+        return outcomes
+
+    async def _prepare(self, tenant: TenantSection, raw: bytes, delivery: Delivery) -> _Prepared:
         headers = parse_headers(raw)
         verdict = decide(tenant, headers, len(raw), delivery)
-        key = delivery.dedupe_key or await asyncio.to_thread(fallback_key, headers, raw)
+        content_key = await asyncio.to_thread(fallback_key, headers, raw)
+        keys = (delivery.dedupe_key, content_key) if delivery.dedupe_key else (content_key,)
         digest = await self.blobs.put(raw)
-        now = self.clock()
-        try:
-            async with self.db.write() as s:
-                if await s.get(IngestKey, (tenant.id, key)) is not None:
-                    return self._duplicate(tenant, verdict)
-                s.add(IngestKey(tenant_id=tenant.id, key=key, created_at=now))
-                if verdict.folder is None:
-                    folder = await mailstore.special_folder(s, tenant.id, mailstore.JUNK)
-                    if folder is None:
-                        folder = await mailstore.create_folder(
-                            s, tenant.id, "Spam", special_use=mailstore.JUNK
-                        )
-                else:
-                    folder = await mailstore.get_folder(s, tenant.id, verdict.folder)
-                    if folder is None:
-                        folder = await mailstore.create_folder(s, tenant.id, verdict.folder)
-                (stored,) = await mailstore.append(
-                    s,
-                    folder,
-                    [
-                        mailstore.NewMessage(
-                            blob=digest,
-                            size=len(raw),
-                            received_at=delivery.received_at or now,
-                            message_id=headers.message_id,
-                            in_reply_to=headers.in_reply_to[0] if headers.in_reply_to else None,
-                            references=" ".join(headers.references) or None,
-                            subject=headers.subject,
-                            from_addr=", ".join(headers.from_addrs),
-                            to_addr=", ".join(headers.to_addrs),
-                            sent_date=headers.date,
-                            flags=verdict.flags,
-                        )
-                    ],
-                )
-                folder_name = folder.name
-                await self._queue_forwards(s, tenant, verdict, digest, len(raw), now)
-        except IntegrityError:
-            # A concurrent delivery of the same message committed first (PostgreSQL).
-            async with self.db.read() as s:
-                if await s.get(IngestKey, (tenant.id, key)) is not None:
-                    return self._duplicate(tenant, verdict)
-            raise
-        log.info(
-            "ingest.stored",
-            tenant=tenant.id,
-            source=delivery.source,
-            folder=folder_name,
-            uid=stored.uid,
-            size=len(raw),
-            spam=verdict.spam,
-            rules=[t.rule for t in verdict.decision.trace if t.matched],
-        )
-        return Outcome(tenant.id, folder_name, stored.uid, False, verdict)
+        return _Prepared(len(raw), headers, delivery, verdict, keys, digest)
 
-    def _duplicate(self, tenant: TenantSection, verdict: Verdict) -> Outcome:
-        log.info("ingest.duplicate", tenant=tenant.id)
-        return Outcome(tenant.id, verdict.folder or mailstore.JUNK, None, True, verdict)
+    async def _commit(
+        self, tenant: TenantSection, prepared: Sequence[_Prepared], within: Within | None
+    ) -> list[Outcome]:
+        now = self.clock()
+        async with self.db.write() as s:
+            all_keys = [k for p in prepared for k in p.keys]
+            seen = set(
+                (
+                    await s.scalars(
+                        select(IngestKey.key).where(
+                            IngestKey.tenant_id == tenant.id, IngestKey.key.in_(all_keys)
+                        )
+                    )
+                ).all()
+            )
+            folders: dict[str | None, Folder] = {}
+            groups: dict[int, list[int]] = {}
+            outcomes: list[Outcome | None] = []
+            new_keys: list[dict[str, object]] = []
+            for i, p in enumerate(prepared):
+                if seen.intersection(p.keys):
+                    outcomes.append(
+                        Outcome(tenant.id, p.verdict.folder or mailstore.JUNK, None, True, p.verdict)
+                    )
+                    continue
+                seen.update(p.keys)
+                new_keys += [{"tenant_id": tenant.id, "key": k, "created_at": now} for k in p.keys]
+                if p.verdict.folder not in folders:
+                    folders[p.verdict.folder] = await self._folder(s, tenant.id, p.verdict.folder)
+                groups.setdefault(folders[p.verdict.folder].id, []).append(i)
+                outcomes.append(None)
+            if new_keys:
+                await s.execute(insert(IngestKey), new_keys)
+            by_id = {f.id: f for f in folders.values()}
+            for folder_id, indexes in groups.items():
+                folder = by_id[folder_id]
+                stored = await mailstore.append(
+                    s, folder, [self._new_message(prepared[i], now) for i in indexes]
+                )
+                for i, st in zip(indexes, stored, strict=True):
+                    outcomes[i] = Outcome(tenant.id, folder.name, st.uid, False, prepared[i].verdict)
+                    await self._queue_forwards(s, tenant, prepared[i], now)
+            if within is not None:
+                await within(s)
+        return [o for o in outcomes if o is not None]
+
+    @staticmethod
+    async def _folder(s: AsyncSession, tenant_id: str, name: str | None) -> Folder:
+        """The target folder (None: the \\Junk one), created on first use."""
+        if name is None:
+            folder = await mailstore.special_folder(s, tenant_id, mailstore.JUNK)
+            return folder or await mailstore.create_folder(s, tenant_id, "Spam", special_use=mailstore.JUNK)
+        folder = await mailstore.get_folder(s, tenant_id, name)
+        return folder or await mailstore.create_folder(s, tenant_id, name)
+
+    def _new_message(self, p: _Prepared, now: datetime) -> mailstore.NewMessage:
+        h = p.headers
+        return mailstore.NewMessage(
+            blob=p.digest,
+            size=p.raw_size,
+            received_at=p.delivery.received_at or now,
+            message_id=h.message_id,
+            in_reply_to=h.in_reply_to[0] if h.in_reply_to else None,
+            references=" ".join(h.references) or None,
+            subject=h.subject,
+            from_addr=", ".join(h.from_addrs),
+            to_addr=", ".join(h.to_addrs),
+            sent_date=h.date,
+            flags=p.verdict.flags,
+        )
 
     async def _queue_forwards(
-        self, s: AsyncSession, tenant: TenantSection, verdict: Verdict, digest: str, size: int, now: datetime
+        self, s: AsyncSession, tenant: TenantSection, p: _Prepared, now: datetime
     ) -> None:
-        forwards = verdict.decision.forwards
-        if not forwards or verdict.spam:
+        forwards = p.verdict.decision.forwards
+        if not forwards or p.verdict.spam:
             return
         sender = tenant.smtp.from_ if tenant.smtp else None
         if sender is None:
@@ -239,8 +307,8 @@ class Pipeline:
         out = Outbound(
             tenant_id=tenant.id,
             mail_from=sender,
-            blob=digest,
-            size=size,
+            blob=p.digest,
+            size=p.raw_size,
             created_at=now,
             next_attempt_at=now,
             attempts=0,

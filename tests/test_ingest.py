@@ -125,13 +125,30 @@ async def test_rule_creates_a_missing_folder_and_queues_forwards(tmp_path: objec
         await db.close()
 
 
-async def test_dedupe_by_source_key(config: Config, pipeline: Pipeline) -> None:
+async def test_dedupe_by_source_key_and_by_content(config: Config, pipeline: Pipeline) -> None:
     tenant = config.tenant("acme")
     key = Delivery(source="imap", dedupe_key="imap:acct/INBOX/7/1")
     first = await pipeline.deliver(tenant, mail(), key)
     again = await pipeline.deliver(tenant, mail(), key)
-    other = await pipeline.deliver(tenant, mail(), Delivery(source="imap", dedupe_key="imap:acct/INBOX/7/2"))
-    assert (first.duplicate, again.duplicate, other.duplicate) == (False, True, False)
+    # The same bytes under another upstream UID (a UIDVALIDITY change): the content key catches it.
+    moved = await pipeline.deliver(tenant, mail(), Delivery(source="imap", dedupe_key="imap:acct/INBOX/8/1"))
+    other = await pipeline.deliver(
+        tenant, mail(mid=b"m2"), Delivery(source="imap", dedupe_key="imap:acct/INBOX/7/2")
+    )
+    assert (first.duplicate, again.duplicate, moved.duplicate, other.duplicate) == (False, True, True, False)
+
+
+async def test_batch_dedupes_within_itself_and_runs_within(config: Config, pipeline: Pipeline) -> None:
+    ran: list[bool] = []
+
+    async def within(_s: object) -> None:
+        ran.append(True)
+
+    items = [(mail(mid=b"a"), SMTP), (mail(mid=b"b"), SMTP), (mail(mid=b"a"), SMTP)]
+    outcomes = await pipeline.deliver_many(config.tenant("acme"), items, within=within)  # type: ignore[arg-type]
+    assert [o.duplicate for o in outcomes] == [False, False, True]
+    assert [o.uid for o in outcomes] == [1, 2, None]
+    assert ran == [True]
 
 
 async def test_fallback_dedupe_is_message_id_plus_body(config: Config, pipeline: Pipeline) -> None:
