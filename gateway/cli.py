@@ -66,6 +66,8 @@ def secret_errors(config: Config) -> list[str]:
                 continue
             try:
                 section.password()
+                if hasattr(section, "token"):
+                    section.token()
             except ConfigError as exc:
                 errors += [f"{path}.{e}" for e in exc.errors]
     return errors

@@ -296,14 +296,44 @@ class MailboxSection(SecretRef):
     username: str
     password_file: Path | None = None
     password_env: str | None = None
-    folders: dict[str, str] = Field(default_factory=lambda: {"INBOX": "INBOX"})
+    token_file: Path | None = None  # an OAuth2 access token: XOAUTH2 instead of LOGIN
+    token_env: str | None = None
+    ca_file: Path | None = None  # extra CA bundle to trust; default: system trust
+    plaintext_login: bool = False  # allow a password over security = "none" to a non-loopback host
+    folders: dict[str, str] = Field(default_factory=lambda: {"INBOX": "INBOX"}, min_length=1)
     after_fetch: str = Field("keep", pattern=AFTER_FETCH_RE)
     idle: bool = True
-    poll_interval: Duration = timedelta(seconds=60)
+    poll_interval: Duration = Field(timedelta(seconds=60), ge=timedelta(seconds=1))
+
+    @field_validator("security")
+    @classmethod
+    def _no_starttls(cls, v: str) -> str:
+        if v == "starttls":
+            raise ValueError(
+                "STARTTLS is not supported for upstream IMAP (the IMAP client library has none): "
+                "use security = \"tls\" (usually port 993) or \"none\""
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _credentials(self) -> MailboxSection:
+        if (self.password_file, self.password_env, self.token_file, self.token_env).count(None) != 3:
+            raise ValueError("give exactly one of password_file, password_env, token_file, token_env")
+        loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
+        if self.security == "none" and not loopback and not self.plaintext_login:
+            raise ValueError(
+                f"security = \"none\" would send the password in clear to {self.host}: "
+                "use \"tls\", or set plaintext_login = true to accept that"
+            )
+        return self
 
     def password(self) -> SecretStr | None:
         """Read the password from its file or environment variable."""
         return self._read(self.password_file, self.password_env, "password")
+
+    def token(self) -> SecretStr | None:
+        """Read the OAuth2 access token from its file or environment variable."""
+        return self._read(self.token_file, self.token_env, "token")
 
 
 class ConditionSection(_Model):

@@ -123,8 +123,7 @@ def test_parse_duration_rejects(bad: object) -> None:
 
 
 def test_sizes_and_durations_in_the_config(tmp_path: Path) -> None:
-    mailbox = {"name": "biuro", "host": "imap.test", "username": "u", "poll_interval": "5m"}
-    config = parse_config(config_dict(tmp_path, quota="6 GB", mailboxes=[mailbox]))
+    config = parse_config(config_dict(tmp_path, quota="6 GB", mailboxes=_mailbox(poll_interval="5m")))
     tenant = config.tenant("acme")
     assert tenant.quota == 6_000_000_000
     assert tenant.folders[0].quota == 500_000_000
@@ -145,10 +144,28 @@ def _condition(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mailbox(**fields: Any) -> list[dict[str, Any]]:
-    return [{"name": "biuro", "host": "imap.test", "username": "u", **fields}]
+    box = {"name": "biuro", "host": "imap.test", "username": "u", "password_env": "IMAP_PW"}
+    if "password_file" in fields or "token_file" in fields or "token_env" in fields:
+        del box["password_env"]
+    return [{**box, **fields}]
 
 
 INVALID: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    (
+        "upstream starttls is not supported",
+        lambda d: _tenant(d).update(mailboxes=_mailbox(security="starttls", port=143)),
+        "tenants[0].mailboxes[0].security: STARTTLS is not supported for upstream IMAP",
+    ),
+    (
+        "password in clear to a remote host",
+        lambda d: _tenant(d).update(mailboxes=_mailbox(security="none", port=143)),
+        "tenants[0].mailboxes[0]: security = \"none\" would send the password in clear",
+    ),
+    (
+        "two credentials",
+        lambda d: _tenant(d).update(mailboxes=_mailbox(token_env="T", password_env="P")),
+        "tenants[0].mailboxes[0]: give exactly one of",
+    ),
     ("unknown top-level key", lambda d: d.update(bogus=1), "bogus: unknown key"),
     (
         "unknown tenant key",
