@@ -189,6 +189,43 @@ def cmd_folders(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_mailboxes(config: Config, args: argparse.Namespace) -> int:
+    from storage import upstream
+
+    tenants = [config.tenant(args.tenant)] if args.tenant else list(config.tenants)
+
+    async def go() -> list[dict[str, Any]]:
+        db = await open_for_reading(config)
+        try:
+            async with db.read() as s:
+                rows = await upstream.mailboxes(s, args.tenant)
+        finally:
+            await db.close()
+        health = {(r.tenant_id, r.name): r for r in rows}
+        out = []
+        for t in tenants:
+            for m in t.mailboxes:
+                r = health.get((t.id, m.name))
+                out.append(
+                    {
+                        "tenant": t.id,
+                        "name": m.name,
+                        "host": f"{m.host}:{m.port}",
+                        "state": r.state if r else "new",
+                        "last_success": r.last_success_at.isoformat(timespec="seconds")
+                        if r and r.last_success_at
+                        else None,
+                        "last_error": r.last_error if r else None,
+                        "messages_pulled": r.messages_pulled if r else 0,
+                    }
+                )
+        return out
+
+    columns = ["tenant", "name", "host", "state", "last_success", "last_error", "messages_pulled"]
+    print_rows(asyncio.run(go()), columns, args.format)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -222,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tenant", required=True)
     f.add_argument("--format", choices=["table", "json"], default="table")
     f.set_defaults(func=cmd_folders)
+    m = sub.add_parser(
+        "mailboxes", help="upstream mailboxes: state, last success, last error, messages pulled"
+    )
+    m.add_argument("--tenant")
+    m.add_argument("--format", choices=["table", "json"], default="table")
+    m.set_defaults(func=cmd_mailboxes)
     return p
 
 

@@ -311,7 +311,7 @@ class MailboxSection(SecretRef):
         if v == "starttls":
             raise ValueError(
                 "STARTTLS is not supported for upstream IMAP (the IMAP client library has none): "
-                "use security = \"tls\" (usually port 993) or \"none\""
+                'use security = "tls" (usually port 993) or "none"'
             )
         return v
 
@@ -322,8 +322,8 @@ class MailboxSection(SecretRef):
         loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
         if self.security == "none" and not loopback and not self.plaintext_login:
             raise ValueError(
-                f"security = \"none\" would send the password in clear to {self.host}: "
-                "use \"tls\", or set plaintext_login = true to accept that"
+                f'security = "none" would send the password in clear to {self.host}: '
+                'use "tls", or set plaintext_login = true to accept that'
             )
         return self
 

@@ -17,6 +17,7 @@ import structlog
 
 from gateway.config import Config, ConfigError, load_config
 from gateway.ingest import Pipeline
+from gateway.pull.manager import PullManager
 from gateway.smtp.server import RelayServer
 from gateway.tls import server_context
 from storage.blobs import BlobStore
@@ -68,6 +69,7 @@ class Daemon:
         self.config_path = config_path
         self.stopping = asyncio.Event()
         self.smtp: RelayServer | None = None
+        self.pull: PullManager | None = None
         self.db: Database | None = None
 
     def current_config(self) -> Config:
@@ -78,6 +80,8 @@ class Daemon:
         """Open storage and start the listeners."""
         self.db, blobs = await open_store(self.config)
         pipeline = Pipeline(self.db, blobs)
+        self.pull = PullManager(self.current_config, pipeline, self.db)
+        self.pull.apply(self.config)
         listen = self.config.listen
         if listen.smtp:
             self.smtp = RelayServer(self.current_config, pipeline, tls=server_context(self.config.tls))
@@ -99,12 +103,16 @@ class Daemon:
         async with self.db.write() as s:
             await sync_tenants(s, tenant_specs(new))
         self.config = new
+        if self.pull is not None:
+            self.pull.apply(new)
         log.info("config.reloaded", tenants=len(new.tenants))
 
     async def stop(self) -> None:
         """Drain and close everything, in reverse order of start."""
         if self.smtp is not None:
             await self.smtp.stop()
+        if self.pull is not None:
+            await self.pull.stop()
         if self.db is not None:
             await self.db.close()
 

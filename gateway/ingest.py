@@ -164,8 +164,9 @@ class _Prepared:
     digest: str
 
 
-# Runs inside the delivery transaction (e.g. to advance an upstream folder's state).
-Within = Callable[[AsyncSession], Awaitable[None]]
+# Runs inside the delivery transaction with the batch's outcomes (e.g. to
+# advance an upstream folder's state and count what was stored).
+Within = Callable[[AsyncSession, list["Outcome"]], Awaitable[None]]
 
 
 class Pipeline:
@@ -263,9 +264,10 @@ class Pipeline:
                 for i, st in zip(indexes, stored, strict=True):
                     outcomes[i] = Outcome(tenant.id, folder.name, st.uid, False, prepared[i].verdict)
                     await self._queue_forwards(s, tenant, prepared[i], now)
+            done = [o for o in outcomes if o is not None]
             if within is not None:
-                await within(s)
-        return [o for o in outcomes if o is not None]
+                await within(s, done)
+        return done
 
     @staticmethod
     async def _folder(s: AsyncSession, tenant_id: str, name: str | None) -> Folder:

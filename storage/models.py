@@ -205,3 +205,33 @@ class OutboundRecipient(Base):
     address: Mapped[str] = mapped_column(String(320), primary_key=True)
     state: Mapped[str] = mapped_column(String(16), default="pending")
     last_reply: Mapped[str | None] = mapped_column(Text)
+
+
+class UpstreamMailbox(Base):
+    """Health of an upstream IMAP account we pull from (``mailgate mailboxes``)."""
+
+    __tablename__ = "upstream_mailboxes"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    state: Mapped[str] = mapped_column(String(32), default="new")
+    last_success_at: Mapped[datetime | None] = mapped_column()
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_at: Mapped[datetime | None] = mapped_column()
+    messages_pulled: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UpstreamFolder(Base):
+    """How far a folder of an upstream mailbox has been pulled.
+
+    Changed in the same transaction as the messages it covers, so after a
+    crash the next pass starts exactly after the last stored message.
+    """
+
+    __tablename__ = "upstream_folders"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(255), primary_key=True)
+    folder: Mapped[str] = mapped_column(String(255), primary_key=True)
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    last_uid: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -141,8 +141,8 @@ async def test_dedupe_by_source_key_and_by_content(config: Config, pipeline: Pip
 async def test_batch_dedupes_within_itself_and_runs_within(config: Config, pipeline: Pipeline) -> None:
     ran: list[bool] = []
 
-    async def within(_s: object) -> None:
-        ran.append(True)
+    async def within(_s: object, outcomes: list[object]) -> None:
+        ran.append(len(outcomes) == 3)
 
     items = [(mail(mid=b"a"), SMTP), (mail(mid=b"b"), SMTP), (mail(mid=b"a"), SMTP)]
     outcomes = await pipeline.deliver_many(config.tenant("acme"), items, within=within)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Pulling mail from upstream IMAP mailboxes."""

@@ -1,0 +1,283 @@
+"""The typed adapter over aioimaplib: the only module that imports it.
+
+aioimaplib's limits, measured here, shape this module:
+
+* it parses a response recursively, one frame per line, so one read of more
+  than about 1000 lines never completes: bodies are fetched in small batches
+  and UIDs are learned with ``UID SEARCH`` (one line), never ``FETCH 1:*``;
+* a command on a dropped connection waits forever: every command races a
+  timeout and the connection-lost callback;
+* it has no STARTTLS and no AUTHENTICATE PLAIN: implicit TLS or plain, and
+  LOGIN (or XOAUTH2 when a token is configured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aioimaplib
+
+from gateway import mutf7
+
+T = TypeVar("T")
+
+_FETCH_START = re.compile(rb"^\d+ FETCH \(")
+_UID = re.compile(rb"\bUID (\d+)")
+_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
+_UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]")
+_EXISTS = re.compile(rb"^(\d+) EXISTS$")
+
+
+class UpstreamError(Exception):
+    """A network or protocol failure talking to an upstream server (retry later)."""
+
+
+class AuthFailed(UpstreamError):
+    """The upstream server refused our credentials."""
+
+
+@dataclass(frozen=True, slots=True)
+class Selected:
+    """What SELECT told us about a folder."""
+
+    uidvalidity: int
+    exists: int
+    uidnext: int | None
+
+
+def uid_set(uids: Iterable[int]) -> str:
+    """Compress UIDs into an IMAP sequence set: ``1:3,7,9:10``."""
+    out: list[str] = []
+    run: list[int] = []
+    for uid in sorted(set(uids)):
+        if run and uid == run[-1] + 1:
+            run.append(uid)
+            continue
+        if run:
+            out.append(f"{run[0]}:{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [uid]
+    if run:
+        out.append(f"{run[0]}:{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+def parse_fetch(lines: list[Any]) -> tuple[dict[int, bytes], dict[int, int]]:
+    """Bodies and sizes by UID from a ``UID FETCH`` response's lines.
+
+    A FETCH record is a text line opening ``N FETCH (``, optionally a literal
+    (the body, a bytearray), and more text; UID may come before or after the
+    literal.
+    """
+    bodies: dict[int, bytes] = {}
+    sizes: dict[int, int] = {}
+    text = b""
+    body: bytes | None = None
+
+    def flush() -> None:
+        m = _UID.search(text)
+        if m:
+            uid = int(m.group(1))
+            if body is not None:
+                bodies[uid] = body
+            size = _SIZE.search(text)
+            if size:
+                sizes[uid] = int(size.group(1))
+
+    for line in lines:
+        if isinstance(line, bytearray):
+            body = bytes(line)
+            continue
+        if _FETCH_START.match(line):
+            flush()
+            text, body = line, None
+        else:
+            text += b" " + line
+    flush()
+    return bodies, sizes
+
+
+class UpstreamIMAP:
+    """One connection to an upstream IMAP server."""
+
+    def __init__(self, client: Any, lost: asyncio.Future[None], timeout: float) -> None:
+        self._client = client
+        self._lost = lost
+        self.timeout = timeout
+
+    @classmethod
+    async def connect(
+        cls, host: str, port: int, *, tls: ssl.SSLContext | None, command_timeout: float = 60.0
+    ) -> UpstreamIMAP:
+        """Connect (implicit TLS when ``tls`` is given) and read the greeting."""
+        loop = asyncio.get_running_loop()
+        lost: asyncio.Future[None] = loop.create_future()
+
+        def on_lost(exc: Exception | None) -> None:
+            if not lost.done():
+                lost.set_result(None)
+
+        try:
+            if tls is not None:
+                client = aioimaplib.IMAP4_SSL(host, port, timeout=command_timeout, ssl_context=tls)
+                client.protocol.conn_lost_cb = on_lost
+            else:
+                client = aioimaplib.IMAP4(host, port, timeout=command_timeout, conn_lost_cb=on_lost)
+            await client.wait_hello_from_server()
+        except (OSError, TimeoutError, aioimaplib.AioImapException) as exc:
+            raise UpstreamError(f"cannot connect to {host}:{port}: {exc or type(exc).__name__}") from None
+        return cls(client, lost, command_timeout)
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """The server's capabilities (upper-case)."""
+        return frozenset(c.upper() for c in self._client.protocol.capabilities)
+
+    async def _run(self, what: str, coro: Awaitable[T], seconds: float | None = None) -> T:
+        """Run one command, failing fast if the connection drops or it times out."""
+        task = asyncio.ensure_future(coro)
+        racers: set[asyncio.Future[Any]] = {task, self._lost}
+        done, _ = await asyncio.wait(
+            racers, timeout=seconds or self.timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if task in done:
+            try:
+                return task.result()
+            except (OSError, TimeoutError, aioimaplib.AioImapException, ValueError) as exc:
+                raise UpstreamError(f"{what}: {exc or type(exc).__name__}") from None
+        task.cancel()
+        raise UpstreamError(f"{what}: {'connection lost' if self._lost.done() else 'timed out'}")
+
+    @staticmethod
+    def _ok(what: str, response: Any) -> list[Any]:
+        if response.result != "OK":
+            text = b" ".join(line for line in response.lines if isinstance(line, bytes))
+            raise UpstreamError(f"{what} refused: {text.decode('utf-8', 'replace')[:200]}")
+        return list(response.lines)
+
+    async def login(self, user: str, password: str) -> None:
+        """LOGIN; :class:`AuthFailed` when refused."""
+        response = await self._run("LOGIN", self._client.login(user, password))
+        if response.result != "OK":
+            raise AuthFailed("the server refused the login")
+
+    async def xoauth2(self, user: str, token: str) -> None:
+        """AUTHENTICATE XOAUTH2; :class:`AuthFailed` when refused."""
+        response = await self._run("AUTHENTICATE", self._client.xoauth2(user, token))
+        if response.result != "OK":
+            raise AuthFailed("the server refused the OAuth2 token")
+
+    async def select(self, folder: str) -> Selected:
+        """SELECT a folder."""
+        lines = self._ok(f"SELECT {folder}", await self._run("SELECT", self._client.select(_quote(folder))))
+        uidvalidity, uidnext, exists = None, None, 0
+        for line in lines:
+            if not isinstance(line, bytes):
+                continue
+            if m := _UIDVALIDITY.search(line):
+                uidvalidity = int(m.group(1))
+            if m := _UIDNEXT.search(line):
+                uidnext = int(m.group(1))
+            if m := _EXISTS.match(line):
+                exists = int(m.group(1))
+        if uidvalidity is None:
+            raise UpstreamError(f"SELECT {folder}: no UIDVALIDITY")
+        return Selected(uidvalidity, exists, uidnext)
+
+    async def search(self, *criteria: str) -> list[int]:
+        """UID SEARCH; the matching UIDs, ascending."""
+        lines = self._ok(
+            "UID SEARCH", await self._run("UID SEARCH", self._client.uid_search(*criteria, charset=None))
+        )
+        uids: list[int] = []
+        for line in lines:
+            if isinstance(line, bytes) and line.startswith(b"SEARCH"):
+                uids += [int(x) for x in line.split()[1:] if x.isdigit()]
+        return sorted(uids)
+
+    async def sizes(self, uids: Iterable[int]) -> dict[int, int]:
+        """RFC822.SIZE of each UID (call with small batches)."""
+        response = await self._run("UID FETCH", self._client.uid("fetch", uid_set(uids), "(UID RFC822.SIZE)"))
+        return parse_fetch(self._ok("UID FETCH", response))[1]
+
+    async def fetch(self, uids: Iterable[int]) -> dict[int, bytes]:
+        """The raw bytes of each UID, without marking them read (call with small batches)."""
+        # The protocol-level call times out on inactivity (its timer restarts with
+        # every chunk received); _run caps the whole batch.
+        response = await self._run(
+            "UID FETCH",
+            self._client.protocol.uid("fetch", uid_set(uids), "(UID BODY.PEEK[])", timeout=self.timeout),
+            seconds=self.timeout * 10,
+        )
+        return parse_fetch(self._ok("UID FETCH", response))[0]
+
+    async def add_flags(self, uids: Iterable[int], flags: str) -> None:
+        """UID STORE +FLAGS.SILENT."""
+        self._ok(
+            "UID STORE",
+            await self._run(
+                "UID STORE", self._client.uid("store", uid_set(uids), "+FLAGS.SILENT", f"({flags})")
+            ),
+        )
+
+    async def delete(self, uids: list[int]) -> None:
+        """Remove messages: ``\\Deleted`` then UID EXPUNGE (UIDPLUS) or EXPUNGE."""
+        await self.add_flags(uids, "\\Deleted")
+        if "UIDPLUS" in self.capabilities:
+            self._ok(
+                "UID EXPUNGE", await self._run("UID EXPUNGE", self._client.uid("expunge", uid_set(uids)))
+            )
+        else:
+            self._ok("EXPUNGE", await self._run("EXPUNGE", self._client.expunge()))
+
+    async def move(self, uids: list[int], folder: str) -> None:
+        """Move messages to another upstream folder (MOVE, or COPY and delete)."""
+        if "MOVE" in self.capabilities:
+            self._ok(
+                "UID MOVE",
+                await self._run("UID MOVE", self._client.uid("move", uid_set(uids), _quote(folder))),
+            )
+            return
+        self._ok(
+            "UID COPY", await self._run("UID COPY", self._client.uid("copy", uid_set(uids), _quote(folder)))
+        )
+        await self.delete(uids)
+
+    async def idle(self, seconds: float) -> bool:
+        """IDLE for up to ``seconds``; True when the server reported a change."""
+        if "IDLE" not in self.capabilities:
+            raise UpstreamError("the server does not offer IDLE")
+        idle = await self._run("IDLE", self._client.idle_start(timeout=seconds))
+        try:
+            pushed = await self._run(
+                "IDLE", self._client.wait_server_push(timeout=seconds), seconds=seconds + 5
+            )
+        except UpstreamError:
+            if self._lost.done():
+                raise
+            pushed = []
+        finally:
+            if not self._lost.done():
+                self._client.idle_done()
+        await self._run("IDLE", asyncio.wait_for(idle, self.timeout))
+        return pushed != aioimaplib.STOP_WAIT_SERVER_PUSH and bool(pushed)
+
+    async def logout(self) -> None:
+        """LOGOUT, ignoring failures: the connection is going away anyway."""
+        if not self._lost.done():
+            with contextlib.suppress(UpstreamError):
+                await self._run("LOGOUT", self._client.logout(), seconds=5)
+        transport = getattr(self._client.protocol, "transport", None)
+        if transport is not None:
+            transport.close()
+
+
+def _quote(folder: str) -> str:
+    """A folder name as an IMAP quoted string (modified UTF-7 for non-ASCII)."""
+    return '"' + mutf7.encode(folder).replace("\\", "\\\\").replace('"', '\\"') + '"'

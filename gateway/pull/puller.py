@@ -1,0 +1,259 @@
+"""Pull mail from upstream IMAP folders into the ingest pipeline.
+
+Theory of operation
+-------------------
+One task watches one upstream folder (a mailbox pulling INBOX and Junk has
+two), over one connection. A *pass*:
+
+1. SELECT the folder. If its UIDVALIDITY differs from the one stored, the
+   UIDs we remember mean nothing any more: start again from UID 1. Nothing is
+   imported twice, because every message's Message-ID plus body hash is a
+   dedupe key (see :mod:`gateway.ingest`).
+2. ``UID SEARCH UID n:*`` (one response line) learns the UIDs above the last
+   one stored; ``n:*`` also matches the highest UID when there is none above,
+   so the result is filtered.
+3. Bodies come with ``BODY.PEEK[]`` (never marks upstream mail read), in
+   batches of at most :data:`BATCH` messages and :data:`BATCH_BYTES` bytes
+   (aioimaplib cannot read long responses). Each batch is committed in one
+   transaction together with the folder's new last UID.
+4. Only after that commit is the after-fetch policy applied upstream (seen,
+   delete, move). A crash in between leaves stored messages upstream at UIDs
+   up to the last stored one; the next pass finds them there and applies the
+   policy again. It never fetches them again.
+
+Between passes the task IDLEs (re-issued every :data:`IDLE_SECONDS`) when the
+server offers it and the mailbox allows it, or sleeps ``poll_interval``.
+Failures back off exponentially with jitter; a refused login is logged once
+per change, not on every retry; a per-host semaphore caps connections to one
+server. A failing mailbox only delays its own tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.config import Config, MailboxSection
+from gateway.ingest import Delivery, Outcome, Pipeline
+from gateway.pull.imap_client import AuthFailed, UpstreamError, UpstreamIMAP
+from storage import mailstore, upstream
+from storage.db import Database
+
+log = structlog.get_logger(__name__)
+
+BATCH = 50
+BATCH_BYTES = 16 * 2**20
+SEARCH_SIZES_CHUNK = 200
+IDLE_SECONDS = 28 * 60
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 300.0
+CONNECTIONS_PER_HOST = 20
+
+
+@dataclass(frozen=True, slots=True)
+class FolderJob:
+    """One upstream folder to watch, and where its mail goes by default."""
+
+    tenant_id: str
+    mailbox: MailboxSection
+    folder: str  # upstream name
+    target: str  # our folder
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.tenant_id, self.mailbox.name, self.folder)
+
+
+def jobs(config: Config) -> Iterator[FolderJob]:
+    """Every upstream folder the configuration asks us to watch."""
+    for tenant in config.tenants:
+        for mailbox in tenant.mailboxes:
+            for folder, target in mailbox.folders.items():
+                yield FolderJob(tenant.id, mailbox, folder, target)
+
+
+def batches(uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
+    """Split UIDs into fetch batches bounded in count and bytes."""
+    batch: list[int] = []
+    total = 0
+    for uid in uids:
+        size = sizes.get(uid, 0)
+        if batch and (len(batch) >= BATCH or total + size > BATCH_BYTES):
+            yield batch
+            batch, total = [], 0
+        batch.append(uid)
+        total += size
+    if batch:
+        yield batch
+
+
+class HostLimits:
+    """At most :data:`CONNECTIONS_PER_HOST` connections to one upstream server."""
+
+    def __init__(self, limit: int = CONNECTIONS_PER_HOST) -> None:
+        self._sems: defaultdict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(limit))
+
+    def __call__(self, host: str) -> asyncio.Semaphore:
+        return self._sems[host.lower()]
+
+
+class FolderPuller:
+    """Watches one upstream folder until cancelled."""
+
+    def __init__(
+        self,
+        job: FolderJob,
+        config: Callable[[], Config],
+        pipeline: Pipeline,
+        db: Database,
+        limits: HostLimits,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.job = job
+        self.config = config
+        self.pipeline = pipeline
+        self.db = db
+        self.limits = limits
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.log = log.bind(tenant=job.tenant_id, mailbox=job.mailbox.name, folder=job.folder)
+        self._last_error: str | None = None
+
+    async def run(self) -> None:
+        """Connect, pull, wait for more; on failure back off and start again."""
+        backoff = BACKOFF_FIRST
+        while True:
+            try:
+                async with self.limits(self.job.mailbox.host):
+                    client = await self._connect()
+                    try:
+                        backoff = BACKOFF_FIRST
+                        await self._watch(client)
+                    finally:
+                        await client.logout()
+            except AuthFailed as exc:
+                await self._failed("auth_failed", str(exc))
+                backoff = BACKOFF_MAX
+            except UpstreamError as exc:
+                await self._failed("error", str(exc))
+            delay = random.uniform(backoff / 2, backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            await asyncio.sleep(delay)
+
+    async def _connect(self) -> UpstreamIMAP:
+        box = self.job.mailbox
+        tls = ssl.create_default_context(cafile=box.ca_file) if box.security == "tls" else None
+        client = await UpstreamIMAP.connect(box.host, box.port, tls=tls)
+        try:
+            token = box.token()
+            if token is not None:
+                await client.xoauth2(box.username, token.get_secret_value())
+            else:
+                password = box.password()
+                await client.login(box.username, password.get_secret_value() if password else "")
+        except BaseException:
+            await client.logout()
+            raise
+        return client
+
+    async def _watch(self, client: UpstreamIMAP) -> None:
+        use_idle = self.job.mailbox.idle and "IDLE" in client.capabilities
+        while True:
+            await self.sync(client)
+            await self._succeeded("idle" if use_idle else "ok")
+            if use_idle:
+                await client.idle(IDLE_SECONDS)
+            else:
+                await asyncio.sleep(self.job.mailbox.poll_interval.total_seconds())
+
+    async def sync(self, client: UpstreamIMAP) -> int:
+        """One pass over the folder; returns how many messages were stored."""
+        job = self.job
+        selected = await client.select(job.folder)
+        async with self.db.read() as s:
+            state = await upstream.folder_state(s, job.tenant_id, job.mailbox.name, job.folder)
+            junk = await mailstore.special_folder(s, job.tenant_id, mailstore.JUNK)
+        last_uid = 0
+        if state is not None and state.uidvalidity == selected.uidvalidity:
+            last_uid = state.last_uid
+        elif state is not None:
+            self.log.warning("pull.uidvalidity_changed", old=state.uidvalidity, new=selected.uidvalidity)
+        spam = junk is not None and mailstore.canonical_name(job.target) == junk.name
+        if last_uid:
+            await self._reapply_policy(client, last_uid)
+        new = [u for u in await client.search(f"UID {last_uid + 1}:*") if u > last_uid]
+        stored = 0
+        for chunk_start in range(0, len(new), SEARCH_SIZES_CHUNK):
+            chunk = new[chunk_start : chunk_start + SEARCH_SIZES_CHUNK]
+            sizes = await client.sizes(chunk)
+            for batch in batches(chunk, sizes):
+                stored += await self._pull_batch(client, batch, selected.uidvalidity, spam)
+        return stored
+
+    async def _pull_batch(self, client: UpstreamIMAP, uids: list[int], uidvalidity: int, spam: bool) -> int:
+        job = self.job
+        bodies = await client.fetch(uids)
+        tenant = self.config().tenant(job.tenant_id)
+        items = [
+            (
+                bodies[uid],
+                Delivery(
+                    source="imap",
+                    dedupe_key=f"imap:{job.mailbox.name}/{job.folder}/{uidvalidity}/{uid}",
+                    default_folder=job.target,
+                    spam=spam,
+                ),
+            )
+            for uid in uids
+            if uid in bodies  # a message expunged upstream meanwhile is simply gone
+        ]
+
+        async def within(s: AsyncSession, outcomes: list[Outcome]) -> None:
+            await upstream.advance(s, job.tenant_id, job.mailbox.name, job.folder, uidvalidity, max(uids))
+            stored = sum(not o.duplicate for o in outcomes)
+            await upstream.record_pulled(s, job.tenant_id, job.mailbox.name, stored)
+
+        outcomes = await self.pipeline.deliver_many(tenant, items, within=within)
+        await self._apply_policy(client, uids)
+        return sum(not o.duplicate for o in outcomes)
+
+    async def _apply_policy(self, client: UpstreamIMAP, uids: list[int]) -> None:
+        policy = self.job.mailbox.after_fetch
+        if policy == "seen":
+            await client.add_flags(uids, "\\Seen")
+        elif policy == "delete":
+            await client.delete(uids)
+        elif policy.startswith("move:"):
+            await client.move(uids, policy.removeprefix("move:"))
+
+    async def _reapply_policy(self, client: UpstreamIMAP, last_uid: int) -> None:
+        """Apply the policy to stored messages still upstream (after a crash)."""
+        policy = self.job.mailbox.after_fetch
+        if policy == "keep":
+            return
+        criteria = ("UNSEEN", f"UID 1:{last_uid}") if policy == "seen" else (f"UID 1:{last_uid}",)
+        left = [u for u in await client.search(*criteria) if u <= last_uid]
+        for start in range(0, len(left), SEARCH_SIZES_CHUNK):
+            await self._apply_policy(client, left[start : start + SEARCH_SIZES_CHUNK])
+
+    async def _succeeded(self, state: str) -> None:
+        if self._last_error is not None:
+            self.log.info("pull.recovered")
+            self._last_error = None
+        async with self.db.write() as s:
+            await upstream.record_success(s, self.job.tenant_id, self.job.mailbox.name, state, self.clock())
+
+    async def _failed(self, state: str, error: str) -> None:
+        if error != self._last_error:
+            self.log.warning("pull.failed", state=state, error=error)
+            self._last_error = error
+        async with self.db.write() as s:
+            await upstream.record_error(
+                s, self.job.tenant_id, self.job.mailbox.name, state, error, self.clock()
+            )
