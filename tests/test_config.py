@@ -159,7 +159,7 @@ INVALID: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     (
         "password in clear to a remote host",
         lambda d: _tenant(d).update(mailboxes=_mailbox(security="none", port=143)),
-        "tenants[0].mailboxes[0]: security = \"none\" would send the password in clear",
+        'tenants[0].mailboxes[0]: security = "none" would send the password in clear',
     ),
     (
         "two credentials",

@@ -85,5 +85,5 @@ def test_mutf7_round_trip(name: str) -> None:
 
 @pytest.mark.parametrize("bad", ["&", "&AUI", "&!!!-"])
 def test_mutf7_rejects_malformed(bad: str) -> None:
-    with pytest.raises(ValueError, match="UTF-7|shift"):
+    with pytest.raises(ValueError, match=r"UTF-7|shift"):
         mutf7.decode(bad)
