@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import case, delete, insert, select, update
+from sqlalchemy import bindparam, case, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.errors import FolderExists, NoSuchFolder, StoreError
 from storage.flags import join_flags, keywords_text, split_flags
-from storage.models import Expunge, Folder, Message, Tenant
+from storage.models import Base, Expunge, Folder, Message, Tenant
 
 INBOX = "INBOX"
 DELIMITER = "/"
@@ -200,7 +200,10 @@ async def delete_folder(s: AsyncSession, tenant_id: str, name: str) -> None:
     folder = await require_folder(s, tenant_id, name)
     if folder.name == INBOX:
         raise StoreError("INBOX cannot be deleted")
-    await _account(s, folder, -folder.used_bytes, -folder.used_messages)
+    used = (
+        await s.execute(select(Folder.used_bytes, Folder.used_messages).where(Folder.id == folder.id))
+    ).one()
+    await _account(s, folder, -used.used_bytes, -used.used_messages)
     await s.execute(delete(Message).where(Message.folder_id == folder.id))
     await s.execute(delete(Expunge).where(Expunge.folder_id == folder.id))
     await s.delete(folder)
@@ -239,7 +242,8 @@ async def append(s: AsyncSession, folder: Folder, messages: Sequence[NewMessage]
                 "sent_date": m.sent_date,
             }
         )
-    ids = (await s.scalars(insert(Message).returning(Message.id, sort_by_parameter_order=True), rows)).all()
+    conn = await s.connection()
+    ids = (await conn.execute(_INSERT_MESSAGES, rows)).scalars().all()
     await _account(s, folder, sum(m.size for m in messages), len(messages))
     return [Stored(id_, folder.id, first_uid + i, modseq) for i, id_ in enumerate(ids)]
 
@@ -345,28 +349,47 @@ async def expunge(s: AsyncSession, folder: Folder, uids: Iterable[int] | None = 
 # --------------------------------------------------------------------------- internals
 
 
+# The hot statements, built once: Core on the session's connection, so the
+# ORM neither rebuilds nor synchronises them on every delivery. Identity-map
+# copies of Folder/Tenant counters may therefore be stale; code that needs
+# them reads them with a query (see delete_folder).
+_folders, _tenants, _messages = (Base.metadata.tables[n] for n in ("folders", "tenants", "messages"))
+_ALLOCATE = (
+    update(_folders)
+    .where(_folders.c.id == bindparam("fid"))
+    .values(uidnext=_folders.c.uidnext + bindparam("n"), highestmodseq=_folders.c.highestmodseq + 1)
+    .returning(_folders.c.uidnext, _folders.c.highestmodseq)
+)
+_ACCOUNT_FOLDER = (
+    update(_folders)
+    .where(_folders.c.id == bindparam("fid"))
+    .values(
+        used_bytes=_folders.c.used_bytes + bindparam("nbytes"),
+        used_messages=_folders.c.used_messages + bindparam("nmessages"),
+    )
+)
+_ACCOUNT_TENANT = (
+    update(_tenants)
+    .where(_tenants.c.id == bindparam("tid"))
+    .values(
+        used_bytes=_tenants.c.used_bytes + bindparam("nbytes"),
+        used_messages=_tenants.c.used_messages + bindparam("nmessages"),
+    )
+)
+_INSERT_MESSAGES = insert(_messages).returning(_messages.c.id, sort_by_parameter_order=True)
+
+
 async def _allocate(s: AsyncSession, folder_id: int, count: int) -> tuple[int, int]:
     """Reserve ``count`` UIDs and a new MODSEQ; returns (first UID, MODSEQ)."""
-    row = (
-        await s.execute(
-            update(Folder)
-            .where(Folder.id == folder_id)
-            .values(uidnext=Folder.uidnext + count, highestmodseq=Folder.highestmodseq + 1)
-            .returning(Folder.uidnext, Folder.highestmodseq)
-        )
-    ).one()
-    return row.uidnext - count, row.highestmodseq
+    conn = await s.connection()
+    uidnext, modseq = (await conn.execute(_ALLOCATE, {"fid": folder_id, "n": count})).one()
+    return int(uidnext) - count, int(modseq)
 
 
 async def _account(s: AsyncSession, folder: Folder, nbytes: int, nmessages: int) -> None:
-    await s.execute(
-        update(Folder)
-        .where(Folder.id == folder.id)
-        .values(used_bytes=Folder.used_bytes + nbytes, used_messages=Folder.used_messages + nmessages)
-    )
+    conn = await s.connection()
+    await conn.execute(_ACCOUNT_FOLDER, {"fid": folder.id, "nbytes": nbytes, "nmessages": nmessages})
     if folder.special_use != JUNK:
-        await s.execute(
-            update(Tenant)
-            .where(Tenant.id == folder.tenant_id)
-            .values(used_bytes=Tenant.used_bytes + nbytes, used_messages=Tenant.used_messages + nmessages)
+        await conn.execute(
+            _ACCOUNT_TENANT, {"tid": folder.tenant_id, "nbytes": nbytes, "nmessages": nmessages}
         )
