@@ -17,6 +17,7 @@ from gateway.config import Config, parse_config
 from gateway.daemon import open_store
 from storage.blobs import BlobStore
 from storage.db import Database
+from tests.dovecot import dovecot  # noqa: F401 (fixture: a private Dovecot per test)
 
 REQUIRE_PEERS = os.environ.get("MAILGATE_REQUIRE_PEERS") == "1"
 PG_DSN = os.environ.get("MAILGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")

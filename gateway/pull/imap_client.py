@@ -196,9 +196,15 @@ class UpstreamIMAP:
             "UID SEARCH", await self._run("UID SEARCH", self._client.uid_search(*criteria, charset=None))
         )
         uids: list[int] = []
-        for line in lines:
-            if isinstance(line, bytes) and line.startswith(b"SEARCH"):
-                uids += [int(x) for x in line.split()[1:] if x.isdigit()]
+        # Untagged lines come with or without their "SEARCH" keyword (aioimaplib
+        # strips it); the last line is the tagged completion text.
+        for line in lines[:-1]:
+            if isinstance(line, bytes):
+                words = line.split()
+                if words[:1] == [b"SEARCH"]:
+                    words = words[1:]
+                if all(w.isdigit() for w in words):
+                    uids += [int(w) for w in words]
         return sorted(uids)
 
     async def sizes(self, uids: Iterable[int]) -> dict[int, int]:

@@ -131,7 +131,7 @@ class FolderPuller:
         while True:
             try:
                 async with self.limits(self.job.mailbox.host):
-                    client = await self._connect()
+                    client = await self.connect()
                     try:
                         backoff = BACKOFF_FIRST
                         await self._watch(client)
@@ -146,7 +146,8 @@ class FolderPuller:
             backoff = min(backoff * 2, BACKOFF_MAX)
             await asyncio.sleep(delay)
 
-    async def _connect(self) -> UpstreamIMAP:
+    async def connect(self) -> UpstreamIMAP:
+        """Connect and authenticate with the mailbox's credentials."""
         box = self.job.mailbox
         tls = ssl.create_default_context(cafile=box.ca_file) if box.security == "tls" else None
         client = await UpstreamIMAP.connect(box.host, box.port, tls=tls)
