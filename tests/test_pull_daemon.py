@@ -1,0 +1,154 @@
+"""Pulling inside the running daemon: IDLE, polling, kill -9, failing mailboxes."""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import corpus
+from tests.conftest import free_port
+from tests.daemon import Daemon, write_config
+from tests.dovecot import Dovecot, dropping_proxy
+
+PASSWORD = "upstream-secret"
+ENV = {"MAILGATE_TEST_UPSTREAM": PASSWORD}
+pytestmark = pytest.mark.peers
+
+
+def mailbox_toml(name: str, port: int, *, user: str | None = None, **fields: object) -> str:
+    lines = [
+        "[[tenants.mailboxes]]",
+        f'name = "{name}"',
+        'host = "127.0.0.1"',
+        f"port = {port}",
+        'security = "none"',
+        f'username = "{user or name}"',
+        'password_env = "MAILGATE_TEST_UPSTREAM"',
+    ]
+    for key, value in fields.items():
+        lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else repr(value)}")
+    return "\n".join(lines).replace("'", '"') + "\n"
+
+
+@pytest.fixture
+def start(tmp_path: Path, db_url: str) -> Iterator[object]:
+    daemons: list[Daemon] = []
+
+    def run(extra: str) -> Daemon:
+        port = free_port()
+        d = Daemon(write_config(tmp_path, db_url, port, extra), port, tmp_path, env=ENV)
+        d.start()
+        daemons.append(d)
+        return d
+
+    yield run
+    for d in daemons:
+        d.stop()
+
+
+def inbox(d: Daemon) -> int:
+    return d.folders("acme").get("INBOX", 0)
+
+
+def test_idle_delivers_a_new_upstream_message_within_two_seconds(start: object, dovecot: Dovecot) -> None:
+    dovecot.add_user("biuro", PASSWORD)
+    d = start(mailbox_toml("biuro", dovecot.port, idle=True))  # type: ignore[operator]
+    d.wait_for("the IDLE state", lambda: d.mailboxes()["biuro"]["state"] == "idle", 20)
+    dovecot.append("biuro", "INBOX", corpus.normal(1)[0])
+    d.wait_for("the pushed message", lambda: inbox(d) == 1, 2.0)
+
+
+def test_polling_delivers_within_one_poll_interval(start: object, dovecot: Dovecot) -> None:
+    dovecot.add_user("biuro", PASSWORD)
+    d = start(mailbox_toml("biuro", dovecot.port, idle=False, poll_interval="3s"))  # type: ignore[operator]
+    d.wait_for("the first poll", lambda: d.mailboxes()["biuro"]["state"] == "ok", 20)
+    dovecot.append("biuro", "INBOX", corpus.normal(1)[0])
+    d.wait_for("the polled message", lambda: inbox(d) == 1, 3.0 + 1.0)
+
+
+def message_ids(messages: list[bytes]) -> list[str]:
+    out = []
+    for m in messages:
+        found = re.search(rb"^Message-I[dD]: (<[^>]+>)", m, re.MULTILINE)
+        assert found is not None
+        out.append(found.group(1).decode())
+    return out
+
+
+def test_kill_9_during_a_pull_loses_and_duplicates_nothing(
+    tmp_path: Path, db_url: str, dovecot: Dovecot
+) -> None:
+    total = 2000
+    dovecot.add_user("biuro", PASSWORD)
+    dovecot.deliver_files("biuro", "INBOX", corpus.normal(total, size=3000))
+    everything = set(message_ids(dovecot.messages("biuro", "INBOX")))
+    port = free_port()
+    config = write_config(tmp_path, db_url, port, mailbox_toml("biuro", dovecot.port, after_fetch="delete"))
+    d = Daemon(config, port, tmp_path, env=ENV)
+    # Kill at random points of the pull: when the log shows that a random
+    # number of messages more has been stored since the last kill.
+    targets = sorted(random.Random(2026).sample(range(50, total - 50), 5))
+    try:
+        for target in targets:
+            d.start()
+            d.wait_for(
+                f"{target} messages stored",
+                lambda t=target: d.log.read_text().count("ingest.stored") >= t,
+                60,
+            )
+            d.signal(signal.SIGKILL)
+            upstream_left = set(message_ids(dovecot.messages("biuro", "INBOX")))
+            stored = inbox(d)
+            # Mid-pull, and whatever left upstream had been stored first; nothing twice.
+            assert 0 < stored < total
+            assert stored >= len(everything - upstream_left)
+        d.start()
+        d.wait_for("the final pull", lambda: inbox(d) == total and dovecot.exists("biuro") == 0, 120)
+        assert inbox(d) == total
+        assert d.signal(signal.SIGTERM) == 0
+    finally:
+        d.stop()
+
+
+def test_failing_mailboxes_do_not_stop_the_others(start: object, dovecot: Dovecot) -> None:
+    dovecot.add_user("good", PASSWORD)
+    dovecot.add_user("badpass", "something-else")
+    dovecot.add_user("dropped", PASSWORD)
+    dovecot.deliver_files("good", "INBOX", corpus.normal(20, seed=1))
+    dovecot.deliver_files("dropped", "INBOX", corpus.normal(200, size=5000, seed=2))
+    with dropping_proxy(dovecot.port, drop_after_bytes=200_000) as proxy:
+        extra = (
+            mailbox_toml("good", dovecot.port, idle=True)
+            + mailbox_toml("badpass", dovecot.port)
+            + mailbox_toml("unreachable", free_port(), user="nobody")
+            + mailbox_toml("dropped", proxy.port)
+        )
+        d = start(extra)  # type: ignore[operator]
+
+        def settled() -> bool:
+            boxes = d.mailboxes()
+            return (
+                boxes["badpass"]["state"] == "auth_failed"
+                and boxes["unreachable"]["state"] == "error"
+                and boxes["dropped"]["state"] == "error"
+                and boxes["good"]["state"] == "idle"
+            )
+
+        d.wait_for("every mailbox's state", settled, 30)
+        boxes = d.mailboxes()
+        assert boxes["good"]["messages_pulled"] == 20
+        assert "refused the login" in str(boxes["badpass"]["last_error"])
+        assert "cannot connect" in str(boxes["unreachable"]["last_error"])
+        assert "connection lost" in str(boxes["dropped"]["last_error"])
+        # The good mailbox keeps pulling while the others fail.
+        dovecot.append("good", "INBOX", corpus.normal(1, seed=3)[0])
+        d.wait_for(
+            "a new message on the good mailbox", lambda: d.mailboxes()["good"]["messages_pulled"] == 21, 5
+        )
+        # A refused login is logged once, not on every retry.
+        assert d.log.read_text().count("refused the login") == 1
