@@ -152,3 +152,36 @@ def test_failing_mailboxes_do_not_stop_the_others(start: object, dovecot: Doveco
         )
         # A refused login is logged once, not on every retry.
         assert d.log.read_text().count("refused the login") == 1
+
+
+def test_mailboxes_added_and_removed_on_reload(start: object, dovecot: Dovecot) -> None:
+    dovecot.add_user("biuro", PASSWORD)
+    dovecot.add_user("sklep", PASSWORD)
+    dovecot.deliver_files("biuro", "INBOX", corpus.normal(3, seed=1))
+    dovecot.deliver_files("sklep", "INBOX", corpus.normal(4, seed=2))
+    d = start(mailbox_toml("biuro", dovecot.port, idle=True))  # type: ignore[operator]
+    d.wait_for("biuro pulled", lambda: inbox(d) == 3, 20)
+    text = d.config.read_text()
+    d.config.write_text(text.split("[[tenants.mailboxes]]")[0] + mailbox_toml("sklep", dovecot.port, idle=True))
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_for("sklep pulled after the reload", lambda: inbox(d) == 7, 20)
+    # biuro is no longer watched: a new message there stays upstream.
+    dovecot.append("biuro", "INBOX", corpus.normal(1, seed=3)[0])
+    dovecot.append("sklep", "INBOX", corpus.normal(1, seed=4)[0])
+    d.wait_for("sklep's new message", lambda: inbox(d) == 8, 5)
+    assert dovecot.exists("biuro") == 4
+
+
+def test_hundreds_of_mailboxes_in_one_process(start: object, dovecot: Dovecot) -> None:
+    count = 200
+    extra = ""
+    for i in range(count):
+        dovecot.add_user(f"user{i}", PASSWORD)
+        dovecot.deliver_files(f"user{i}", "INBOX", corpus.normal(2, size=1000, seed=i))
+        extra += mailbox_toml(f"user{i}", dovecot.port, idle=True)
+    d = start(extra)  # type: ignore[operator]
+    d.wait_for(f"{2 * count} messages", lambda: inbox(d) == 2 * count, 120)
+    boxes = d.mailboxes()
+    assert len(boxes) == count
+    assert {b["state"] for b in boxes.values()} == {"idle"}

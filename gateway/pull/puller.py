@@ -24,8 +24,12 @@ two), over one connection. A *pass*:
 Between passes the task IDLEs (re-issued every :data:`IDLE_SECONDS`) when the
 server offers it and the mailbox allows it, or sleeps ``poll_interval``.
 Failures back off exponentially with jitter; a refused login is logged once
-per change, not on every retry; a per-host semaphore caps connections to one
-server. A failing mailbox only delays its own tasks.
+per change, not on every retry. Two caps protect upstream servers: at most
+:data:`LOGINS_PER_HOST` connections being opened to one server at a time
+(hundreds of tenants on one provider start without a thundering herd, and an
+idling connection never holds a slot), and at most
+:data:`CONNECTIONS_PER_ACCOUNT` open connections per account (providers limit
+those, e.g. Gmail to 15). A failing mailbox only delays its own tasks.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ BATCH_BYTES = 16 * 2**20
 SEARCH_SIZES_CHUNK = 200
 IDLE_SECONDS = 28 * 60
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 300.0
-CONNECTIONS_PER_HOST = 20
+LOGINS_PER_HOST = 10
+CONNECTIONS_PER_ACCOUNT = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +100,21 @@ def batches(uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
 
 
 class HostLimits:
-    """At most :data:`CONNECTIONS_PER_HOST` connections to one upstream server."""
+    """Caps on concurrent logins per server and open connections per account."""
 
-    def __init__(self, limit: int = CONNECTIONS_PER_HOST) -> None:
-        self._sems: defaultdict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(limit))
+    def __init__(self, logins: int = LOGINS_PER_HOST, per_account: int = CONNECTIONS_PER_ACCOUNT) -> None:
+        self._logins: defaultdict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(logins))
+        self._accounts: defaultdict[tuple[str, str], asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(per_account)
+        )
 
-    def __call__(self, host: str) -> asyncio.Semaphore:
-        return self._sems[host.lower()]
+    def login(self, host: str) -> asyncio.Semaphore:
+        """Held while a connection to ``host`` is being opened and authenticated."""
+        return self._logins[host.lower()]
+
+    def account(self, host: str, username: str) -> asyncio.Semaphore:
+        """Held for the lifetime of a connection to this account."""
+        return self._accounts[(host.lower(), username)]
 
 
 class FolderPuller:
@@ -129,9 +142,11 @@ class FolderPuller:
         """Connect, pull, wait for more; on failure back off and start again."""
         backoff = BACKOFF_FIRST
         while True:
+            box = self.job.mailbox
             try:
-                async with self.limits(self.job.mailbox.host):
-                    client = await self.connect()
+                async with self.limits.account(box.host, box.username):
+                    async with self.limits.login(box.host):
+                        client = await self.connect()
                     try:
                         backoff = BACKOFF_FIRST
                         await self._watch(client)
