@@ -64,6 +64,9 @@ class NewMessage:
     to_addr: str = ""
     sent_date: datetime | None = None
     flags: frozenset[str] = field(default_factory=frozenset)
+    envelope: bytes | None = None  # IMAP wire forms, see gateway.imap.mime
+    bodystructure: bytes | None = None
+    body: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +243,9 @@ async def append(s: AsyncSession, folder: Folder, messages: Sequence[NewMessage]
                 "from_addr": _text(m.from_addr),
                 "to_addr": _text(m.to_addr),
                 "sent_date": m.sent_date,
+                "envelope": m.envelope,
+                "bodystructure": m.bodystructure,
+                "body": m.body,
             }
         )
     conn = await s.connection()
@@ -312,6 +318,9 @@ async def copy(
             to_addr=m.to_addr,
             sent_date=m.sent_date,
             flags=frozenset(join_flags(m.sysflags, m.keywords)),
+            envelope=m.envelope,
+            bodystructure=m.bodystructure,
+            body=m.body,
         )
         for m in rows
     ]

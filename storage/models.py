@@ -17,10 +17,12 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -141,6 +143,10 @@ class Message(Base):
     from_addr: Mapped[str] = mapped_column(Text, default="")
     to_addr: Mapped[str] = mapped_column(Text, default="")
     sent_date: Mapped[datetime | None] = mapped_column()
+    # IMAP ENVELOPE, BODYSTRUCTURE and BODY in wire form, computed once at delivery.
+    envelope: Mapped[bytes | None] = mapped_column(LargeBinary)
+    bodystructure: Mapped[bytes | None] = mapped_column(LargeBinary)
+    body: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class Expunge(Base):
@@ -167,7 +173,18 @@ class Event(Base):
     """Agent activity: ``read`` (first per agent and message), ``answered``, ``collision``."""
 
     __tablename__ = "events"
-    __table_args__ = (Index("ix_events_tenant_id_agent_id_kind", "tenant_id", "agent_id", "kind"),)
+    __table_args__ = (
+        Index("ix_events_tenant_id_agent_id_kind", "tenant_id", "agent_id", "kind"),
+        # A message counts as read once per agent, however often it is opened.
+        Index(
+            "uq_events_read",
+            "agent_id",
+            "message_id",
+            unique=True,
+            sqlite_where=text("kind = 'read'"),
+            postgresql_where=text("kind = 'read'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))

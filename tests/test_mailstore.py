@@ -235,3 +235,21 @@ async def test_header_text_with_nul_and_surrogates_is_stored(store: tuple[Databa
         row = await s.scalar(select(Message).where(Message.folder_id == inbox.id))
     assert row is not None
     assert row.subject == "a\ufffdb?"
+
+
+async def test_read_event_is_recorded_once_per_agent_and_message(store: tuple[Database, BlobStore]) -> None:
+    from storage.events import record_reads
+    from storage.models import Event
+
+    db, _ = store
+    async with db.write() as s:
+        inbox = await mailstore.require_folder(s, "acme", "INBOX")
+        stored = await mailstore.append(s, inbox, [msg(), msg()])
+        agent = await s.scalar(select(Agent).where(Agent.login == "anna@acme.test"))
+        assert agent is not None
+    for _ in range(3):
+        async with db.write() as s:
+            await record_reads(s, "acme", agent.id, [m.id for m in stored], NOW)
+    async with db.read() as s:
+        kinds = (await s.scalars(select(Event.kind).where(Event.agent_id == agent.id))).all()
+    assert kinds == ["read", "read"]
