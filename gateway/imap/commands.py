@@ -1,0 +1,214 @@
+"""IMAP commands as data: what the parser produces and the session consumes.
+
+Pure values, no behaviour. Names follow RFC 3501/9051 and the extensions we
+offer (UIDPLUS, MOVE, CONDSTORE, ENABLE, ID, NAMESPACE, QUOTA, SPECIAL-USE,
+SASL-IR, LITERAL+, UNSELECT, IDLE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Literal
+
+# --------------------------------------------------------------------------- sequence sets
+
+STAR = None  # "*" in a sequence set: the largest number in use
+
+
+@dataclass(frozen=True, slots=True)
+class SeqSet:
+    """A sequence set: ranges of numbers, ``None`` standing for ``*``.
+
+    ``saved`` is ``$`` (RFC 5182): the result of the last SEARCH SAVE.
+    """
+
+    ranges: tuple[tuple[int | None, int | None], ...] = ()
+    saved: bool = False
+
+    def contains(self, n: int, largest: int) -> bool:
+        """Whether ``n`` is in the set, ``*`` meaning ``largest``."""
+        for lo, hi in self.ranges:
+            a = largest if lo is None else lo
+            b = largest if hi is None else hi
+            if min(a, b) <= n <= max(a, b):
+                return True
+        return False
+
+
+# --------------------------------------------------------------------------- FETCH
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """A BODY[...] section: part path, then HEADER, HEADER.FIELDS[.NOT], TEXT or MIME."""
+
+    part: tuple[int, ...] = ()
+    text: Literal["HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT", "MIME"] | None = None
+    fields: tuple[str, ...] = ()  # upper-case field names, for HEADER.FIELDS[.NOT]
+
+
+@dataclass(frozen=True, slots=True)
+class FetchAtt:
+    """One FETCH data item.
+
+    ``name`` is one of UID, FLAGS, INTERNALDATE, RFC822.SIZE, ENVELOPE,
+    BODYSTRUCTURE, BODY (no section: the non-extensible structure), RFC822,
+    RFC822.HEADER, RFC822.TEXT, MODSEQ, or BODY[...] / BINARY-less sections
+    as ``name="BODY"`` with ``section`` set. Macros (ALL, FAST, FULL) are
+    expanded by the parser.
+    """
+
+    name: str
+    section: Section | None = None
+    partial: tuple[int, int] | None = None  # <start.length>
+    peek: bool = False
+
+
+# --------------------------------------------------------------------------- SEARCH
+
+
+@dataclass(frozen=True, slots=True)
+class SearchKey:
+    """One SEARCH key; ``And``/``Or``/``Not`` nest them.
+
+    ``op`` is the upper-case key name (ALL, ANSWERED, BCC, BEFORE, BODY, CC,
+    DELETED, DRAFT, FLAGGED, FROM, HEADER, KEYWORD, LARGER, NEW, NOT, OLD, ON,
+    OR, RECENT, SEEN, SENTBEFORE, SENTON, SENTSINCE, SINCE, SMALLER, SUBJECT,
+    TEXT, TO, UID, UNANSWERED, UNDELETED, UNDRAFT, UNFLAGGED, UNKEYWORD,
+    UNSEEN, MODSEQ, AND (a parenthesised list), SEQ (a bare sequence set)).
+    """
+
+    op: str
+    args: tuple[str | int | date | SeqSet | SearchKey, ...] = ()
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A parsed command: its tag, upper-case name, and arguments."""
+
+    tag: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Simple(Command):
+    """CAPABILITY, NOOP, LOGOUT, STARTTLS, CHECK, CLOSE, UNSELECT, EXPUNGE, NAMESPACE, IDLE."""
+
+
+@dataclass(frozen=True, slots=True)
+class Login(Command):
+    user: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate(Command):
+    mechanism: str  # upper-case
+    initial: bytes | None = field(default=None, repr=False)  # SASL-IR, already base64-decoded; b"" for "="
+
+
+@dataclass(frozen=True, slots=True)
+class Enable(Command):
+    capabilities: tuple[str, ...]  # upper-case
+
+
+@dataclass(frozen=True, slots=True)
+class Select(Command):
+    """SELECT or EXAMINE."""
+
+    mailbox: str  # decoded from modified UTF-7; INBOX in any case as "INBOX"
+    condstore: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxCommand(Command):
+    """CREATE, DELETE, SUBSCRIBE, UNSUBSCRIBE, GETQUOTAROOT."""
+
+    mailbox: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rename(Command):
+    old: str
+    new: str
+
+
+@dataclass(frozen=True, slots=True)
+class List(Command):
+    """LIST (RFC 5258 basic forms) or LSUB."""
+
+    reference: str
+    patterns: tuple[str, ...]
+    select_options: tuple[str, ...] = ()  # e.g. SUBSCRIBED, SPECIAL-USE (upper-case)
+    return_options: tuple[str, ...] = ()  # e.g. SPECIAL-USE, SUBSCRIBED, CHILDREN, STATUS
+    status_items: tuple[str, ...] = ()  # with RETURN (STATUS (...)), RFC 5819
+
+
+@dataclass(frozen=True, slots=True)
+class Status(Command):
+    mailbox: str
+    items: tuple[str, ...]  # upper-case: MESSAGES RECENT UIDNEXT UIDVALIDITY UNSEEN HIGHESTMODSEQ SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Append(Command):
+    """APPEND; the message itself is ``message`` (the literal's bytes)."""
+
+    mailbox: str
+    flags: tuple[str, ...]
+    internal_date: datetime | None
+    message: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Search(Command):
+    uid: bool
+    charset: str | None
+    key: SearchKey  # an AND of the top-level keys
+    returns: tuple[str, ...] | None = None  # ESEARCH RETURN (MIN MAX COUNT ALL SAVE); None: plain SEARCH
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch(Command):
+    uid: bool
+    sequence: SeqSet
+    atts: tuple[FetchAtt, ...]
+    changed_since: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Store(Command):
+    uid: bool
+    sequence: SeqSet
+    mode: Literal["set", "add", "remove"]
+    silent: bool
+    flags: tuple[str, ...]
+    unchanged_since: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Copy(Command):
+    """COPY or MOVE."""
+
+    uid: bool
+    sequence: SeqSet
+    mailbox: str
+
+
+@dataclass(frozen=True, slots=True)
+class UidExpunge(Command):
+    sequence: SeqSet
+
+
+@dataclass(frozen=True, slots=True)
+class Id(Command):
+    params: tuple[tuple[str, str | None], ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class GetQuota(Command):
+    root: str
