@@ -459,6 +459,13 @@ class Config(_Model):
     tenants: tuple[TenantSection, ...] = ()
 
     @model_validator(mode="after")
+    def _implicit_tls_needs_a_certificate(self) -> Config:
+        for name in ("imaps", "submissions"):
+            if getattr(self.listen, name) and self.tls.cert_file is None:
+                raise _error_at(("listen", name), "implicit TLS needs [tls] cert_file and key_file")
+        return self
+
+    @model_validator(mode="after")
     def _unique(self) -> Config:
         seen_ids: set[str] = set()
         owner: dict[str, str] = {}

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import structlog
 
+from gateway.auth import Authenticator
 from gateway.config import Config, ConfigError, load_config
+from gateway.imap.server import IMAPServer
 from gateway.ingest import Pipeline
+from gateway.notify import Changes
 from gateway.pull.manager import PullManager
 from gateway.smtp.server import RelayServer
 from gateway.tls import server_context
@@ -28,7 +31,7 @@ from storage.migrate import migrate
 log = structlog.get_logger(__name__)
 
 # Listeners whose front-ends are not built yet: configured, they are only logged.
-_PLANNED = ("submission", "submissions", "imap", "imaps", "metrics")
+_PLANNED = ("submission", "submissions", "metrics")
 
 
 def tenant_specs(config: Config) -> list[TenantSpec]:
@@ -69,6 +72,7 @@ class Daemon:
         self.config_path = config_path
         self.stopping = asyncio.Event()
         self.smtp: RelayServer | None = None
+        self.imap: list[IMAPServer] = []
         self.pull: PullManager | None = None
         self.db: Database | None = None
 
@@ -79,14 +83,27 @@ class Daemon:
     async def start(self) -> None:
         """Open storage and start the listeners."""
         self.db, blobs = await open_store(self.config)
-        pipeline = Pipeline(self.db, blobs)
+        changes = Changes()
+        pipeline = Pipeline(self.db, blobs, changes=changes)
+        auth = Authenticator(self.current_config, self.db)
+        tls = server_context(self.config.tls)
         self.pull = PullManager(self.current_config, pipeline, self.db)
         self.pull.apply(self.config)
         listen = self.config.listen
         if listen.smtp:
-            self.smtp = RelayServer(self.current_config, pipeline, tls=server_context(self.config.tls))
+            self.smtp = RelayServer(self.current_config, pipeline, tls=tls)
             await self.smtp.start(*split_hostport(listen.smtp))
             log.info("listener.started", listener="smtp", address=listen.smtp, port=self.smtp.port)
+        for name, implicit in (("imap", False), ("imaps", True)):
+            address = getattr(listen, name)
+            if not address:
+                continue
+            server = IMAPServer(
+                self.current_config, self.db, blobs, auth, changes, tls=tls, implicit_tls=implicit, name=name
+            )
+            await server.start(*split_hostport(address))
+            self.imap.append(server)
+            log.info("listener.started", listener=name, address=address, port=server.port)
         for name in _PLANNED:
             if getattr(listen, name):
                 log.warning("listener.not_available", listener=name, reason="not built in this version")
@@ -111,6 +128,8 @@ class Daemon:
         """Drain and close everything, in reverse order of start."""
         if self.smtp is not None:
             await self.smtp.stop()
+        for server in self.imap:
+            await server.stop()
         if self.pull is not None:
             await self.pull.stop()
         if self.db is not None:

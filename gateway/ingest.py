@@ -38,7 +38,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import rules
 from gateway.config import TenantSection
+from gateway.imap import mime
 from gateway.message import Headers, parse_headers
+from gateway.notify import Changes
 from storage import mailstore
 from storage.blobs import BlobStore
 from storage.db import Database
@@ -93,6 +95,7 @@ class Outcome:
     uid: int | None  # None for a duplicate
     duplicate: bool
     verdict: Verdict = field(repr=False)
+    folder_id: int | None = None  # None for a duplicate
 
 
 def spam_verdict(headers: Headers) -> str | None:
@@ -149,6 +152,37 @@ def decide(tenant: TenantSection, headers: Headers, size: int, delivery: Deliver
     return Verdict(folder, frozenset(flags), reason is not None, reason or "", decision)
 
 
+def describe(
+    raw: bytes,
+    headers: Headers,
+    digest: str,
+    received_at: datetime,
+    flags: frozenset[str],
+    internal_date: datetime | None = None,
+) -> mailstore.NewMessage:
+    """A stored message's metadata: searchable header fields and IMAP structures.
+
+    Parses the MIME structure once (CPU-heavy on big messages: call it in a thread).
+    """
+    return mailstore.NewMessage(
+        blob=digest,
+        size=len(raw),
+        received_at=received_at,
+        internal_date=internal_date,
+        message_id=headers.message_id,
+        in_reply_to=headers.in_reply_to[0] if headers.in_reply_to else None,
+        references=" ".join(headers.references) or None,
+        subject=headers.subject,
+        from_addr=", ".join(headers.from_addrs),
+        to_addr=", ".join(headers.to_addrs),
+        sent_date=headers.date,
+        flags=flags,
+        envelope=mime.envelope(raw),
+        bodystructure=mime.bodystructure(raw, extensible=True),
+        body=mime.bodystructure(raw, extensible=False),
+    )
+
+
 def fallback_key(headers: Headers, raw: bytes) -> str:
     """Dedupe key when the source has none: Message-ID (or origin fields) plus body hash."""
     h = hashlib.sha256()
@@ -172,6 +206,7 @@ class _Prepared:
     verdict: Verdict
     keys: tuple[str, ...]
     digest: str
+    message: mailstore.NewMessage
 
 
 GROUP_MAX = 500  # messages per group-commit transaction
@@ -200,10 +235,17 @@ Within = Callable[[AsyncSession, list["Outcome"]], Awaitable[None]]
 class Pipeline:
     """Delivers raw messages into the mail store."""
 
-    def __init__(self, db: Database, blobs: BlobStore, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        blobs: BlobStore,
+        clock: Callable[[], datetime] | None = None,
+        changes: Changes | None = None,
+    ) -> None:
         self.db = db
         self.blobs = blobs
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.changes = changes or Changes()
         self._pending: deque[_Job] = deque()
         self._drainer: asyncio.Task[None] | None = None
 
@@ -257,6 +299,7 @@ class Pipeline:
             except Exception:  # noqa: BLE001 (each job is retried alone just below)
                 results = None
             if results is not None:
+                self.changes.publish(o.folder_id for r in results for o in r if o.folder_id is not None)
                 for job, outcomes in zip(group, results, strict=True):
                     job.done.set_result(outcomes)
                 continue
@@ -276,6 +319,7 @@ class Pipeline:
                 job.done.set_exception(exc)
                 return
             else:
+                self.changes.publish(o.folder_id for o in outcomes if o.folder_id is not None)
                 job.done.set_result(outcomes)
                 return
 
@@ -285,7 +329,9 @@ class Pipeline:
         content_key = await asyncio.to_thread(fallback_key, headers, raw)
         keys = (delivery.dedupe_key, content_key) if delivery.dedupe_key else (content_key,)
         digest = await self.blobs.put(raw)
-        return _Prepared(len(raw), headers, delivery, verdict, keys, digest)
+        received_at = delivery.received_at or self.clock()
+        message = await asyncio.to_thread(describe, raw, headers, digest, received_at, verdict.flags)
+        return _Prepared(len(raw), headers, delivery, verdict, keys, digest, message)
 
     async def _commit(self, jobs: Sequence[_Job]) -> list[list[Outcome]]:
         """One transaction for all ``jobs``; their outcomes, in order."""
@@ -327,9 +373,9 @@ class Pipeline:
         by_id = {f.id: f for f in folders.values()}
         for folder_id, indexes in groups.items():
             folder = by_id[folder_id]
-            stored = await mailstore.append(s, folder, [self._new_message(items[n][1], now) for n in indexes])
+            stored = await mailstore.append(s, folder, [items[n][1].message for n in indexes])
             for n, st in zip(indexes, stored, strict=True):
-                outcomes[n] = Outcome(tenant.id, folder.name, st.uid, False, items[n][1].verdict)
+                outcomes[n] = Outcome(tenant.id, folder.name, st.uid, False, items[n][1].verdict, folder.id)
                 await self._queue_forwards(s, tenant, items[n][1], now)
         per_job: list[list[Outcome]] = [[] for _ in jobs]
         for (j, _), out in zip(items, outcomes, strict=True):
@@ -348,22 +394,6 @@ class Pipeline:
             return folder or await mailstore.create_folder(s, tenant_id, "Spam", special_use=mailstore.JUNK)
         folder = await mailstore.get_folder(s, tenant_id, name)
         return folder or await mailstore.create_folder(s, tenant_id, name)
-
-    def _new_message(self, p: _Prepared, now: datetime) -> mailstore.NewMessage:
-        h = p.headers
-        return mailstore.NewMessage(
-            blob=p.digest,
-            size=p.raw_size,
-            received_at=p.delivery.received_at or now,
-            message_id=h.message_id,
-            in_reply_to=h.in_reply_to[0] if h.in_reply_to else None,
-            references=" ".join(h.references) or None,
-            subject=h.subject,
-            from_addr=", ".join(h.from_addrs),
-            to_addr=", ".join(h.to_addrs),
-            sent_date=h.date,
-            flags=p.verdict.flags,
-        )
 
     async def _queue_forwards(
         self, s: AsyncSession, tenant: TenantSection, p: _Prepared, now: datetime

@@ -1,0 +1,226 @@
+"""SEARCH: metadata keys in SQL, text keys in Python on what SQL let through.
+
+Theory of operation
+-------------------
+The top-level keys are ANDed. Those that only look at stored columns (system
+flags, UIDs, sizes, internal dates, MODSEQ) become a SQL WHERE clause, so a
+search over a large folder reads only candidate rows. Every candidate is then
+checked against the whole key in Python (which also handles OR, NOT, sequence
+numbers and header/body text); only keys that need the message's text read
+its blob, in a worker thread. Text matching is a case-insensitive substring
+test on decoded text (RFC 2047 headers, base64/quoted-printable parts), as
+RFC 3501 6.4.4 asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.policy
+from datetime import UTC, date, datetime, timedelta
+from email import message_from_bytes
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.imap.commands import SearchKey, SeqSet
+from gateway.imap.view import View
+from gateway.message import Headers, parse_headers
+from storage.blobs import BlobStore
+from storage.flags import ANSWERED, DELETED, DRAFT, FLAGGED, SEEN
+from storage.models import Message
+
+_FLAG_KEYS = {
+    "ANSWERED": (ANSWERED, True), "UNANSWERED": (ANSWERED, False),
+    "DELETED": (DELETED, True), "UNDELETED": (DELETED, False),
+    "DRAFT": (DRAFT, True), "UNDRAFT": (DRAFT, False),
+    "FLAGGED": (FLAGGED, True), "UNFLAGGED": (FLAGGED, False),
+    "SEEN": (SEEN, True), "UNSEEN": (SEEN, False),
+}  # fmt: skip
+_HEADER_KEYS = {"FROM", "TO", "CC", "BCC", "SUBJECT"}
+_TEXT_KEYS = {"HEADER", "BODY", "TEXT", *_HEADER_KEYS, "SENTBEFORE", "SENTON", "SENTSINCE"}
+
+
+async def search(
+    s: AsyncSession, blobs: BlobStore, view: View, key: SearchKey, saved: list[int]
+) -> list[int]:
+    """The UIDs in the view matching ``key``, ascending."""
+    query = select(
+        Message.uid, Message.sysflags, Message.keywords, Message.size, Message.internal_date,
+        Message.modseq, Message.blob,
+    ).where(Message.folder_id == view.folder_id, Message.uid <= view.max_uid)  # fmt: skip
+    for clause in _sql(key, view):
+        query = query.where(clause)
+    rows = (await s.execute(query.order_by(Message.uid))).all()
+    needs_text = _uses(key, _TEXT_KEYS)
+    out = []
+    for row in rows:
+        if view.seq(row.uid) is None:
+            continue
+        message = _Candidate(row, view, saved)
+        if needs_text:
+            raw = await blobs.get(row.blob)
+            message.raw = raw
+            matched = await asyncio.to_thread(_match, key, message)
+        else:
+            matched = _match(key, message)
+        if matched:
+            out.append(row.uid)
+    return out
+
+
+def _uses(key: SearchKey, ops: set[str]) -> bool:
+    return key.op in ops or any(isinstance(a, SearchKey) and _uses(a, ops) for a in key.args)
+
+
+# ---------------------------------------------------------------------- SQL
+
+
+def _ranges(seqset: SeqSet, top: int) -> ColumnElement[bool]:
+    parts = []
+    for lo, hi in seqset.ranges:
+        a, b = top if lo is None else lo, top if hi is None else hi
+        parts.append(Message.uid.between(min(a, b), max(a, b)))
+    return or_(*parts) if parts else Message.uid < 0
+
+
+def _sql(key: SearchKey, view: View) -> list[ColumnElement[bool]]:
+    """SQL clauses implied by ``key`` (a conservative prefilter: never too narrow)."""
+    op, args = key.op, key.args
+    if op == "AND":
+        return [c for a in args if isinstance(a, SearchKey) for c in _sql(a, view)]
+    if op in _FLAG_KEYS:
+        bit, present = _FLAG_KEYS[op]
+        return [Message.sysflags.op("&")(bit) != 0 if present else Message.sysflags.op("&")(bit) == 0]
+    if op == "UID" and isinstance(args[0], SeqSet) and not args[0].saved:
+        return [_ranges(args[0], view.max_uid)]
+    if op == "LARGER" and isinstance(args[0], int):
+        return [Message.size > args[0]]
+    if op == "SMALLER" and isinstance(args[0], int):
+        return [Message.size < args[0]]
+    if op == "MODSEQ" and isinstance(args[0], int):
+        return [Message.modseq >= args[0]]
+    if op in ("BEFORE", "ON", "SINCE") and isinstance(args[0], date):
+        # Internal dates are stored in UTC and compared by their UTC day.
+        start = datetime(args[0].year, args[0].month, args[0].day, tzinfo=UTC)
+        if op == "BEFORE":
+            return [Message.internal_date < start]
+        if op == "SINCE":
+            return [Message.internal_date >= start]
+        return [and_(Message.internal_date >= start, Message.internal_date < start + timedelta(days=1))]
+    return []
+
+
+# ---------------------------------------------------------------------- Python
+
+
+class _Candidate:
+    """A row being matched, with its text decoded only when a key needs it."""
+
+    def __init__(self, row: Any, view: View, saved: list[int]) -> None:
+        self.row = row
+        self.view = view
+        self.saved = saved
+        self.raw: bytes = b""
+        self._headers: Headers | None = None
+        self._body: str | None = None
+
+    @property
+    def headers(self) -> Headers:
+        if self._headers is None:
+            self._headers = parse_headers(self.raw)
+        return self._headers
+
+    def body_text(self) -> str:
+        if self._body is None:
+            self._body = _decoded_body(self.raw, self.headers.body_offset).casefold()
+        return self._body
+
+    def header_text(self) -> str:
+        return "\n".join(
+            f"{name}: {' '.join(self.headers.get_all(name))}"
+            for name in dict.fromkeys(n for n, _ in self.headers.fields)
+        ).casefold()
+
+
+def _decoded_body(raw: bytes, offset: int) -> str:
+    """The message's text parts decoded (base64, quoted-printable, charsets), joined."""
+    texts = [raw[offset:].decode("utf-8", "replace")]
+    try:
+        msg = message_from_bytes(raw, policy=email.policy.compat32)
+        for part in msg.walk():
+            if part.get_content_maintype() != "text":
+                continue
+            payload = part.get_payload(decode=True)
+            if isinstance(payload, bytes):
+                charset = part.get_content_charset() or "utf-8"
+                try:
+                    texts.append(payload.decode(charset, "replace"))
+                except LookupError:
+                    texts.append(payload.decode("utf-8", "replace"))
+    except Exception:  # noqa: BLE001 (malformed MIME: the raw text above still counts)
+        return texts[0]
+    return "\n".join(texts)
+
+
+def _day(value: datetime | None) -> date | None:
+    return value.date() if value is not None else None
+
+
+def _match(key: SearchKey, m: _Candidate) -> bool:
+    op, args, row = key.op, key.args, m.row
+    if op == "AND":
+        return all(_match(a, m) for a in args if isinstance(a, SearchKey))
+    if op == "OR":
+        return any(_match(a, m) for a in args if isinstance(a, SearchKey))
+    if op == "NOT":
+        return not _match(args[0], m) if isinstance(args[0], SearchKey) else True
+    if op in ("ALL", "OLD"):
+        return True
+    if op in ("NEW", "RECENT"):
+        return False  # \Recent is not kept: no session ever sees a message first
+    if op in _FLAG_KEYS:
+        bit, present = _FLAG_KEYS[op]
+        return bool(row.sysflags & bit) is present
+    if op in ("KEYWORD", "UNKEYWORD"):
+        has = str(args[0]).casefold() in {k.casefold() for k in row.keywords.split(" ") if k}
+        return has is (op == "KEYWORD")
+    if op == "LARGER":
+        return bool(row.size > int(str(args[0])))
+    if op == "SMALLER":
+        return bool(row.size < int(str(args[0])))
+    if op == "MODSEQ":
+        return bool(row.modseq >= int(str(args[0])))
+    if op == "UID" and isinstance(args[0], SeqSet):
+        if args[0].saved:
+            return row.uid in m.saved
+        return args[0].contains(row.uid, m.view.max_uid)
+    if op == "SEQ" and isinstance(args[0], SeqSet):
+        if args[0].saved:
+            return row.uid in m.saved
+        seq = m.view.seq(row.uid)
+        return seq is not None and args[0].contains(seq, m.view.exists)
+    if op in ("BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE") and isinstance(args[0], date):
+        day = _day(m.headers.date) if op.startswith("SENT") else _day(row.internal_date)
+        if day is None:
+            return False
+        kind = op.removeprefix("SENT")
+        return day < args[0] if kind == "BEFORE" else day == args[0] if kind == "ON" else day >= args[0]
+    if op in _HEADER_KEYS:
+        return _header_has(m, op, str(args[0]))
+    if op == "HEADER":
+        return _header_has(m, str(args[0]), str(args[1]))
+    if op == "BODY":
+        return str(args[0]).casefold() in m.body_text()
+    if op == "TEXT":
+        needle = str(args[0]).casefold()
+        return needle in m.header_text() or needle in m.body_text()
+    return False
+
+
+def _header_has(m: _Candidate, name: str, needle: str) -> bool:
+    values = m.headers.get_all(name)
+    if not values:
+        return False
+    folded = needle.casefold()
+    return any(folded in v.casefold() for v in values)

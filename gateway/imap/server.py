@@ -1,0 +1,296 @@
+"""The IMAP listener: the one I/O class. It owns the streams; the session decides.
+
+Reads are fed to the :class:`Framer`; every complete command is parsed and
+run by the :class:`Session`, whose buffered responses are written once per
+command. A synchronising literal gets its ``+`` continuation here, and after
+a literal the socket gets ``TCP_QUICKACK`` (clients that send a literal and
+its CRLF separately, such as imaplib, otherwise wait 40 ms for a delayed ACK
+on every APPEND). IDLE runs here too, because it must read ``DONE`` while it
+waits for changes. Bounds: line and literal sizes (the framer), bad commands
+per connection, idle time, and connections per listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import ssl
+import time
+from collections.abc import Callable
+
+import structlog
+
+from gateway.auth import Authenticator
+from gateway.config import Config
+from gateway.imap.parser import (
+    Framer,
+    LiteralTooLarge,
+    NeedContinuation,
+    ParseError,
+    TooLong,
+    is_done,
+    parse,
+)
+from gateway.imap.parser import (
+    Line as FramedLine,
+)
+from gateway.imap.session import APPEND_LIMIT, Session, State
+from gateway.notify import Changes
+from storage.blobs import BlobStore
+from storage.db import Database
+
+log = structlog.get_logger(__name__)
+
+MAX_BAD = 20
+MAX_LINE = 64 * 1024
+UNAUTHENTICATED_TIMEOUT = 60.0
+AUTHENTICATED_TIMEOUT = 30 * 60.0
+IDLE_RECHECK = 30.0  # look for changes made by other processes this often while idling
+MAX_CONNECTIONS = 5000
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a peer address is on this machine."""
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _quickack(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None and hasattr(socket, "TCP_QUICKACK"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
+class _Closed(Exception):
+    """The client went away or must be disconnected."""
+
+
+class IMAPServer:
+    """Serves the tenants' folders to agents' mail clients."""
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        db: Database,
+        blobs: BlobStore,
+        auth: Authenticator,
+        changes: Changes,
+        *,
+        tls: ssl.SSLContext | None = None,
+        implicit_tls: bool = False,
+        name: str = "imap",
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.blobs = blobs
+        self.auth = auth
+        self.changes = changes
+        self.tls = tls
+        self.implicit_tls = implicit_tls
+        self.name = name
+        self._server: asyncio.Server | None = None
+        self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on ``host:port`` (0: any free port)."""
+        self._server = await asyncio.start_server(
+            self._accept, host, port, ssl=self.tls if self.implicit_tls else None, reuse_address=True
+        )
+
+    async def start_on_socket(self, sock: socket.socket) -> None:
+        """Listen on an inherited socket (systemd socket activation)."""
+        self._server = await asyncio.start_server(
+            self._accept, sock=sock, ssl=self.tls if self.implicit_tls else None
+        )
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        if self._server is None:
+            raise RuntimeError("the listener is not started")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop listening and close every session.
+
+        Sessions end by their connections closing (their reads return), not by
+        cancellation, so a command in progress finishes its transaction.
+        """
+        if self._server is not None:
+            self._server.close()
+        clients = list(self._clients.items())
+        for _, writer in clients:
+            writer.write(b"* BYE server shutting down\r\n")
+            writer.close()
+        if clients:
+            await asyncio.wait([task for task, _ in clients], timeout=30)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover (asyncio always runs a callback in a task)
+            return
+        if len(self._clients) >= MAX_CONNECTIONS:
+            writer.write(b"* BYE too many connections, try again later\r\n")
+            writer.close()
+            return
+        self._clients[task] = writer
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) else "unknown"
+        session = Session(
+            config=self.config,
+            db=self.db,
+            blobs=self.blobs,
+            auth=self.auth,
+            changes=self.changes,
+            peer=host,
+            tls=self.implicit_tls,
+            starttls_available=self.tls is not None and not self.implicit_tls,
+            loopback=is_loopback(host),
+        )
+        started = time.monotonic()
+        commands = 0
+        try:
+            commands = await self._serve(session, reader, writer)
+        except (_Closed, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError):
+            pass
+        except Exception:
+            log.exception("imap.session_failed", peer=host)
+        finally:
+            self._clients.pop(task, None)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            session.log.info(
+                "imap.session",
+                listener=self.name,
+                commands=commands,
+                seconds=round(time.monotonic() - started, 1),
+            )
+
+    async def _serve(
+        self, session: Session, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> int:
+        framer = Framer(max_line=MAX_LINE, max_literal=APPEND_LIMIT)
+        session.greeting()
+        writer.write(session.take())
+        bad = commands = 0
+        while not session.closing:
+            timeout = (
+                UNAUTHENTICATED_TIMEOUT if session.state is State.NOT_AUTHENTICATED else AUTHENTICATED_TIMEOUT
+            )
+            try:
+                data = await asyncio.wait_for(reader.read(65536), timeout)
+            except TimeoutError:
+                writer.write(b"* BYE autologout: idle for too long\r\n")
+                return commands
+            if not data:
+                return commands
+            framer.feed(data)
+            while (event := framer.next_event()) is not None:
+                if isinstance(event, NeedContinuation):
+                    writer.write(b"+ Ready for literal data\r\n")
+                    _quickack(writer)
+                    continue
+                if isinstance(event, TooLong | LiteralTooLarge):
+                    bad += 1
+                    if isinstance(event, LiteralTooLarge) and not event.synchronising:
+                        writer.write(b"* BYE literal too large\r\n")
+                        return commands
+                    writer.write(
+                        b"* BAD "
+                        + (b"[TOOBIG] " if isinstance(event, LiteralTooLarge) else b"")
+                        + b"request too long\r\n"
+                    )
+                else:
+                    if event.literals:
+                        _quickack(writer)
+                    commands += 1
+                    bad += await self._command(session, event, reader, writer, framer)
+                    if session.closing:
+                        break
+                if bad > MAX_BAD:
+                    writer.write(b"* BYE too many bad commands\r\n")
+                    return commands
+            await writer.drain()
+        await writer.drain()
+        return commands
+
+    async def _command(
+        self,
+        session: Session,
+        line: FramedLine,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        framer: Framer,
+    ) -> int:
+        """Run one command; returns 1 if it was bad, else 0."""
+        try:
+            cmd = parse(line)
+        except ParseError as exc:
+            writer.write(
+                (exc.tag or "*").encode() + b" BAD " + exc.message.encode("utf-8", "replace") + b"\r\n"
+            )
+            return 1
+        await session.handle(cmd)
+        writer.write(session.take())
+        if cmd.name == "IDLE" and session.state in (State.AUTHENTICATED, State.SELECTED):
+            await self._idle(session, cmd.tag, reader, writer, framer)
+        elif cmd.name == "STARTTLS" and self.tls is not None and not session.tls:
+            await writer.drain()
+            await writer.start_tls(self.tls)
+            session.tls = True
+            framer.reset()
+        return 0
+
+    async def _idle(
+        self,
+        session: Session,
+        tag: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        framer: Framer,
+    ) -> None:
+        writer.write(b"+ idling\r\n")
+        await writer.drain()
+        folder_id = session.view.folder_id if session.view is not None else -1
+        read = asyncio.ensure_future(reader.read(65536))
+        try:
+            with self.changes.watch(folder_id) as changed:
+                deadline = time.monotonic() + AUTHENTICATED_TIMEOUT
+                while True:
+                    wake = asyncio.ensure_future(changed.wait())
+                    done, _ = await asyncio.wait(
+                        {read, wake}, timeout=IDLE_RECHECK, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    wake.cancel()
+                    if read in done:
+                        data = read.result()
+                        if not data:
+                            raise _Closed
+                        framer.feed(data)
+                        event = framer.next_event()
+                        if isinstance(event, FramedLine) and is_done(event):
+                            writer.write(tag.encode() + b" OK IDLE terminated\r\n")
+                            return
+                        if event is not None:
+                            writer.write(tag.encode() + b" BAD expected DONE\r\n")
+                            return
+                        read = asyncio.ensure_future(reader.read(65536))
+                    changed.clear()
+                    if session.view is not None:
+                        await session.sync(allow_expunge=True)
+                        writer.write(session.take())
+                        await writer.drain()
+                    if time.monotonic() > deadline:
+                        writer.write(b"* BYE idled too long\r\n")
+                        raise _Closed
+        finally:
+            if not read.done():
+                read.cancel()

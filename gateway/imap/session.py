@@ -1,0 +1,829 @@
+"""One IMAP connection's state and command semantics (no sockets).
+
+Theory of operation
+-------------------
+The state machine is the table :data:`ALLOWED`: which commands each state
+(not authenticated, authenticated, selected) accepts; anything else is
+``BAD``. A command runs against the database and writes its responses into
+:attr:`Session.out`; the I/O class sends the buffer once per command, so a
+FETCH over a folder is a few large writes, not one per line.
+
+Before the tagged reply of every command, :meth:`Session.sync` reports what
+changed in the selected folder since the session last looked (new messages as
+EXISTS, flag changes as FETCH, expunges as EXPUNGE), except that EXPUNGE is
+held back during FETCH, STORE and SEARCH by sequence number (RFC 3501 7.4.1,
+RFC 2180). The cheap check is one row (the folder's HIGHESTMODSEQ and
+UIDNEXT); only when it moved does the session query the changes.
+
+Domain errors carry their wire reply (``StoreError.imap_code``); this module
+is the one place where they become ``NO [CODE] text``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from enum import Enum
+
+import structlog
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.auth import Authenticator, Identity
+from gateway.config import Config
+from gateway.imap import commands as c
+from gateway.imap import mime, wire
+from gateway.imap.search import search
+from gateway.imap.view import View
+from gateway.ingest import describe
+from gateway.message import parse_headers
+from gateway.notify import Changes
+from storage import events, mailstore
+from storage.blobs import BlobStore
+from storage.db import Database
+from storage.errors import StoreError
+from storage.flags import DELETED, SEEN, join_flags
+from storage.models import Expunge, Folder, Message, Tenant
+
+log = structlog.get_logger(__name__)
+
+
+class State(Enum):
+    NOT_AUTHENTICATED = "not authenticated"
+    AUTHENTICATED = "authenticated"
+    SELECTED = "selected"
+    LOGOUT = "logout"
+
+
+_ANY = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
+_AUTH = {
+    "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
+    "STATUS", "APPEND", "NAMESPACE", "ENABLE", "GETQUOTAROOT", "GETQUOTA", "IDLE",
+}  # fmt: skip
+_SELECTED = {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE"}
+ALLOWED: dict[State, set[str]] = {
+    State.NOT_AUTHENTICATED: _ANY | {"STARTTLS", "LOGIN", "AUTHENTICATE"},
+    State.AUTHENTICATED: _ANY | _AUTH,
+    State.SELECTED: _ANY | _AUTH | _SELECTED,
+    State.LOGOUT: set(),
+}
+# Commands during which EXPUNGE responses must not be sent (by sequence number).
+_NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
+_SPECIAL_USE_ATTRS = {"\\Archive", "\\Drafts", "\\Junk", "\\Sent", "\\Trash"}
+CHUNK = 1000
+APPEND_LIMIT = 50 * 10**6
+
+
+class No(Exception):
+    """A command refused with ``NO [code] text``."""
+
+    def __init__(self, text: str, code: str | None = None) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+class Session:
+    """The state and commands of one IMAP connection."""
+
+    def __init__(
+        self,
+        *,
+        config: Callable[[], Config],
+        db: Database,
+        blobs: BlobStore,
+        auth: Authenticator,
+        changes: Changes,
+        peer: str,
+        tls: bool,
+        starttls_available: bool,
+        loopback: bool,
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.blobs = blobs
+        self.auth = auth
+        self.changes = changes
+        self.peer = peer
+        self.tls = tls
+        self.starttls_available = starttls_available
+        self.loopback = loopback
+        self.state = State.NOT_AUTHENTICATED
+        self.identity: Identity | None = None
+        self.view: View | None = None
+        self.condstore = False
+        self.saved: list[int] = []
+        self.out = bytearray()
+        self.log = log.bind(peer=peer)
+
+    @property
+    def closing(self) -> bool:
+        """True once the client logged out: the connection is to be closed."""
+        return self.state is State.LOGOUT
+
+    # ------------------------------------------------------------------ output
+
+    def untagged(self, data: bytes) -> None:
+        self.out += b"* " + data + b"\r\n"
+
+    def tagged(self, tag: str, status: str, text: str) -> None:
+        self.out += tag.encode() + b" " + status.encode() + b" " + text.encode() + b"\r\n"
+
+    def take(self) -> bytes:
+        """The responses written so far, emptying the buffer."""
+        data = bytes(self.out)
+        self.out.clear()
+        return data
+
+    def greeting(self) -> None:
+        self.out += b"* OK [CAPABILITY " + self.capabilities().encode() + b"] mailgate IMAP ready\r\n"
+
+    def capabilities(self) -> str:
+        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"]
+        if self.state is State.NOT_AUTHENTICATED:
+            if self.starttls_available and not self.tls:
+                caps.append("STARTTLS")
+            if self.tls or self.loopback:
+                caps.append("AUTH=PLAIN")
+            else:
+                caps.append("LOGINDISABLED")
+            return " ".join(caps)
+        caps += [
+            "NAMESPACE", "UNSELECT", "UIDPLUS", "MOVE", "CHILDREN", "SPECIAL-USE", "CONDSTORE",
+            "ESEARCH", "SEARCHRES", "QUOTA", "QUOTA=RES-STORAGE", f"APPENDLIMIT={APPEND_LIMIT}",
+        ]  # fmt: skip
+        return " ".join(caps)
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def handle(self, cmd: c.Command) -> None:
+        """Run one command, writing its responses (untagged and tagged) to :attr:`out`."""
+        name = cmd.name
+        if name not in ALLOWED[self.state]:
+            self.tagged(cmd.tag, "BAD", f"{name} is not allowed in the {self.state.value} state")
+            return
+        try:
+            text = await getattr(self, "cmd_" + name.lower().replace(" ", "_"))(cmd)
+        except No as exc:
+            if self.view is not None:
+                await self.sync(allow_expunge=name not in _NO_EXPUNGE or getattr(cmd, "uid", False))
+            code = f"[{exc.code}] " if exc.code else ""
+            self.tagged(cmd.tag, "NO", code + str(exc))
+            return
+        except StoreError as exc:
+            self.tagged(cmd.tag, "NO", f"[{exc.imap_code}] {exc}")
+            return
+        if self.view is not None and name != "LOGOUT":
+            await self.sync(allow_expunge=name not in _NO_EXPUNGE or getattr(cmd, "uid", False))
+        if text is not None:
+            self.tagged(cmd.tag, "OK", text)
+
+    # ------------------------------------------------------------------ any state
+
+    async def cmd_capability(self, cmd: c.Command) -> str:
+        self.untagged(b"CAPABILITY " + self.capabilities().encode())
+        return "CAPABILITY completed"
+
+    async def cmd_noop(self, cmd: c.Command) -> str:
+        return "NOOP completed"
+
+    async def cmd_logout(self, cmd: c.Command) -> str:
+        self.untagged(b"BYE mailgate logging out")
+        self.state = State.LOGOUT
+        return "LOGOUT completed"
+
+    async def cmd_id(self, cmd: c.Command) -> str:
+        self.untagged(b'ID ("name" "mailgate")')
+        return "ID completed"
+
+    # ------------------------------------------------------------------ not authenticated
+
+    async def cmd_starttls(self, cmd: c.Command) -> str | None:
+        if not self.starttls_available or self.tls:
+            raise No("TLS is not available" if not self.starttls_available else "TLS is already active")
+        # The I/O class upgrades the connection after this reply.
+        return "Begin TLS negotiation now"
+
+    async def cmd_login(self, cmd: c.Login) -> str:
+        return await self._authenticate(cmd.user, cmd.password)
+
+    async def cmd_authenticate(self, cmd: c.Authenticate) -> str:
+        if cmd.mechanism != "PLAIN":
+            raise No(f"unsupported mechanism {cmd.mechanism}", "CANNOT")
+        if cmd.initial is None:
+            raise No("send the PLAIN response with the command (SASL-IR)", "CANNOT")
+        parts = cmd.initial.split(b"\0")
+        if len(parts) != 3:
+            raise No("malformed PLAIN response", "AUTHENTICATIONFAILED")
+        authz, user, password = (p.decode("utf-8", "replace") for p in parts)
+        if authz and authz.lower() != user.lower():
+            raise No("authorization identity must equal the login", "AUTHORIZATIONFAILED")
+        return await self._authenticate(user, password)
+
+    async def _authenticate(self, user: str, password: str) -> str:
+        if not (self.tls or self.loopback):
+            raise No("log in over TLS (STARTTLS) first", "PRIVACYREQUIRED")
+        identity = await self.auth.verify(user, password, self.peer)
+        if identity is None:
+            raise No("invalid credentials", "AUTHENTICATIONFAILED")
+        self.identity = identity
+        self.state = State.AUTHENTICATED
+        self.log = self.log.bind(tenant=identity.tenant_id, agent=identity.login)
+        self.log.info("imap.login")
+        return f"[CAPABILITY {self.capabilities()}] logged in"
+
+    # ------------------------------------------------------------------ folders
+
+    @property
+    def me(self) -> Identity:
+        """The logged-in agent (the state table guarantees there is one)."""
+        if self.identity is None:
+            raise No("not logged in")
+        return self.identity
+
+    @property
+    def tenant_id(self) -> str:
+        return self.me.tenant_id
+
+    def visible(self, name: str) -> bool:
+        """Whether the agent may see a folder (its ``folders`` list, or all)."""
+        allowed = self.me.folders
+        return not allowed or any(name == f or name.startswith(f + mailstore.DELIMITER) for f in allowed)
+
+    async def folder(self, s: AsyncSession, name: str) -> Folder:
+        """A visible folder of the agent's tenant; NO [NONEXISTENT] otherwise."""
+        folder = await mailstore.get_folder(s, self.tenant_id, name)
+        if folder is None or not self.visible(folder.name):
+            raise No(f"no folder {name}", "NONEXISTENT")
+        return folder
+
+    async def cmd_select(self, cmd: c.Select) -> str:
+        self.view = None
+        self.state = State.AUTHENTICATED
+        readonly = cmd.name == "EXAMINE"
+        if cmd.condstore:
+            self.condstore = True
+        async with self.db.read() as s:
+            folder = await self.folder(s, cmd.mailbox)
+            uids = list(
+                (
+                    await s.scalars(
+                        select(Message.uid).where(Message.folder_id == folder.id).order_by(Message.uid)
+                    )
+                ).all()
+            )
+            unseen = await s.scalar(
+                select(func.min(Message.uid)).where(
+                    Message.folder_id == folder.id, Message.sysflags.op("&")(SEEN) == 0
+                )
+            )
+            keywords = (
+                await s.scalars(select(Message.keywords).where(Message.folder_id == folder.id).distinct())
+            ).all()
+        self.view = View(folder.id, folder.name, readonly, folder.uidvalidity, uids, folder.highestmodseq)
+        kw = sorted({k for text in keywords for k in text.split(" ") if k})
+        flags = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft", *kw]
+        self.untagged(b"FLAGS " + wire.flags(flags))
+        self.untagged(
+            b"OK [PERMANENTFLAGS " + wire.flags([*flags, "\\*"] if not readonly else []) + b"] flags"
+        )
+        self.untagged(b"%d EXISTS" % len(uids))
+        self.untagged(b"0 RECENT")
+        if unseen is not None:
+            self.untagged(b"OK [UNSEEN %d] first unseen" % (self.view.seq(unseen) or 1))
+        self.untagged(b"OK [UIDVALIDITY %d] UIDs valid" % folder.uidvalidity)
+        self.untagged(b"OK [UIDNEXT %d] predicted next UID" % folder.uidnext)
+        self.untagged(b"OK [HIGHESTMODSEQ %d] highest" % folder.highestmodseq)
+        self.state = State.SELECTED
+        return f"[{'READ-ONLY' if readonly else 'READ-WRITE'}] {cmd.name} completed"
+
+    cmd_examine = cmd_select
+
+    async def cmd_create(self, cmd: c.MailboxCommand) -> str:
+        name = cmd.mailbox.rstrip(mailstore.DELIMITER)
+        if not self.visible(name):
+            raise No("not allowed here", "NOPERM")
+        async with self.db.write() as s:
+            # Create missing parents too, as RFC 3501 6.3.3 suggests.
+            parts = name.split(mailstore.DELIMITER)
+            for i in range(1, len(parts) + 1):
+                path = mailstore.DELIMITER.join(parts[:i])
+                if await mailstore.get_folder(s, self.tenant_id, path) is None:
+                    await mailstore.create_folder(s, self.tenant_id, path)
+                elif i == len(parts):
+                    raise No(f"{name} exists already", "ALREADYEXISTS")
+        return "CREATE completed"
+
+    async def cmd_delete(self, cmd: c.MailboxCommand) -> str:
+        async with self.db.write() as s:
+            folder = await self.folder(s, cmd.mailbox)
+            if folder.special_use:
+                raise No(f"{folder.name} is a {folder.special_use} folder", "CANNOT")
+            await mailstore.delete_folder(s, self.tenant_id, folder.name)
+        if self.view is not None and self.view.folder_id == folder.id:
+            self.view = None
+            self.state = State.AUTHENTICATED
+        return "DELETE completed"
+
+    async def cmd_rename(self, cmd: c.Rename) -> str:
+        if not self.visible(cmd.new):
+            raise No("not allowed here", "NOPERM")
+        async with self.db.write() as s:
+            folder = await self.folder(s, cmd.old)
+            await mailstore.rename_folder(s, self.tenant_id, folder.name, cmd.new)
+        return "RENAME completed"
+
+    async def _subscribe(self, cmd: c.MailboxCommand, on: bool) -> str:
+        async with self.db.write() as s:
+            folder = await self.folder(s, cmd.mailbox)
+            folder.subscribed = on
+        return f"{cmd.name} completed"
+
+    async def cmd_subscribe(self, cmd: c.MailboxCommand) -> str:
+        return await self._subscribe(cmd, True)
+
+    async def cmd_unsubscribe(self, cmd: c.MailboxCommand) -> str:
+        return await self._subscribe(cmd, False)
+
+    async def cmd_list(self, cmd: c.List) -> str:
+        async with self.db.read() as s:
+            folders = [f for f in await mailstore.list_folders(s, self.tenant_id) if self.visible(f.name)]
+        names = {f.name for f in folders}
+        lsub = cmd.name == "LSUB"
+        subscribed_only = lsub or "SUBSCRIBED" in cmd.select_options
+        special_only = "SPECIAL-USE" in cmd.select_options
+        if cmd.patterns == ("",):
+            self.untagged(b'%s (\\Noselect) "/" ""' % cmd.name.encode())
+            return f"{cmd.name} completed"
+        matchers = [_pattern(cmd.reference + p) for p in cmd.patterns]
+        for f in folders:
+            if not any(m.fullmatch(f.name) for m in matchers):
+                continue
+            if subscribed_only and not f.subscribed:
+                continue
+            if special_only and f.special_use not in _SPECIAL_USE_ATTRS:
+                continue
+            attrs = []
+            if not lsub:
+                children = any(n.startswith(f.name + mailstore.DELIMITER) for n in names)
+                attrs.append("\\HasChildren" if children else "\\HasNoChildren")
+                if f.special_use in _SPECIAL_USE_ATTRS:
+                    attrs.append(f.special_use)
+                if f.subscribed and "SUBSCRIBED" in (*cmd.select_options, *cmd.return_options):
+                    attrs.append("\\Subscribed")
+            self.untagged(cmd.name.encode() + b" " + wire.flags(attrs) + b' "/" ' + wire.mailbox(f.name))
+        return f"{cmd.name} completed"
+
+    cmd_lsub = cmd_list
+
+    async def cmd_namespace(self, cmd: c.Command) -> str:
+        self.untagged(b'NAMESPACE (("" "/")) NIL NIL')
+        return "NAMESPACE completed"
+
+    async def cmd_enable(self, cmd: c.Enable) -> str:
+        enabled = [cap for cap in cmd.capabilities if cap == "CONDSTORE"]
+        if enabled:
+            self.condstore = True
+        self.untagged(b"ENABLED" + b"".join(b" " + e.encode() for e in enabled))
+        return "ENABLE completed"
+
+    async def cmd_status(self, cmd: c.Status) -> str:
+        async with self.db.read() as s:
+            folder = await self.folder(s, cmd.mailbox)
+            unseen: int | None = 0
+            if "UNSEEN" in cmd.items:
+                unseen = await s.scalar(
+                    select(func.count()).where(
+                        Message.folder_id == folder.id, Message.sysflags.op("&")(SEEN) == 0
+                    )
+                )
+        values = {
+            "MESSAGES": folder.used_messages,
+            "RECENT": 0,
+            "UIDNEXT": folder.uidnext,
+            "UIDVALIDITY": folder.uidvalidity,
+            "UNSEEN": unseen or 0,
+            "HIGHESTMODSEQ": folder.highestmodseq,
+            "SIZE": folder.used_bytes,
+        }
+        items = b" ".join(b"%s %d" % (i.encode(), values[i]) for i in cmd.items if i in values)
+        self.untagged(b"STATUS " + wire.mailbox(folder.name) + b" (" + items + b")")
+        return "STATUS completed"
+
+    async def cmd_getquotaroot(self, cmd: c.MailboxCommand) -> str:
+        async with self.db.read() as s:
+            folder = await self.folder(s, cmd.mailbox)
+            tenant = await self._tenant(s)
+        roots = [b'""'] + ([wire.mailbox(folder.name)] if folder.quota_bytes is not None else [])
+        self.untagged(b"QUOTAROOT " + wire.mailbox(folder.name) + b" " + b" ".join(roots))
+        self._quota(b'""', tenant.used_bytes, tenant.quota_bytes)
+        if folder.quota_bytes is not None:
+            self._quota(wire.mailbox(folder.name), folder.used_bytes, folder.quota_bytes)
+        return "GETQUOTAROOT completed"
+
+    async def cmd_getquota(self, cmd: c.GetQuota) -> str:
+        async with self.db.read() as s:
+            if cmd.root == "":
+                tenant = await self._tenant(s)
+                self._quota(b'""', tenant.used_bytes, tenant.quota_bytes)
+                return "GETQUOTA completed"
+            folder = await self.folder(s, cmd.root)
+        if folder.quota_bytes is None:
+            raise No(f"{cmd.root} is not a quota root", "NONEXISTENT")
+        self._quota(wire.mailbox(folder.name), folder.used_bytes, folder.quota_bytes)
+        return "GETQUOTA completed"
+
+    async def _tenant(self, s: AsyncSession) -> Tenant:
+        tenant = await s.get(Tenant, self.tenant_id)
+        if tenant is None:
+            raise No("the tenant is gone")
+        return tenant
+
+    def _quota(self, root: bytes, used: int, limit: int | None) -> None:
+        # RFC 9208 STORAGE is in units of 1024 octets; Spam never counts (see storage).
+        if limit is None:
+            self.untagged(b"QUOTA " + root + b" ()")
+            return
+        self.untagged(b"QUOTA %s (STORAGE %d %d)" % (root, -(-used // 1024), limit // 1024))
+
+    async def cmd_append(self, cmd: c.Append) -> str:
+        if len(cmd.message) > APPEND_LIMIT:
+            raise No("message too large", "TOOBIG")
+        now = datetime.now(UTC)
+        # Stored as an IMAP server stores it: CRLF line ends, no NUL (as Dovecot does).
+        raw = await asyncio.to_thread(mime.stored_form, cmd.message)
+        digest = await self.blobs.put(raw)
+        headers = parse_headers(raw)
+        message = await asyncio.to_thread(
+            describe, raw, headers, digest, now, frozenset(cmd.flags), cmd.internal_date
+        )
+        async with self.db.write() as s:
+            folder = await mailstore.get_folder(s, self.tenant_id, cmd.mailbox)
+            if folder is None or not self.visible(folder.name):
+                raise No(f"no folder {cmd.mailbox}", "TRYCREATE")
+            (stored,) = await mailstore.append(s, folder, [message])
+        self.changes.publish([folder.id])
+        return f"[APPENDUID {folder.uidvalidity} {stored.uid}] APPEND completed"
+
+    # ------------------------------------------------------------------ selected
+
+    @property
+    def selected(self) -> View:
+        if self.view is None:
+            raise No("no folder is selected")
+        return self.view
+
+    async def cmd_check(self, cmd: c.Command) -> str:
+        return "CHECK completed"
+
+    async def cmd_close(self, cmd: c.Command) -> str:
+        view = self.selected
+        if not view.readonly:
+            async with self.db.write() as s:
+                folder = await s.get(Folder, view.folder_id)
+                if folder is not None:
+                    await mailstore.expunge(s, folder)
+            self.changes.publish([view.folder_id])
+        self.view = None
+        self.state = State.AUTHENTICATED
+        return "CLOSE completed"
+
+    async def cmd_unselect(self, cmd: c.Command) -> str:
+        self.view = None
+        self.state = State.AUTHENTICATED
+        return "UNSELECT completed"
+
+    async def cmd_expunge(self, cmd: c.Command) -> str:
+        view = self.selected
+        if view.readonly:
+            raise No("the folder is read-only", "READ-ONLY")
+        uids = None
+        if isinstance(cmd, c.UidExpunge):
+            uids = view.resolve(cmd.sequence, uid=True, saved=self.saved)
+        async with self.db.write() as s:
+            folder = await self._selected_folder(s)
+            if uids is not None:
+                rows = await s.scalars(
+                    select(Message.uid).where(
+                        Message.folder_id == folder.id,
+                        Message.uid.in_(uids),
+                        Message.sysflags.op("&")(DELETED) != 0,
+                    )
+                )
+                uids = list(rows.all())
+            await mailstore.expunge(s, folder, uids)
+        self.changes.publish([view.folder_id])
+        return "EXPUNGE completed"
+
+    async def _selected_folder(self, s: AsyncSession) -> Folder:
+        folder = await s.get(Folder, self.selected.folder_id)
+        if folder is None:
+            raise No("the selected folder was deleted", "NONEXISTENT")
+        return folder
+
+    async def cmd_search(self, cmd: c.Search) -> str:
+        view = self.selected
+        async with self.db.read() as s:
+            uids = await search(s, self.blobs, view, cmd.key, self.saved)
+        uids = [u for u in uids if u not in view.gone]
+        numbers = uids if cmd.uid else [view.seq(u) or 0 for u in uids]
+        if cmd.returns is None:
+            self.untagged(b"SEARCH" + b"".join(b" %d" % n for n in numbers))
+            return "SEARCH completed"
+        returns = cmd.returns or ("ALL",)
+        if "SAVE" in returns:
+            self.saved = uids
+        parts = [b'(TAG "' + cmd.tag.encode() + b'")'] + ([b"UID"] if cmd.uid else [])
+        if numbers and "MIN" in returns:
+            parts.append(b"MIN %d" % min(numbers))
+        if numbers and "MAX" in returns:
+            parts.append(b"MAX %d" % max(numbers))
+        if "COUNT" in returns:
+            parts.append(b"COUNT %d" % len(numbers))
+        if numbers and "ALL" in returns:
+            parts.append(b"ALL " + _seqset(numbers))
+        if returns != ("SAVE",):
+            self.untagged(b"ESEARCH " + b" ".join(parts))
+        return "SEARCH completed"
+
+    async def cmd_fetch(self, cmd: c.Fetch) -> str:
+        view = self.selected
+        uids = view.resolve(cmd.sequence, uid=cmd.uid, saved=self.saved)
+        atts = list(cmd.atts)
+        names = {a.name for a in atts}
+        if cmd.uid and "UID" not in names:
+            atts.insert(0, c.FetchAtt("UID"))
+        if (self.condstore or cmd.changed_since is not None) and "MODSEQ" not in names:
+            atts.append(c.FetchAtt("MODSEQ"))
+        marks_seen = not view.readonly and any(
+            a.name in ("RFC822", "RFC822.TEXT") or (a.section is not None and not a.peek) for a in atts
+        )
+        if marks_seen and uids:
+            await self._mark_seen(uids)
+            if "FLAGS" not in names:
+                atts.append(c.FetchAtt("FLAGS"))
+        for start in range(0, len(uids), CHUNK):
+            chunk = uids[start : start + CHUNK]
+            async with self.db.read() as s:
+                query = select(Message).where(
+                    Message.folder_id == view.folder_id, Message.uid.between(chunk[0], chunk[-1])
+                )
+                if cmd.changed_since is not None:
+                    query = query.where(Message.modseq > cmd.changed_since)
+                rows = (await s.scalars(query.order_by(Message.uid))).all()
+            wanted = set(chunk)
+            for row in rows:
+                if row.uid in wanted:
+                    await self._fetch_one(view, row, atts)
+        return "FETCH completed"
+
+    async def _mark_seen(self, uids: list[int]) -> None:
+        async with self.db.write() as s:
+            folder = await self._selected_folder(s)
+            await mailstore.store_flags(s, folder, uids, ["\\Seen"], "add")
+            ids = (
+                await s.scalars(
+                    select(Message.id).where(Message.folder_id == folder.id, Message.uid.in_(uids))
+                )
+            ).all()
+            await events.record_reads(s, self.tenant_id, self.me.agent_id, ids, datetime.now(UTC))
+        self.changes.publish([self.selected.folder_id])
+
+    async def _fetch_one(self, view: View, row: Message, atts: Sequence[c.FetchAtt]) -> None:
+        seq = view.seq(row.uid)
+        if seq is None:
+            return
+        items: list[bytes] = []
+        raw: bytes | None = None
+        for att in atts:
+            name = att.name
+            if name == "UID":
+                items.append(b"UID %d" % row.uid)
+            elif name == "FLAGS":
+                items.append(b"FLAGS " + wire.flags(join_flags(row.sysflags, row.keywords)))
+            elif name == "INTERNALDATE":
+                items.append(b"INTERNALDATE " + wire.date_time(row.internal_date))
+            elif name == "RFC822.SIZE":
+                items.append(b"RFC822.SIZE %d" % row.size)
+            elif name == "MODSEQ":
+                items.append(b"MODSEQ (%d)" % row.modseq)
+            elif name in ("ENVELOPE", "BODYSTRUCTURE") or (name == "BODY" and att.section is None):
+                stored = {"ENVELOPE": row.envelope, "BODYSTRUCTURE": row.bodystructure, "BODY": row.body}[
+                    name
+                ]
+                if stored is None:
+                    raw = raw if raw is not None else await self.blobs.get(row.blob)
+                    stored = _structure(name, raw)
+                items.append(name.encode() + b" " + stored)
+            else:
+                raw = raw if raw is not None else await self.blobs.get(row.blob)
+                items.append(_body_item(att, raw))
+        self.out += b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n"
+
+    async def cmd_store(self, cmd: c.Store) -> str:
+        view = self.selected
+        if view.readonly:
+            raise No("the folder is read-only", "READ-ONLY")
+        uids = view.resolve(cmd.sequence, uid=cmd.uid, saved=self.saved)
+        modified: list[int] = []
+        async with self.db.write() as s:
+            folder = await self._selected_folder(s)
+            if cmd.unchanged_since is not None and uids:
+                too_new = await s.scalars(
+                    select(Message.uid).where(
+                        Message.folder_id == folder.id,
+                        Message.uid.in_(uids),
+                        Message.modseq > cmd.unchanged_since,
+                    )
+                )
+                modified = list(too_new.all())
+                uids = [u for u in uids if u not in set(modified)]
+            await mailstore.store_flags(s, folder, uids, cmd.flags, cmd.mode)
+            seen = cmd.mode != "remove" and any(f.lower() == "\\seen" for f in cmd.flags)
+            rows = (
+                await s.execute(
+                    select(Message.id, Message.uid, Message.sysflags, Message.keywords, Message.modseq).where(
+                        Message.folder_id == folder.id, Message.uid.in_(uids)
+                    )
+                )
+            ).all()
+            if seen and rows:
+                await events.record_reads(
+                    s, self.tenant_id, self.me.agent_id, [r.id for r in rows], datetime.now(UTC)
+                )
+        self.changes.publish([view.folder_id])
+        if not cmd.silent or self.condstore:
+            for r in sorted(rows, key=lambda r: r.uid):
+                seq = view.seq(r.uid)
+                if seq is None:
+                    continue
+                parts = [b"UID %d" % r.uid] if cmd.uid else []
+                if not cmd.silent:
+                    parts.append(b"FLAGS " + wire.flags(join_flags(r.sysflags, r.keywords)))
+                if self.condstore:
+                    parts.append(b"MODSEQ (%d)" % r.modseq)
+                self.untagged(b"%d FETCH (" % seq + b" ".join(parts) + b")")
+        view.modseq = max(view.modseq, *(r.modseq for r in rows)) if rows else view.modseq
+        if modified:
+            numbers = modified if cmd.uid else [view.seq(u) or 0 for u in modified]
+            return f"[MODIFIED {_seqset(numbers).decode()}] conditional STORE failed for some"
+        return "STORE completed"
+
+    async def cmd_copy(self, cmd: c.Copy) -> str:
+        view = self.selected
+        uids = view.resolve(cmd.sequence, uid=cmd.uid, saved=self.saved)
+        move = cmd.name == "MOVE"
+        if move and view.readonly:
+            raise No("the folder is read-only", "READ-ONLY")
+        async with self.db.write() as s:
+            target = await mailstore.get_folder(s, self.tenant_id, cmd.mailbox)
+            if target is None or not self.visible(target.name):
+                raise No(f"no folder {cmd.mailbox}", "TRYCREATE")
+            source = await self._selected_folder(s)
+            pairs = await (mailstore.move if move else mailstore.copy)(s, source, uids, target)
+        self.changes.publish([view.folder_id, target.id])
+        if not pairs:
+            return f"{cmd.name} completed (nothing matched)"
+        code = b"COPYUID %d %s %s" % (
+            target.uidvalidity,
+            _seqset([src for src, _ in pairs]),
+            _seqset([st.uid for _, st in pairs]),
+        )
+        if not move:
+            return f"[{code.decode()}] COPY completed"
+        self.untagged(b"OK [" + code + b"] moved")
+        for src, _ in sorted(pairs, reverse=True):
+            n = view.remove(src)
+            if n is not None:
+                self.untagged(b"%d EXPUNGE" % n)
+        return "MOVE completed"
+
+    cmd_move = cmd_copy
+
+    async def cmd_idle(self, cmd: c.Command) -> str | None:
+        # The I/O class runs the idle loop (it must read DONE while waiting).
+        return None
+
+    # ------------------------------------------------------------------ changes
+
+    async def sync(self, *, allow_expunge: bool) -> None:
+        """Report what changed in the selected folder since the session last looked."""
+        view = self.selected
+        async with self.db.read() as s:
+            row = (
+                await s.execute(
+                    select(Folder.highestmodseq, Folder.uidnext).where(Folder.id == view.folder_id)
+                )
+            ).one_or_none()
+            if row is None:
+                return
+            highest, uidnext = row
+            if highest <= view.modseq and uidnext - 1 <= view.max_uid and not (allow_expunge and view.gone):
+                return
+            new = list(
+                (
+                    await s.scalars(
+                        select(Message.uid).where(
+                            Message.folder_id == view.folder_id, Message.uid > view.max_uid
+                        )
+                    )
+                ).all()
+            )
+            changed = (
+                await s.execute(
+                    select(Message.uid, Message.sysflags, Message.keywords, Message.modseq).where(
+                        Message.folder_id == view.folder_id,
+                        Message.modseq > view.modseq,
+                        Message.modseq <= highest,
+                        Message.uid <= view.max_uid,
+                    )
+                )
+            ).all()
+            expunged = (
+                await s.scalars(
+                    select(Expunge.uid).where(
+                        Expunge.folder_id == view.folder_id,
+                        Expunge.modseq > view.modseq,
+                        Expunge.modseq <= highest,
+                    )
+                )
+            ).all()
+        view.gone.update(u for u in expunged if view.seq(u) is not None)
+        if allow_expunge:
+            for uid in sorted(view.gone, reverse=True):
+                n = view.remove(uid)
+                if n is not None:
+                    self.untagged(b"%d EXPUNGE" % n)
+        for r in sorted(changed, key=lambda r: r.uid):
+            seq = view.seq(r.uid)
+            if seq is None or r.uid in view.gone:
+                continue
+            parts = [b"UID %d" % r.uid, b"FLAGS " + wire.flags(join_flags(r.sysflags, r.keywords))]
+            if self.condstore:
+                parts.append(b"MODSEQ (%d)" % r.modseq)
+            self.untagged(b"%d FETCH (" % seq + b" ".join(parts) + b")")
+        if new:
+            view.add(new)
+            self.untagged(b"%d EXISTS" % view.exists)
+        view.modseq = max(view.modseq, highest)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _pattern(pattern: str) -> re.Pattern[str]:
+    """A LIST pattern as a regex: ``*`` matches anything, ``%`` no hierarchy delimiter."""
+    out = ""
+    for ch in pattern:
+        out += ".*" if ch == "*" else "[^/]*" if ch == "%" else re.escape(ch)
+    if pattern.upper() == "INBOX":
+        return re.compile("INBOX")
+    return re.compile(out)
+
+
+def _seqset(numbers: Sequence[int]) -> bytes:
+    out: list[bytes] = []
+    run: list[int] = []
+    for n in sorted(set(numbers)):
+        if run and n == run[-1] + 1:
+            run.append(n)
+            continue
+        if run:
+            out.append(b"%d:%d" % (run[0], run[-1]) if len(run) > 1 else b"%d" % run[0])
+        run = [n]
+    if run:
+        out.append(b"%d:%d" % (run[0], run[-1]) if len(run) > 1 else b"%d" % run[0])
+    return b",".join(out)
+
+
+def _structure(name: str, raw: bytes) -> bytes:
+    if name == "ENVELOPE":
+        return mime.envelope(raw)
+    return mime.bodystructure(raw, extensible=name == "BODYSTRUCTURE")
+
+
+def _section_name(att: c.FetchAtt) -> bytes:
+    sec = att.section or c.Section()
+    parts = [".".join(str(p) for p in sec.part)] if sec.part else []
+    if sec.text:
+        fields = " (" + " ".join(sec.fields) + ")" if sec.fields else ""
+        parts.append(sec.text + fields)
+    return b"BODY[" + ".".join(parts).encode() + b"]"
+
+
+def _body_item(att: c.FetchAtt, raw: bytes) -> bytes:
+    if att.name == "RFC822":
+        return b"RFC822 " + wire.literal(raw)
+    if att.name == "RFC822.HEADER":
+        return b"RFC822.HEADER " + wire.literal(mime.section(raw, (), "HEADER") or b"")
+    if att.name == "RFC822.TEXT":
+        return b"RFC822.TEXT " + wire.literal(mime.section(raw, (), "TEXT") or b"")
+    sec = att.section or c.Section()
+    data = mime.section(raw, sec.part, sec.text, sec.fields)
+    name = _section_name(att)
+    if att.partial is not None:
+        start, length = att.partial
+        name += b"<%d>" % start
+        data = data[start : start + length] if data is not None else None
+    return name + b" " + (wire.literal(data) if data is not None else wire.NIL)

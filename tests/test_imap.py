@@ -1,0 +1,300 @@
+"""The IMAP server with stdlib imaplib: commands, notifications, isolation, hostile input."""
+
+from __future__ import annotations
+
+import asyncio
+import imaplib
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from argon2 import PasswordHasher
+from sqlalchemy import select
+
+from gateway.auth import Authenticator
+from gateway.config import Config, parse_config
+from gateway.daemon import open_store
+from gateway.imap.server import IMAPServer
+from gateway.ingest import Delivery, Pipeline
+from gateway.notify import Changes
+from storage.db import Database
+from storage.models import Event
+from tests.conftest import config_dict
+
+T = TypeVar("T")
+PASSWORD = "agent-password"
+HASH = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(PASSWORD)
+
+
+def message(n: int, subject: str = "hello") -> bytes:
+    return (
+        f"From: Customer {n} <c{n}@example.org>\r\nTo: biuro@acme.test\r\nSubject: {subject} {n}\r\n"
+        f"Message-ID: <m{n}@example.org>\r\nDate: Mon, 1 Jan 2024 10:00:00 +0000\r\n\r\nBody {n}.\r\n"
+    ).encode()
+
+
+class Server:
+    def __init__(self, config: Config, db: Database, server: IMAPServer, pipeline: Pipeline) -> None:
+        self.config, self.db, self.server, self.pipeline = config, db, server, pipeline
+
+    def connect(self, login: str = "anna@acme.test", password: str = PASSWORD) -> imaplib.IMAP4:
+        c = imaplib.IMAP4("127.0.0.1", self.server.port, timeout=10)
+        c.login(login, password)
+        return c
+
+    async def deliver(self, raw: bytes, tenant: str = "acme") -> None:
+        await self.pipeline.deliver(self.config.tenant(tenant), raw, Delivery(source="smtp"))
+
+
+async def run(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.to_thread(fn, *args)
+
+
+@pytest.fixture
+async def imap(tmp_path: Path, db_url: str) -> AsyncIterator[Server]:
+    data = config_dict(tmp_path, db_url)
+    acme, beta = data["tenants"]
+    acme["agents"] = [
+        {"login": "anna@acme.test", "password_hash": HASH},
+        {"login": "piotr@acme.test", "password_hash": HASH, "folders": ["INBOX", "Orders"]},
+    ]
+    acme["quota"] = "10 MB"
+    beta["agents"] = [{"login": "bob@beta.test", "password_hash": HASH}]
+    config = parse_config(data)
+    db, blobs = await open_store(config)
+    changes = Changes()
+    pipeline = Pipeline(db, blobs, changes=changes)
+    auth = Authenticator(lambda: config, db, failure_delay=0.05)
+    server = IMAPServer(lambda: config, db, blobs, auth, changes)
+    await server.start("127.0.0.1", 0)
+    s = Server(config, db, server, pipeline)
+    for n in range(1, 4):
+        await s.deliver(message(n))
+    await s.deliver(message(9, "beta only"), "beta")
+    yield s
+    await server.stop()
+    await db.close()
+
+
+def ok(response: tuple[str, list[Any]]) -> list[Any]:
+    typ, data = response
+    assert typ == "OK", data
+    return data
+
+
+async def test_login_list_select_fetch_store_expunge(imap: Server) -> None:
+    def scenario() -> None:
+        c = imap.connect()
+        listing = b"\n".join(ok(c.list()))
+        assert b'(\\HasNoChildren \\Junk) "/" Spam' in listing
+        assert b'(\\HasNoChildren \\Sent) "/" Sent' in listing
+        assert ok(c.select("INBOX")) == [b"3"]
+        fetched = ok(c.fetch("1:*", "(UID FLAGS RFC822.SIZE)"))
+        assert len(fetched) == 3
+        assert b"UID 1 " in fetched[0]
+        body = ok(c.uid("FETCH", "2", "(BODY.PEEK[])"))
+        assert body[0][1] == message(2)
+        ok(c.store("1", "+FLAGS", "(\\Deleted)"))
+        ok(c.expunge())
+        assert ok(c.select("INBOX", readonly=True)) == [b"2"]
+        c.logout()
+
+    await run(scenario)
+
+
+async def test_append_copy_move_with_uidplus(imap: Server) -> None:
+    def scenario() -> None:
+        c = imap.connect()
+        typ, data = c.append("Orders", "(\\Seen)", None, message(20))
+        assert typ == "OK"
+        assert b"APPENDUID" in data[0]
+        ok(c.select("INBOX"))
+        # imaplib's uid() returns untagged data; COPYUID is in the tagged reply.
+        typ, data = c._simple_command("UID", "COPY", "1:2", "Archive")  # type: ignore[attr-defined]
+        assert typ == "OK"
+        assert b"COPYUID" in data[0]
+        typ, data = c._simple_command("UID", "MOVE", "3", "Orders")  # type: ignore[attr-defined]
+        assert typ == "OK"
+        assert b"[COPYUID" in b"".join(c.untagged_responses.get("OK", []))
+        assert ok(c.select("Orders")) == [b"2"]
+        assert ok(c.status("Archive", "(MESSAGES UIDNEXT)"))[0].endswith(b"(MESSAGES 2 UIDNEXT 3)")
+        c.logout()
+
+    await run(scenario)
+
+
+async def test_implicit_seen_marks_read_once(imap: Server) -> None:
+    def scenario() -> None:
+        c = imap.connect()
+        ok(c.select("INBOX"))
+        for _ in range(3):
+            data = ok(c.fetch("1", "(BODY[])"))
+            assert b"\\Seen" in data[0][0] or b"\\Seen" in b"".join(x for x in data if isinstance(x, bytes))
+        ok(c.fetch("2", "(BODY.PEEK[])"))
+        flags = ok(c.fetch("1:2", "(FLAGS)"))
+        assert b"\\Seen" in flags[0]
+        assert b"\\Seen" not in flags[1]
+        c.logout()
+
+    await run(scenario)
+    async with imap.db.read() as s:
+        reads = (await s.scalars(select(Event.message_id).where(Event.kind == "read"))).all()
+    assert len(reads) == 1
+
+
+async def test_quota_and_condstore(imap: Server) -> None:
+    def scenario() -> None:
+        c = imap.connect()
+        typ, data = c.getquotaroot("INBOX")
+        assert typ == "OK"
+        flat = b" ".join(d if isinstance(d, bytes) else b" ".join(d) for d in data)
+        assert b'"" (STORAGE 1 9765)' in flat
+        typ, data = c._simple_command("ENABLE", "CONDSTORE")  # type: ignore[attr-defined]
+        assert typ == "OK"
+        ok(c.select("INBOX"))
+        fetched = ok(c.fetch("1", "(FLAGS)"))
+        assert b"MODSEQ" in fetched[0]
+        c.logout()
+
+    await run(scenario)
+
+
+async def test_two_sessions_see_each_others_changes(imap: Server) -> None:
+    def scenario() -> None:
+        a, b = imap.connect(), imap.connect()
+        ok(a.select("INBOX"))
+        ok(b.select("INBOX"))
+        ok(a.store("2", "+FLAGS", "(\\Flagged)"))
+        ok(a.store("1", "+FLAGS", "(\\Deleted)"))
+        ok(a.expunge())
+        typ, _ = b.noop()
+        assert typ == "OK"
+        untagged = b.untagged_responses
+        assert untagged.get("EXPUNGE") == [b"1"]
+        assert any(b"\\Flagged" in f for f in untagged.get("FETCH", []))
+        a.logout()
+        b.logout()
+
+    await run(scenario)
+
+
+async def test_idle_hears_new_mail_and_expunges_within_a_second(imap: Server) -> None:
+    sock = socket.create_connection(("127.0.0.1", imap.server.port), timeout=10)
+    f = sock.makefile("rb")
+
+    def send(line: bytes) -> None:
+        sock.sendall(line + b"\r\n")
+
+    def until(prefix: bytes) -> list[bytes]:
+        lines = []
+        while True:
+            line = f.readline()
+            lines.append(line)
+            if line.startswith(prefix):
+                return lines
+
+    await run(f.readline)
+    send(b"a LOGIN anna@acme.test " + PASSWORD.encode())
+    await run(until, b"a OK")
+    send(b"b SELECT INBOX")
+    await run(until, b"b OK")
+    send(b"c IDLE")
+    await run(until, b"+")
+    start = time.monotonic()
+    await imap.deliver(message(30))
+    lines = await run(until, b"* 4 EXISTS")
+    assert time.monotonic() - start < 1.0, lines
+
+    def expunge_elsewhere() -> None:
+        other = imap.connect()
+        ok(other.select("INBOX"))
+        ok(other.store("1", "+FLAGS", "(\\Deleted)"))
+        ok(other.expunge())
+        other.logout()
+
+    start = time.monotonic()
+    await run(expunge_elsewhere)
+    await run(until, b"* 1 EXPUNGE")
+    assert time.monotonic() - start < 1.0
+    send(b"DONE")
+    await run(until, b"c OK")
+    sock.close()
+
+
+async def test_agents_see_only_their_tenant_and_their_folders(imap: Server) -> None:
+    def scenario() -> None:
+        bob = imap.connect("bob@beta.test")
+        assert b"Orders" not in b"".join(ok(bob.list()))
+        assert bob.select("Orders")[0] == "NO"
+        assert bob.status("Orders", "(MESSAGES)")[0] == "NO"
+        assert bob.append("Orders", None, None, message(40))[0] == "NO"
+        ok(bob.select("INBOX"))
+        assert b"beta only" in ok(bob.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])"))[0][1]
+        bob.logout()
+        piotr = imap.connect("piotr@acme.test")
+        names = b"".join(ok(piotr.list()))
+        assert b"Orders" in names
+        assert b"Sent" not in names
+        assert piotr.select("Sent")[0] == "NO"
+        piotr.logout()
+
+    await run(scenario)
+
+
+async def test_wrong_password_is_refused(imap: Server) -> None:
+    def scenario() -> None:
+        c = imaplib.IMAP4("127.0.0.1", imap.server.port, timeout=10)
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            c.login("anna@acme.test", "wrong")
+        c.shutdown()
+
+    await run(scenario)
+
+
+def raw_exchange(port: int, payload: bytes, read_for: float = 1.0) -> bytes:
+    """Send bytes after LOGIN, return what the server answered (until it closes or goes quiet)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_for) as sock:
+        sock.recv(4096)
+        sock.sendall(b"a LOGIN anna@acme.test " + PASSWORD.encode() + b"\r\n")
+        time.sleep(0.3)
+        sock.recv(65536)
+        out = b""
+        try:
+            sock.sendall(payload)
+            while chunk := sock.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionError):
+            pass
+        return out
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "expect"),
+    [
+        ("10 MB line", b"b NOOP " + b"x" * 10_000_000 + b"\r\n", b"BAD"),
+        ("literal over the limit", b"b APPEND INBOX {999999999}\r\n", b"BAD"),
+        ("4294967296 literal", b"b APPEND INBOX {4294967296}\r\n", b"BAD"),
+        ("nested parentheses", b"b FETCH 1 " + b"(" * 10_000 + b"\r\n", b"BAD"),
+        (
+            "million-element sequence set",
+            b"b FETCH " + b",".join(b"%d" % i for i in range(1, 1_000_001)) + b" FLAGS\r\n",
+            b"BAD",
+        ),
+        ("garbage", bytes(range(256)) * 50 + b"\r\n", b"BAD"),
+    ],
+)
+async def test_hostile_input_is_refused_and_others_are_served(
+    imap: Server, name: str, payload: bytes, expect: bytes
+) -> None:
+    answer = await run(raw_exchange, imap.server.port, payload)
+    assert expect in answer or answer.startswith(b"* BYE"), (name, answer[:200])
+
+    def still_serving() -> None:
+        c = imap.connect()
+        ok(c.select("INBOX"))
+        c.logout()
+
+    await run(still_serving)
