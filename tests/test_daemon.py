@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import imaplib
 import os
 import re
 import signal
@@ -82,6 +83,8 @@ def test_example_config_runs_and_files_mail(tmp_path: Path) -> None:
     port = free_port()
     text = EXAMPLE_CONFIG.read_text(encoding="utf-8")
     text = text.replace('smtp = "127.0.0.1:2525"', f'smtp = "127.0.0.1:{port}"')
+    imap_port = free_port()
+    text = text.replace('imap = "127.0.0.1:2143"', f'imap = "127.0.0.1:{imap_port}"')
     text = re.sub(r'^data_dir = "var"', f'data_dir = "{tmp_path / "var"}"', text, flags=re.MULTILINE)
     config = tmp_path / "example.toml"
     config.write_text(text, encoding="utf-8")
@@ -102,6 +105,10 @@ def test_example_config_runs_and_files_mail(tmp_path: Path) -> None:
             assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
             assert b"250 2.0.0 OK" in out.stdout
         folders = d.folders("example")
+        client = imaplib.IMAP4("127.0.0.1", imap_port, timeout=10)
+        client.login("anna@example.test", "demo-password")
+        assert client.select("Orders") == ("OK", [b"2"])
+        client.logout()
         assert folders["INBOX"] == 1
         assert folders["Orders"] == 2
         assert folders["Invoices"] == 1
