@@ -162,7 +162,9 @@ def test_mailboxes_added_and_removed_on_reload(start: object, dovecot: Dovecot) 
     d = start(mailbox_toml("biuro", dovecot.port, idle=True))  # type: ignore[operator]
     d.wait_for("biuro pulled", lambda: inbox(d) == 3, 20)
     text = d.config.read_text()
-    d.config.write_text(text.split("[[tenants.mailboxes]]")[0] + mailbox_toml("sklep", dovecot.port, idle=True))
+    d.config.write_text(
+        text.split("[[tenants.mailboxes]]")[0] + mailbox_toml("sklep", dovecot.port, idle=True)
+    )
     assert d.proc is not None
     d.proc.send_signal(signal.SIGHUP)
     d.wait_for("sklep pulled after the reload", lambda: inbox(d) == 7, 20)
