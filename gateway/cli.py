@@ -226,6 +226,55 @@ def cmd_mailboxes(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_queue(config: Config, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from storage import queue
+
+    async def go() -> int:
+        db = await open_for_reading(config)
+        try:
+            if args.queue_command == "list":
+                async with db.read() as s:
+                    rows = await queue.listing(s, args.tenant)
+                out = [
+                    {
+                        "id": row.id,
+                        "tenant": row.tenant_id,
+                        "mail_from": row.mail_from,
+                        "recipients": " ".join(f"{r.address}({r.state})" for r in rcpts),
+                        "size": row.size,
+                        "created": row.created_at.isoformat(timespec="seconds"),
+                        "attempts": row.attempts,
+                        "next_attempt": row.next_attempt_at.isoformat(timespec="seconds"),
+                        "last_error": row.last_error,
+                    }
+                    for row, rcpts in rows
+                ]
+                columns = ["id", "tenant", "mail_from", "recipients", "size", "created", "attempts"]
+                print_rows(out, [*columns, "next_attempt", "last_error"], args.format)
+                return EXIT_OK
+            async with db.write() as s:
+                if args.queue_command == "retry":
+                    found = await queue.retry_now(s, args.id, datetime.now(UTC))
+                else:
+                    found = await queue.drop(s, args.id)
+        finally:
+            await db.close()
+        if not found:
+            print(f"error: no queued message {args.id}", file=sys.stderr)
+            return EXIT_ERROR
+        verb = (
+            "due now (the running daemon sends it within seconds)"
+            if args.queue_command == "retry"
+            else "dropped"
+        )
+        print(f"message {args.id}: {verb}")
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -265,6 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tenant")
     m.add_argument("--format", choices=["table", "json"], default="table")
     m.set_defaults(func=cmd_mailboxes)
+    q = sub.add_parser("queue", help="the outbound relay queue").add_subparsers(
+        dest="queue_command", required=True
+    )
+    ql = q.add_parser("list", help="queued messages with their recipients' state")
+    ql.add_argument("--tenant")
+    ql.add_argument("--format", choices=["table", "json"], default="table")
+    ql.set_defaults(func=cmd_queue)
+    for verb, text in (("retry", "make a message due now"), ("drop", "remove a message without sending it")):
+        qv = q.add_parser(verb, help=text)
+        qv.add_argument("id", type=int)
+        qv.set_defaults(func=cmd_queue)
     return p
 
 

@@ -27,6 +27,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     PrivateAttr,
     SecretStr,
     ValidationError,
@@ -236,6 +237,8 @@ class SMTPRelaySection(SecretRef):
     password_env: str | None = None
     from_: Address | None = Field(None, alias="from")
     ca_file: Path | None = None
+    # Send the password over a connection without TLS to a non-loopback host.
+    allow_plaintext_auth: bool = False
 
     @field_validator("ca_file", "password_file", mode="before")
     @classmethod
@@ -416,6 +419,8 @@ class TenantSection(_Model):
     max_message_size: Size = 20 * 10**6
     max_attachments: int = Field(3, ge=0)
     collision: Literal["hold", "warn", "off"] = "hold"
+    # Mail servers in these networks may relay through the smtp listener without AUTH.
+    trusted_networks: tuple[IPvAnyNetwork, ...] = ()
     smtp: SMTPRelaySection | None = None
     agents: tuple[AgentSection, ...] = ()
     folders: tuple[FolderSection, ...] = ()
@@ -450,12 +455,31 @@ class TenantSection(_Model):
         return address.rpartition("@")[2] in self.domains
 
 
+class QueueSection(_Model):
+    """The outbound relay queue: when to retry, when to give up."""
+
+    retry: tuple[Duration, ...] = tuple(
+        timedelta(seconds=x) for x in (60, 300, 900, 1800, 3600, 7200)
+    )  # the last interval repeats
+    lifetime: Duration = timedelta(days=5)
+    delay_notice: Duration = timedelta(hours=4)
+    concurrency: int = Field(4, ge=1, le=100)  # deliveries in flight per tenant
+
+    @field_validator("retry")
+    @classmethod
+    def _not_empty(cls, v: tuple[timedelta, ...]) -> tuple[timedelta, ...]:
+        if not v:
+            raise ValueError("give at least one retry interval")
+        return v
+
+
 class Config(_Model):
     gateway: GatewaySection = GatewaySection()
     listen: ListenSection = ListenSection()
     tls: TLSSection = TLSSection()
     retention: RetentionSection = RetentionSection()
     snapshots: SnapshotsSection = SnapshotsSection()
+    queue: QueueSection = QueueSection()
     tenants: tuple[TenantSection, ...] = ()
 
     @model_validator(mode="after")
@@ -492,6 +516,14 @@ class Config(_Model):
             if t.id == tenant_id:
                 return t
         raise KeyError(f"no tenant {tenant_id!r} in the configuration")
+
+    def tenant_for_address(self, address: str) -> TenantSection | None:
+        """The tenant owning an address: its ``smtp.from`` or any address at its domains."""
+        address = address.lower()
+        for t in self.tenants:
+            if address.rpartition("@")[2] in t.domains or (t.smtp is not None and t.smtp.from_ == address):
+                return t
+        return None
 
     def tenant_for_domain(self, domain: str) -> TenantSection | None:
         """The tenant owning ``domain`` (lower-case), if any."""

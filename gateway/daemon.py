@@ -10,6 +10,7 @@ configuration; an invalid one is refused and the old one stays in force.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from gateway.imap.server import IMAPServer
 from gateway.ingest import Pipeline
 from gateway.notify import Changes
 from gateway.pull.manager import PullManager
+from gateway.relay.worker import RelayWorker
+from gateway.smtp.outbox import Outbox
 from gateway.smtp.server import RelayServer
 from gateway.tls import server_context
 from storage.blobs import BlobStore
@@ -31,7 +34,7 @@ from storage.migrate import migrate
 log = structlog.get_logger(__name__)
 
 # Listeners whose front-ends are not built yet: configured, they are only logged.
-_PLANNED = ("submission", "submissions", "metrics")
+_PLANNED = ("metrics",)
 
 
 def tenant_specs(config: Config) -> list[TenantSpec]:
@@ -71,8 +74,10 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.stopping = asyncio.Event()
-        self.smtp: RelayServer | None = None
+        self.smtp: list[RelayServer] = []
         self.imap: list[IMAPServer] = []
+        self.relay: RelayWorker | None = None
+        self._relay_task: asyncio.Task[None] | None = None
         self.pull: PullManager | None = None
         self.db: Database | None = None
 
@@ -90,10 +95,29 @@ class Daemon:
         self.pull = PullManager(self.current_config, pipeline, self.db)
         self.pull.apply(self.config)
         listen = self.config.listen
-        if listen.smtp:
-            self.smtp = RelayServer(self.current_config, pipeline, tls=tls)
-            await self.smtp.start(*split_hostport(listen.smtp))
-            log.info("listener.started", listener="smtp", address=listen.smtp, port=self.smtp.port)
+        self.relay = RelayWorker(self.current_config, self.db, blobs, pipeline)
+        self._relay_task = asyncio.create_task(self.relay.run(), name="relay")
+        outbox = Outbox(self.db, blobs, changes, self.relay.wake.set)
+        for name, submission, implicit in (
+            ("smtp", False, False),
+            ("submission", True, False),
+            ("submissions", True, True),
+        ):
+            address = getattr(listen, name)
+            if not address:
+                continue
+            smtp = RelayServer(
+                self.current_config,
+                pipeline,
+                tls=tls,
+                outbox=outbox,
+                auth=auth,
+                submission=submission,
+                implicit_tls=implicit,
+            )
+            await smtp.start(*split_hostport(address))
+            self.smtp.append(smtp)
+            log.info("listener.started", listener=name, address=address, port=smtp.port)
         for name, implicit in (("imap", False), ("imaps", True)):
             address = getattr(listen, name)
             if not address:
@@ -126,12 +150,18 @@ class Daemon:
 
     async def stop(self) -> None:
         """Drain and close everything, in reverse order of start."""
-        if self.smtp is not None:
-            await self.smtp.stop()
+        for smtp in self.smtp:
+            await smtp.stop()
         for server in self.imap:
             await server.stop()
         if self.pull is not None:
             await self.pull.stop()
+        if self._relay_task is not None:
+            self._relay_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._relay_task
+        if self.relay is not None:
+            await self.relay.drain()
         if self.db is not None:
             await self.db.close()
 

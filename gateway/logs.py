@@ -48,5 +48,5 @@ def configure(*, json: bool | None = None, level: str = "info") -> None:
     logging.basicConfig(
         stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    # aiosmtpd logs message lines and AUTH exchanges at DEBUG/INFO: keep it quiet.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiosmtpd logs message lines and AUTH exchanges at DEBUG/INFO, and nags at WARNING.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -211,6 +212,11 @@ class Outbound(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # The customer message this answers (for collision detection), if any.
+    original_id: Mapped[int | None] = mapped_column(
+        ForeignKey("messages.id", ondelete="SET NULL"), index=True
+    )
+    delay_notified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class OutboundRecipient(Base):

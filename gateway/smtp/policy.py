@@ -6,6 +6,8 @@ Replies are the contract strings of DESIGN.md section 6.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import re
 from datetime import datetime
 from email.utils import format_datetime
@@ -81,3 +83,21 @@ def received_header(
         f"\tby {_clean(hostname)} (mailgate) with {protocol} id {queue_id}"
         f"{for_clause}; {format_datetime(now)}\r\n"
     ).encode("ascii")
+
+
+SENDER_NOT_OWNED = "553 5.7.1 <{addr}>: Sender address not owned by your account"
+TOO_MANY_ATTACHMENTS = "552 5.3.4 Too many attachments: {count}, the limit is {limit}"
+COLLISION = "450 4.7.1 Collision: {who} already answered this customer at {when}; your reply was not sent"
+
+
+def count_attachments(raw: bytes) -> int:
+    """MIME parts with a file name or ``Content-Disposition: attachment``."""
+    message = email.message_from_bytes(raw, policy=email.policy.compat32)
+    count = 0
+    for part in message.walk():
+        if part.is_multipart():
+            continue
+        disposition = (part.get("Content-Disposition") or "").split(";", 1)[0].strip().lower()
+        if disposition == "attachment" or part.get_filename() or part.get_param("name"):
+            count += 1
+    return count

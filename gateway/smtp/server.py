@@ -10,6 +10,9 @@ the client.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import ipaddress
 import secrets
 import socket
 import ssl
@@ -20,11 +23,13 @@ from datetime import UTC, datetime
 from typing import Any, AnyStr
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
+from gateway.auth import Authenticator, Identity
 from gateway.config import Config, TenantSection
 from gateway.ingest import Delivery, Pipeline
 from gateway.smtp import policy
+from gateway.smtp.outbox import Outbox
 from storage.errors import StoreError
 
 log = structlog.get_logger(__name__)
@@ -103,6 +108,10 @@ class MailgateSMTP(SMTP):
         ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         if self._gate.admit(ip):
             self._admitted_ip = ip
+            # AUTH before TLS only from this machine (aiosmtpd keeps these per connection).
+            if _loopback(ip) and getattr(self.event_handler, "auth", None) is not None:
+                self._auth_require_tls = False
+                self.require_starttls = False
             return
         # Refuse before the greeting task gets to speak.
         log.warning("smtp.too_many_connections", peer=ip)
@@ -128,25 +137,127 @@ class MailgateSMTP(SMTP):
 
 
 class RelayHandler:
-    """aiosmtpd handler: recipient policy and delivery for relay-in."""
+    """aiosmtpd handler for the ``smtp`` (relay-in) and submission listeners.
 
-    def __init__(self, config: Callable[[], Config], pipeline: Pipeline, limits: Limits) -> None:
+    On ``smtp``, mail for the tenants' domains is delivered through the ingest
+    pipeline; mail for other domains is relayed only for a client that
+    authenticated as one of a tenant's agents or connects from a tenant's
+    ``trusted_networks``, and only with a sender address that tenant owns
+    (no open relay, ever). On submission, AUTH is required and every
+    recipient is relayed.
+    """
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        pipeline: Pipeline,
+        limits: Limits,
+        *,
+        outbox: Outbox | None = None,
+        auth: Authenticator | None = None,
+        submission: bool = False,
+    ) -> None:
         self.config = config
         self.pipeline = pipeline
         self.limits = limits
+        self.outbox = outbox
+        self.auth = auth
+        self.submission = submission
         self.inflight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+
+    # ------------------------------------------------------------------ AUTH
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            response = await server.challenge_auth("")
+            if response is MISSING:
+                return AuthResult(success=False, handled=False)
+        else:
+            try:
+                response = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                return AuthResult(success=False, handled=False)
+        parts = bytes(response).split(b"\0")
+        if len(parts) != 3:
+            return AuthResult(success=False, handled=False)
+        return await self._verify(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        try:
+            if len(args) == 1:
+                login = await server.challenge_auth(server.AuthLoginUsernameChallenge)
+            else:
+                login = base64.b64decode(args[1], validate=True)
+        except binascii.Error:
+            return AuthResult(success=False, handled=False)
+        if login is MISSING:
+            return AuthResult(success=False, handled=False)
+        password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False, handled=False)
+        return await self._verify(server, bytes(login), bytes(password))
+
+    async def _verify(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
+        if self.auth is None or server.session is None:
+            return AuthResult(success=False, handled=False)
+        identity = await self.auth.verify(
+            login.decode("utf-8", "replace"), password.decode("utf-8", "replace"), _peer(server.session)
+        )
+        if identity is None:
+            # handled=False: aiosmtpd then answers 535 (handled=True would leave the client waiting).
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, auth_data=identity)
+
+    # ------------------------------------------------------------------ envelope
+
+    def relay_tenant(self, session: Session) -> TenantSection | None:
+        """The tenant this client may relay for: by its AUTH, or by its trusted network."""
+        config = self.config()
+        identity = session.auth_data if session.authenticated else None
+        if isinstance(identity, Identity):
+            return next((t for t in config.tenants if t.id == identity.tenant_id), None)
+        try:
+            ip = ipaddress.ip_address(_peer(session))
+        except ValueError:
+            return None
+        return next((t for t in config.tenants if any(ip in n for n in t.trusted_networks)), None)
+
+    def owns_sender(self, tenant: TenantSection, address: str) -> bool:
+        """Whether ``address`` is one the tenant may send as."""
+        owner = self.config().tenant_for_address(address) if address else None
+        return owner is not None and owner.id == tenant.id
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        # An agent always sends as its tenant; a trusted server only when it relays
+        # outward, which RCPT decides.
+        if session.authenticated or self.submission:
+            tenant = self.relay_tenant(session)
+            if tenant is None or not self.owns_sender(tenant, address):
+                return policy.SENDER_NOT_OWNED.format(addr=address)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
         if len(envelope.rcpt_tos) >= self.limits.recipients:
             return policy.TOO_MANY_RECIPIENTS
-        routed = policy.route_recipient(self.config(), address, policy.declared_size(envelope.mail_options))
-        if isinstance(routed, str):
-            log.info("smtp.rcpt_refused", peer=_peer(session), rcpt=address, reply=routed[:9])
-            return routed
+        if not self.submission:
+            routed = policy.route_recipient(
+                self.config(), address, policy.declared_size(envelope.mail_options)
+            )
+            if isinstance(routed, str) and not (
+                routed.startswith("554 5.7.1") and self.relay_tenant(session) is not None
+            ):
+                log.info("smtp.rcpt_refused", peer=_peer(session), rcpt=address, reply=routed[:9])
+                return routed
+        elif "@" not in address:
+            return policy.BAD_ADDRESS
         envelope.rcpt_tos.append(address.lower())
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
@@ -155,7 +266,7 @@ class RelayHandler:
         self.inflight += 1
         self.idle.clear()
         try:
-            return await self._data(server, session, envelope)
+            return await self._data(session, envelope)
         except StoreError as exc:
             log.warning("smtp.store_error", peer=_peer(session), error=str(exc))
             return exc.smtp_reply
@@ -167,25 +278,35 @@ class RelayHandler:
             if self.inflight == 0:
                 self.idle.set()
 
-    async def _data(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    async def _data(self, session: Session, envelope: Envelope) -> str:
         data: bytes = envelope.original_content or b""
         queue_id = secrets.token_hex(6)
         if policy.has_bare_newline(data):
             log.warning("smtp.bare_newline", peer=_peer(session), queue_id=queue_id)
             return policy.BARE_NEWLINE
         config = self.config()
-        by_tenant: dict[str, tuple[TenantSection, list[str]]] = {}
+        local: dict[str, tuple[TenantSection, list[str]]] = {}
+        foreign: list[str] = []
         for rcpt in envelope.rcpt_tos:
-            routed = policy.route_recipient(config, rcpt, None)
-            if isinstance(routed, str):  # the configuration changed since RCPT
-                return policy.TEMPFAIL
-            by_tenant.setdefault(routed.id, (routed, []))[1].append(rcpt)
-        for tenant, _ in by_tenant.values():
+            routed = None if self.submission else policy.route_recipient(config, rcpt, None)
+            if isinstance(routed, TenantSection):
+                local.setdefault(routed.id, (routed, []))[1].append(rcpt)
+            else:
+                foreign.append(rcpt)
+        relaying = self.relay_tenant(session) if foreign else None
+        if foreign and (relaying is None or self.outbox is None):
+            return policy.TEMPFAIL  # the configuration changed since RCPT
+        for tenant, _ in local.values():
             if len(data) > tenant.max_message_size:
                 return policy.TOO_BIG.format(limit=tenant.max_message_size)
+        if relaying is not None and self.outbox is not None:
+            identity = session.auth_data if isinstance(session.auth_data, Identity) else None
+            reply = await self.outbox.submit(relaying, identity, envelope.mail_from or "", foreign, data)
+            if not reply.startswith("250"):
+                return reply
         now = datetime.now(UTC)
-        protocol = "ESMTPS" if session.ssl else "ESMTP"
-        for tenant, rcpts in by_tenant.values():
+        protocol = "ESMTP" + ("S" if session.ssl else "") + ("A" if session.authenticated else "")
+        for tenant, rcpts in local.values():
             trace = policy.received_header(
                 helo=session.host_name,
                 peer_ip=_peer(session),
@@ -203,8 +324,9 @@ class RelayHandler:
             queue_id=queue_id,
             mail_from=envelope.mail_from,
             rcpts=len(envelope.rcpt_tos),
+            relayed=len(foreign),
             size=len(data),
-            tenants=sorted(by_tenant),
+            tenants=sorted(local),
         )
         return f"{policy.OK} queued as {queue_id}"
 
@@ -218,8 +340,15 @@ def _peer(session: Session) -> str:
     return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
+def _loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
 class RelayServer:
-    """The relay-in listener: binds, limits connections, drains on stop."""
+    """An SMTP listener (``smtp``, ``submission`` or ``submissions``): binds, limits, drains."""
 
     def __init__(
         self,
@@ -228,12 +357,20 @@ class RelayServer:
         *,
         tls: ssl.SSLContext | None = None,
         limits: Limits | None = None,
+        outbox: Outbox | None = None,
+        auth: Authenticator | None = None,
+        submission: bool = False,
+        implicit_tls: bool = False,
     ) -> None:
         self.config = config
         self.limits = limits or Limits()
-        self.handler = RelayHandler(config, pipeline, self.limits)
+        self.handler = RelayHandler(
+            config, pipeline, self.limits, outbox=outbox, auth=auth, submission=submission
+        )
         self.gate = ConnectionGate(self.limits)
         self.tls = tls
+        self.submission = submission
+        self.implicit_tls = implicit_tls
         self._server: asyncio.Server | None = None
         self._protocols: weakref.WeakSet[MailgateSMTP] = weakref.WeakSet()
 
@@ -246,7 +383,11 @@ class RelayServer:
             ident="mailgate ESMTP",
             data_size_limit=max((t.max_message_size for t in config.tenants), default=10**6),
             enable_SMTPUTF8=True,
-            tls_context=self.tls,
+            tls_context=None if self.implicit_tls else self.tls,
+            require_starttls=self.submission and not self.implicit_tls,
+            auth_required=self.submission,
+            auth_require_tls=not self.implicit_tls,
+            auth_exclude_mechanism=[] if self.handler.auth is not None else ["PLAIN", "LOGIN"],
             timeout=self.limits.idle_timeout,
             command_call_limit={"*": self.limits.commands},
         )
@@ -256,12 +397,16 @@ class RelayServer:
     async def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (port 0 picks a free one)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._factory, host, port, reuse_address=True)
+        self._server = await loop.create_server(
+            self._factory, host, port, reuse_address=True, ssl=self.tls if self.implicit_tls else None
+        )
 
     async def start_on_socket(self, sock: socket.socket) -> None:
         """Listen on an inherited socket (systemd socket activation)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._factory, sock=sock)
+        self._server = await loop.create_server(
+            self._factory, sock=sock, ssl=self.tls if self.implicit_tls else None
+        )
 
     @property
     def port(self) -> int:
@@ -281,6 +426,5 @@ class RelayServer:
         for proto in list(self._protocols):
             if proto.transport is not None:
                 proto.transport.close()
-        self._protocols.clear()
         if self._server is not None:
             await self._server.wait_closed()

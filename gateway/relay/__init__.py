@@ -1,0 +1,1 @@
+"""The outbound relay: the durable queue's worker and delivery status notifications."""
