@@ -275,6 +275,128 @@ def cmd_queue(config: Config, args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def _progress(label: str) -> Any:
+    """A one-line progress bar on a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="", file=sys.stderr)
+        if done >= total:
+            print(file=sys.stderr)
+
+    return show
+
+
+async def _maintenance(config: Config) -> Any:
+    """Database (migrated), blobs and a scheduler, for maintenance commands."""
+    from gateway.daemon import open_store
+    from gateway.ingest import Pipeline
+    from gateway.scheduler import Scheduler
+
+    db, blobs = await open_store(config)
+    return db, Scheduler(lambda: config, db, blobs, Pipeline(db, blobs))
+
+
+def cmd_purge_spam(config: Config, args: argparse.Namespace) -> int:
+    async def go() -> Any:
+        db, scheduler = await _maintenance(config)
+        try:
+            return await scheduler.purge_spam(dry_run=args.dry_run)
+        finally:
+            await db.close()
+
+    report = asyncio.run(go())
+    verb = "would delete" if args.dry_run else "deleted"
+    rows = [
+        {"tenant": t, "messages": report.messages[t], "bytes": report.bytes[t]}
+        for t in sorted(report.messages)
+    ]
+    total = sum(report.messages.values())
+    print(f"spam older than {config.retention.spam_days} days: {verb} {total} message(s)")
+    if rows:
+        print_rows(rows, ["tenant", "messages", "bytes"], "table")
+    return EXIT_OK
+
+
+def cmd_snapshot(config: Config, args: argparse.Namespace) -> int:
+    from storage import snapshots
+
+    directory = config.snapshots.dir
+    if args.snapshot_command == "list":
+        rows = [
+            {
+                "name": i.name,
+                "created": i.created_at.isoformat(timespec="seconds"),
+                "messages": i.messages,
+                "bytes": i.bytes,
+                "tenants": i.tenants,
+            }
+            for i in snapshots.listing(directory)
+        ]
+        print_rows(rows, ["name", "created", "messages", "bytes", "tenants"], args.format)
+        return EXIT_OK
+    if args.snapshot_command == "verify":
+        names = [args.name] if args.name else [i.name for i in snapshots.listing(directory)]
+        bad = 0
+        for name in names:
+            problems = snapshots.verify(directory / name, _progress(f"verify {name}"))
+            print(f"{name}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+            for p in problems:
+                print(f"  {p}")
+            bad += bool(problems)
+        return EXIT_ERROR if bad or not names else EXIT_OK
+
+    async def go() -> Any:
+        db, scheduler = await _maintenance(config)
+        try:
+            return await scheduler.snapshot()
+        finally:
+            await db.close()
+
+    info = asyncio.run(go())
+    print(f"snapshot {info.name}: {info.messages} message(s), {info.bytes} bytes, in {info.path}")
+    return EXIT_OK
+
+
+def cmd_restore(config: Config, args: argparse.Namespace) -> int:
+    from gateway.ingest import with_structures
+    from storage import snapshots
+
+    config.tenant(args.tenant)
+    path = config.snapshots.dir / args.snapshot
+    if not (path / "manifest.json").exists():
+        print(f"error: no snapshot {args.snapshot!r} in {config.snapshots.dir}", file=sys.stderr)
+        return EXIT_ERROR
+
+    async def go() -> Any:
+        db, scheduler = await _maintenance(config)
+        try:
+            return await snapshots.restore(
+                db,
+                scheduler.blobs,
+                path,
+                tenant_id=args.tenant,
+                folder=args.folder,
+                message_id=args.message_id,
+                in_place=args.in_place,
+                describe=with_structures,
+                progress=_progress("restore"),
+            )
+        finally:
+            await db.close()
+
+    report = asyncio.run(go())
+    where = "their original folders" if args.in_place else f"Restored/{args.snapshot[:8]}/..."
+    print(
+        f"restored {report.restored} message(s) into {where}; "
+        f"{report.skipped} already present, skipped; {report.folders} folder(s)"
+    )
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -325,6 +447,28 @@ def build_parser() -> argparse.ArgumentParser:
         qv = q.add_parser(verb, help=text)
         qv.add_argument("id", type=int)
         qv.set_defaults(func=cmd_queue)
+    ps = sub.add_parser("purge-spam", help="delete spam older than retention.spam_days now")
+    ps.add_argument("--dry-run", action="store_true", help="report what would be deleted")
+    ps.set_defaults(func=cmd_purge_spam)
+    sn = sub.add_parser("snapshot", help="snapshots of all mail").add_subparsers(
+        dest="snapshot_command", required=True
+    )
+    sn.add_parser("create", help="take a snapshot now").set_defaults(func=cmd_snapshot)
+    sl = sn.add_parser("list", help="snapshots, newest first")
+    sl.add_argument("--format", choices=["table", "json"], default="table")
+    sl.set_defaults(func=cmd_snapshot)
+    sv = sn.add_parser("verify", help="check every blob's hash and the metadata")
+    sv.add_argument("name", nargs="?", help="one snapshot (default: all)")
+    sv.set_defaults(func=cmd_snapshot)
+    r = sub.add_parser("restore", help="copy mail back from a snapshot, additively")
+    r.add_argument("--snapshot", required=True)
+    r.add_argument("--tenant", required=True)
+    r.add_argument("--folder")
+    r.add_argument("--message-id")
+    r.add_argument(
+        "--in-place", action="store_true", help="into the original folders, skipping what is there"
+    )
+    r.set_defaults(func=cmd_restore)
     return p
 
 

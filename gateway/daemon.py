@@ -23,6 +23,7 @@ from gateway.ingest import Pipeline
 from gateway.notify import Changes
 from gateway.pull.manager import PullManager
 from gateway.relay.worker import RelayWorker
+from gateway.scheduler import Scheduler
 from gateway.smtp.outbox import Outbox
 from gateway.smtp.server import RelayServer
 from gateway.tls import server_context
@@ -77,7 +78,8 @@ class Daemon:
         self.smtp: list[RelayServer] = []
         self.imap: list[IMAPServer] = []
         self.relay: RelayWorker | None = None
-        self._relay_task: asyncio.Task[None] | None = None
+        self.scheduler: Scheduler | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.pull: PullManager | None = None
         self.db: Database | None = None
 
@@ -96,7 +98,11 @@ class Daemon:
         self.pull.apply(self.config)
         listen = self.config.listen
         self.relay = RelayWorker(self.current_config, self.db, blobs, pipeline)
-        self._relay_task = asyncio.create_task(self.relay.run(), name="relay")
+        self.scheduler = Scheduler(self.current_config, self.db, blobs, pipeline)
+        self._tasks = [
+            asyncio.create_task(self.relay.run(), name="relay"),
+            asyncio.create_task(self.scheduler.run(), name="scheduler"),
+        ]
         outbox = Outbox(self.db, blobs, changes, self.relay.wake.set)
         for name, submission, implicit in (
             ("smtp", False, False),
@@ -156,10 +162,11 @@ class Daemon:
             await server.stop()
         if self.pull is not None:
             await self.pull.stop()
-        if self._relay_task is not None:
-            self._relay_task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._relay_task
+                await task
         if self.relay is not None:
             await self.relay.drain()
         if self.db is not None:

@@ -25,6 +25,7 @@ bad message never fails its neighbours.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -36,6 +37,7 @@ from sqlalchemy import bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+import quotas
 import rules
 from gateway.config import TenantSection
 from gateway.imap import mime
@@ -63,6 +65,7 @@ class Delivery:
     default_folder: str = mailstore.INBOX  # where mail goes when no rule picks a folder
     spam: bool = False  # the source already knows it is spam (upstream Junk)
     received_at: datetime | None = None
+    system: bool = False  # our own notice (quota warning, DSN): stored even over quota
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +167,7 @@ def describe(
 
     Parses the MIME structure once (CPU-heavy on big messages: call it in a thread).
     """
-    return mailstore.NewMessage(
+    message = mailstore.NewMessage(
         blob=digest,
         size=len(raw),
         received_at=received_at,
@@ -177,6 +180,14 @@ def describe(
         to_addr=", ".join(headers.to_addrs),
         sent_date=headers.date,
         flags=flags,
+    )
+    return with_structures(raw, message)
+
+
+def with_structures(raw: bytes, message: mailstore.NewMessage) -> mailstore.NewMessage:
+    """``message`` with its IMAP ENVELOPE, BODYSTRUCTURE and BODY computed from ``raw``."""
+    return dataclasses.replace(
+        message,
         envelope=mime.envelope(raw),
         bodystructure=mime.bodystructure(raw, extensible=True),
         body=mime.bodystructure(raw, extensible=False),
@@ -373,6 +384,9 @@ class Pipeline:
         by_id = {f.id: f for f in folders.values()}
         for folder_id, indexes in groups.items():
             folder = by_id[folder_id]
+            await quotas.check(
+                s, folder, sum(items[n][1].raw_size for n in indexes if not items[n][1].delivery.system)
+            )
             stored = await mailstore.append(s, folder, [items[n][1].message for n in indexes])
             for n, st in zip(indexes, stored, strict=True):
                 outcomes[n] = Outcome(tenant.id, folder.name, st.uid, False, items[n][1].verdict, folder.id)

@@ -36,7 +36,13 @@ class BlobStore:
         digest = hashlib.sha256(data).hexdigest()
         final = self.path(digest)
         if final.exists():
-            return digest
+            # Touch it: garbage collection spares blobs used recently (see retention).
+            try:
+                os.utime(final)
+            except FileNotFoundError:
+                pass
+            else:
+                return digest
         self._tmp.mkdir(parents=True, exist_ok=True)
         if not final.parent.exists():
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +68,17 @@ class BlobStore:
     def exists(self, digest: str) -> bool:
         """True when the blob is present."""
         return self.path(digest).exists()
+
+    def age(self, digest: str, now: float) -> float | None:
+        """Seconds since the blob was last written or reused, None if absent."""
+        try:
+            return now - self.path(digest).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def delete(self, digest: str) -> None:
+        """Remove a blob (garbage collection only)."""
+        self.path(digest).unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -258,3 +258,14 @@ class UpstreamFolder(Base):
     folder: Mapped[str] = mapped_column(String(255), primary_key=True)
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class QuotaNotice(Base):
+    """The warning level last reported for a quota root (``folder`` "" is the tenant)."""
+
+    __tablename__ = "quota_notices"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    folder: Mapped[str] = mapped_column(String(255), primary_key=True)
+    level: Mapped[int] = mapped_column(Integer, default=0)
+    notified_at: Mapped[datetime] = mapped_column()

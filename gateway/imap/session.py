@@ -31,6 +31,7 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+import quotas
 from gateway.auth import Authenticator, Identity
 from gateway.config import Config
 from gateway.imap import commands as c
@@ -462,6 +463,7 @@ class Session:
             folder = await mailstore.get_folder(s, self.tenant_id, cmd.mailbox)
             if folder is None or not self.visible(folder.name):
                 raise No(f"no folder {cmd.mailbox}", "TRYCREATE")
+            await quotas.check(s, folder, len(raw))
             (stored,) = await mailstore.append(s, folder, [message])
         self.changes.publish([folder.id])
         return f"[APPENDUID {folder.uidvalidity} {stored.uid}] APPEND completed"
@@ -601,7 +603,7 @@ class Session:
             if name == "UID":
                 items.append(b"UID %d" % row.uid)
             elif name == "FLAGS":
-                items.append(b"FLAGS " + wire.flags(join_flags(row.sysflags, row.keywords)))
+                items.append(b"FLAGS " + _flag_list(row.sysflags, row.keywords))
             elif name == "INTERNALDATE":
                 items.append(b"INTERNALDATE " + wire.date_time(row.internal_date))
             elif name == "RFC822.SIZE":
@@ -660,7 +662,7 @@ class Session:
                     continue
                 parts = [b"UID %d" % r.uid] if cmd.uid else []
                 if not cmd.silent:
-                    parts.append(b"FLAGS " + wire.flags(join_flags(r.sysflags, r.keywords)))
+                    parts.append(b"FLAGS " + _flag_list(r.sysflags, r.keywords))
                 if self.condstore:
                     parts.append(b"MODSEQ (%d)" % r.modseq)
                 self.untagged(b"%d FETCH (" % seq + b" ".join(parts) + b")")
@@ -681,6 +683,17 @@ class Session:
             if target is None or not self.visible(target.name):
                 raise No(f"no folder {cmd.mailbox}", "TRYCREATE")
             source = await self._selected_folder(s)
+            size = await s.scalar(
+                select(func.coalesce(func.sum(Message.size), 0)).where(
+                    Message.folder_id == source.id, Message.uid.in_(uids)
+                )
+            )
+            # A move between two counted folders does not grow the tenant's usage;
+            # a move out of Spam does.
+            counted_before = move and source.special_use != quotas.JUNK
+            await quotas.check(
+                s, target, int(size or 0), tenant_adding=0 if counted_before else int(size or 0)
+            )
             pairs = await (mailstore.move if move else mailstore.copy)(s, source, uids, target)
         self.changes.publish([view.folder_id, target.id])
         if not pairs:
@@ -759,7 +772,7 @@ class Session:
             seq = view.seq(r.uid)
             if seq is None or r.uid in view.gone:
                 continue
-            parts = [b"UID %d" % r.uid, b"FLAGS " + wire.flags(join_flags(r.sysflags, r.keywords))]
+            parts = [b"UID %d" % r.uid, b"FLAGS " + _flag_list(r.sysflags, r.keywords)]
             if self.condstore:
                 parts.append(b"MODSEQ (%d)" % r.modseq)
             self.untagged(b"%d FETCH (" % seq + b" ".join(parts) + b")")
@@ -780,6 +793,16 @@ def _pattern(pattern: str) -> re.Pattern[str]:
     if pattern.upper() == "INBOX":
         return re.compile("INBOX")
     return re.compile(out)
+
+
+# System flags in RFC 3501's order (Dovecot's too: FLAGS answers are diffed against it), then keywords.
+_FLAG_ORDER = {"\\Answered": 0, "\\Flagged": 1, "\\Deleted": 2, "\\Seen": 3, "\\Draft": 4}
+
+
+def _flag_list(sysflags: int, keywords: str) -> bytes:
+    """A stored message's FLAGS value (the sort is stable: keywords keep their order)."""
+    names = sorted(join_flags(sysflags, keywords), key=lambda n: _FLAG_ORDER.get(n, len(_FLAG_ORDER)))
+    return wire.flags(names)
 
 
 def _seqset(numbers: Sequence[int]) -> bytes:

@@ -48,6 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.config import Config, MailboxSection
 from gateway.ingest import Delivery, Outcome, Pipeline
 from gateway.pull.imap_client import AuthFailed, UpstreamError, UpstreamIMAP
+from quotas import QuotaExceeded
 from storage import mailstore, upstream
 from storage.db import Database
 
@@ -157,6 +158,9 @@ class FolderPuller:
                 backoff = BACKOFF_MAX
             except UpstreamError as exc:
                 await self._failed("error", str(exc))
+            except QuotaExceeded as exc:
+                # Upstream mail stays where it is until space is freed.
+                await self._failed("over_quota", str(exc))
             delay = random.uniform(backoff / 2, backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
             await asyncio.sleep(delay)

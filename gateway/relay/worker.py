@@ -255,4 +255,6 @@ class RelayWorker:
             arrival=row.created_at,
             now=now,
         )
-        await self.pipeline.deliver(tenant, message, Delivery(source="dsn", recipients=(mail_from,)))
+        await self.pipeline.deliver(
+            tenant, message, Delivery(source="dsn", recipients=(mail_from,), system=True)
+        )

@@ -28,6 +28,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+import quotas
 from gateway.auth import Identity
 from gateway.config import TenantSection
 from gateway.ingest import describe
@@ -109,6 +110,11 @@ class Outbox:
             )
             sent = await mailstore.special_folder(s, tenant.id, "\\Sent")
             if sent is not None:
+                # Refusing to send would be worse than going over quota: the copy is kept.
+                try:
+                    await quotas.check(s, sent, len(data))
+                except quotas.QuotaExceeded as exc:
+                    log.warning("outbox.sent_copy_over_quota", tenant=tenant.id, reason=str(exc))
                 await mailstore.append(s, sent, [sent_copy])
             if identity is not None and original is not None:
                 await self._answered(s, tenant.id, identity, original, now, collision is not None)

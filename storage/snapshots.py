@@ -1,0 +1,358 @@
+"""Point-in-time snapshots of all tenants' mail, and additive restore from them.
+
+Theory of operation
+-------------------
+A snapshot is a directory that stands on its own: ``metadata.db`` (SQLite,
+the same schema, holding tenants, domains, agents, folders and messages),
+``blobs/`` (hard links to the immutable, content-addressed message files:
+no data is copied, and a snapshot survives the live blob's deletion), and
+``manifest.json``. It is readable without the live database, whichever
+engine the live one is.
+
+Consistency while the daemon runs: all rows are read in one repeatable-read
+transaction (SQLite WAL gives every transaction a snapshot; PostgreSQL is
+asked for REPEATABLE READ), so the copy is one instant. Blobs are written
+before the rows that name them are committed, so every row read has its
+blob; the maintenance lock keeps blob garbage collection out while the links
+are made. The directory is built under a temporary name and renamed when
+complete: a crashed snapshot never looks like one.
+
+Restore copies messages from a snapshot into the live store additively: by
+default into ``Restored/<date>/<folder>``, or with ``in_place`` into the
+original folders. A message already present in the target folder (same
+blob, same Message-ID) is skipped, so restoring twice never duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage import mailstore
+from storage.blobs import BlobStore
+from storage.db import Database
+from storage.flags import join_flags
+from storage.models import Base, Folder, Message, Tenant
+
+CHUNK = 2000
+_TABLE_NAMES = ("tenants", "domains", "agents", "folders", "messages")
+# Not copied: recomputed from the blob on restore, and large.
+_SKIP = {"envelope", "bodystructure", "body"}
+NAME_FORMAT = "%Y%m%d-%H%M%S"
+
+
+@contextlib.asynccontextmanager
+async def maintenance_lock(data_dir: Path) -> AsyncIterator[None]:
+    """Exclusive across processes: snapshots and blob garbage collection never overlap."""
+    fd = await asyncio.to_thread(_open_lock, data_dir)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _open_lock(data_dir: Path) -> int:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return os.open(data_dir / "maintenance.lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """A snapshot on disk, from its manifest."""
+
+    name: str
+    path: Path
+    created_at: datetime
+    messages: int
+    bytes: int
+    tenants: int
+
+
+def _engine(path: Path) -> Engine:
+    return create_engine(f"sqlite:///{path}")
+
+
+@contextlib.asynccontextmanager
+async def _consistent(db: Database) -> AsyncIterator[AsyncSession]:
+    """A read transaction that sees one instant across all its statements."""
+    if db.is_sqlite:
+        async with db.read() as s:
+            yield s
+        return
+    async with db.reader.connect() as conn:
+        conn = await conn.execution_options(isolation_level="REPEATABLE READ")
+        async with AsyncSession(bind=conn) as s, s.begin():
+            yield s
+
+
+async def create(
+    db: Database, blobs: BlobStore, directory: Path, now: datetime, data_dir: Path
+) -> SnapshotInfo:
+    """Take a snapshot of everything into ``directory/<timestamp>``."""
+    name = now.astimezone(UTC).strftime(NAME_FORMAT)
+    final = directory / name
+    partial = directory / f".{name}.partial"
+    await asyncio.to_thread(_fresh_dir, partial)
+    engine = _engine(partial / "metadata.db")
+    tables = [Base.metadata.tables[n] for n in _TABLE_NAMES]
+    await asyncio.to_thread(Base.metadata.create_all, engine, tables)
+    messages = size = 0
+    async with maintenance_lock(data_dir), _consistent(db) as s:
+        for table in tables:
+            columns = [c for c in table.columns if c.name not in _SKIP]
+            result = await s.stream(select(*columns).order_by(*table.primary_key.columns))
+            async for chunk in result.mappings().partitions(CHUNK):
+                rows = [dict(r) for r in chunk]
+                await asyncio.to_thread(_write, engine, table, rows)
+                if table.name == "messages":
+                    messages += len(rows)
+                    size += sum(r["size"] for r in rows)
+                    await asyncio.to_thread(_link, blobs, partial / "blobs", {r["blob"] for r in rows})
+        tenants = int(await s.scalar(select(func.count()).select_from(Tenant)) or 0)
+    engine.dispose()
+    manifest = {
+        "name": name,
+        "created_at": now.isoformat(),
+        "messages": messages,
+        "bytes": size,
+        "tenants": tenants,
+    }
+    await asyncio.to_thread(_finish, partial, final, manifest)
+    return SnapshotInfo(name, final, now, messages, size, tenants)
+
+
+def _write(engine: Engine, table: Any, rows: list[dict[str, Any]]) -> None:
+    with engine.begin() as conn:
+        conn.execute(insert(table), rows)
+
+
+def _blob_path(root: Path, digest: str) -> Path:
+    return root / digest[:2] / digest[2:4] / digest
+
+
+def _link(blobs: BlobStore, root: Path, digests: set[str]) -> None:
+    for digest in digests:
+        target = _blob_path(root, digest)
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(blobs.path(digest), target)
+        except OSError:  # another file system: copy instead
+            shutil.copy2(blobs.path(digest), target)
+
+
+def _fresh_dir(partial: Path) -> None:
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "blobs").mkdir(parents=True)
+
+
+def _finish(partial: Path, final: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest, make everything durable, then give the snapshot its name."""
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    for path in (partial / "metadata.db", partial / "manifest.json", partial):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.replace(partial, final)
+
+
+def listing(directory: Path) -> list[SnapshotInfo]:
+    """Complete snapshots, newest first."""
+    out: list[SnapshotInfo] = []
+    if not directory.exists():
+        return out
+    for path in directory.iterdir():
+        manifest = path / "manifest.json"
+        if path.name.startswith(".") or not manifest.exists():
+            continue
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        created = datetime.fromisoformat(data["created_at"])
+        out.append(SnapshotInfo(path.name, path, created, data["messages"], data["bytes"], data["tenants"]))
+    return sorted(out, key=lambda i: i.name, reverse=True)
+
+
+def prune(directory: Path, keep: int) -> list[str]:
+    """Delete all but the ``keep`` newest snapshots; their names."""
+    old = listing(directory)[keep:]
+    for info in old:
+        shutil.rmtree(info.path)
+    return [i.name for i in old]
+
+
+def verify(path: Path, progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Problems found in a snapshot: every blob's hash, and the metadata against itself."""
+    problems: list[str] = []
+    engine = _engine(path / "metadata.db")
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(select(Message.id, Message.blob, Message.size, Message.folder_id)).all()
+            folders = {
+                r.id: r
+                for r in conn.execute(select(Folder.id, Folder.name, Folder.used_bytes, Folder.used_messages))
+            }
+    finally:
+        engine.dispose()
+    per_folder: dict[int, list[int]] = {}
+    for n, row in enumerate(rows, 1):
+        blob = _blob_path(path / "blobs", row.blob)
+        try:
+            data = blob.read_bytes()
+        except FileNotFoundError:
+            problems.append(f"message {row.id}: blob {row.blob} missing")
+            continue
+        if hashlib.sha256(data).hexdigest() != row.blob:
+            problems.append(f"message {row.id}: blob {row.blob} is corrupt")
+        if len(data) != row.size:
+            problems.append(f"message {row.id}: size {row.size} but blob has {len(data)} bytes")
+        if row.folder_id not in folders:
+            problems.append(f"message {row.id}: folder {row.folder_id} missing")
+        per_folder.setdefault(row.folder_id, [0, 0])
+        per_folder[row.folder_id][0] += row.size
+        per_folder[row.folder_id][1] += 1
+        if progress is not None:
+            progress(n, len(rows))
+    for folder_id, folder in folders.items():
+        used, count = per_folder.get(folder_id, [0, 0])
+        if (used, count) != (folder.used_bytes, folder.used_messages):
+            said = f"{folder.used_messages} messages / {folder.used_bytes} bytes"
+            problems.append(f"folder {folder.name!r}: counters say {said}, found {count} / {used}")
+    return problems
+
+
+# --------------------------------------------------------------------------- restore
+
+
+@dataclass
+class RestoreReport:
+    """What a restore did."""
+
+    restored: int = 0
+    skipped: int = 0
+    folders: int = 0
+
+
+def _snapshot_messages(
+    path: Path, tenant_id: str, folder: str | None, message_id: str | None
+) -> list[dict[str, Any]]:
+    engine = _engine(path / "metadata.db")
+    try:
+        with engine.connect() as conn:
+            query = (
+                select(Message, Folder.name.label("folder_name"))
+                .join(Folder, Folder.id == Message.folder_id)
+                .where(Message.tenant_id == tenant_id)
+                .order_by(Folder.name, Message.uid)
+            )
+            if folder is not None:
+                query = query.where(Folder.name == mailstore.canonical_name(folder))
+            if message_id is not None:
+                query = query.where(Message.message_id == message_id)
+            return [dict(r) for r in conn.execute(query).mappings()]
+    finally:
+        engine.dispose()
+
+
+def _chunks(items: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+async def restore(
+    db: Database,
+    blobs: BlobStore,
+    path: Path,
+    *,
+    tenant_id: str,
+    folder: str | None = None,
+    message_id: str | None = None,
+    in_place: bool = False,
+    describe: Callable[[bytes, mailstore.NewMessage], mailstore.NewMessage] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> RestoreReport:
+    """Copy messages from the snapshot at ``path`` into the live store, additively.
+
+    ``describe`` recomputes what the snapshot does not keep (IMAP structures)
+    from a message's bytes.
+    """
+    rows = await asyncio.to_thread(_snapshot_messages, path, tenant_id, folder, message_id)
+    report = RestoreReport()
+    prefix = f"Restored/{path.name[:8]}/"
+    seen_folders: set[str] = set()
+    done = 0
+    for chunk in _chunks(rows, 200):
+        async with db.write() as s:
+            for row in chunk:
+                target_name = row["folder_name"] if in_place else prefix + row["folder_name"]
+                target = await mailstore.get_folder(s, tenant_id, target_name)
+                if target is None:
+                    target = await _create_with_parents(s, tenant_id, target_name)
+                if target_name not in seen_folders:
+                    seen_folders.add(target_name)
+                    report.folders += 1
+                present = await s.scalar(
+                    select(func.count()).where(
+                        Message.folder_id == target.id,
+                        Message.blob == row["blob"],
+                        Message.message_id.is_(None)
+                        if row["message_id"] is None
+                        else Message.message_id == row["message_id"],
+                    )
+                )
+                if present:
+                    report.skipped += 1
+                    continue
+                source = _blob_path(path / "blobs", row["blob"])
+                if not blobs.exists(row["blob"]):
+                    await asyncio.to_thread(blobs.put_sync, source.read_bytes())
+                message = mailstore.NewMessage(
+                    blob=row["blob"],
+                    size=row["size"],
+                    received_at=row["received_at"],
+                    internal_date=row["internal_date"],
+                    message_id=row["message_id"],
+                    in_reply_to=row["in_reply_to"],
+                    references=row["references"],
+                    subject=row["subject"],
+                    from_addr=row["from_addr"],
+                    to_addr=row["to_addr"],
+                    sent_date=row["sent_date"],
+                    flags=frozenset(_flags(row)),
+                )
+                if describe is not None:
+                    message = describe(await blobs.get(row["blob"]), message)
+                await mailstore.append(s, target, [message])
+                report.restored += 1
+        done += len(chunk)
+        if progress is not None:
+            progress(done, len(rows))
+    return report
+
+
+def _flags(row: dict[str, Any]) -> tuple[str, ...]:
+    return join_flags(row["sysflags"], row["keywords"])
+
+
+async def _create_with_parents(s: AsyncSession, tenant_id: str, name: str) -> Folder:
+    parts = name.split(mailstore.DELIMITER)
+    for i in range(1, len(parts)):
+        parent = mailstore.DELIMITER.join(parts[:i])
+        if await mailstore.get_folder(s, tenant_id, parent) is None:
+            await mailstore.create_folder(s, tenant_id, parent)
+    return await mailstore.create_folder(s, tenant_id, name)
