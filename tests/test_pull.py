@@ -17,7 +17,7 @@ from gateway.pull.puller import FolderPuller, HostLimits, jobs
 from storage import mailstore, upstream
 from storage.blobs import BlobStore
 from storage.db import Database
-from storage.models import Message
+from storage.models import Message, Tenant
 from tests import corpus
 from tests.conftest import config_dict
 from tests.dovecot import Dovecot
@@ -235,3 +235,43 @@ async def test_connection_dropped_mid_fetch_fails_fast_and_next_pass_completes(
             assert await env.count() == 200
         finally:
             await env.db.close()
+
+
+async def test_over_quota_leaves_mail_upstream_until_space_is_freed(
+    tmp_path: Path, db_url: str, dovecot: Dovecot, upstream_password: str
+) -> None:
+    from gateway.ingest import Delivery
+    from quotas import QuotaExceeded
+
+    dovecot.add_user("biuro", upstream_password)
+    dovecot.deliver_files("biuro", "INBOX", corpus.normal(5, size=100_000, seed=5))
+    data = config_dict(
+        tmp_path, db_url, quota="300 KB", mailboxes=[mailbox(dovecot, "biuro", after_fetch="delete")]
+    )
+    config = parse_config(data)
+    db, blobs = await open_store(config)
+    env = Env(config, db, blobs)
+    try:
+        filler = b"Subject: filler\r\nMessage-ID: <filler@x>\r\n\r\n" + b"y" * 76 * 3000 + b"\r\n"
+        await env.pipeline.deliver(config.tenant("acme"), filler, Delivery(source="smtp"))
+        with pytest.raises(QuotaExceeded):
+            await env.pull("biuro")
+        assert dovecot.exists("biuro") == 5  # nothing was taken, nothing deleted upstream
+        async with db.write() as s:
+            inbox = await mailstore.require_folder(s, "acme", "INBOX")
+            await mailstore.expunge(s, inbox, [1])
+        # Room for some of the five: those are stored (and deleted upstream), the rest waits.
+        with pytest.raises(QuotaExceeded):
+            await env.pull("biuro")
+        stored = await env.count()
+        assert 0 < stored < 5
+        assert dovecot.exists("biuro") == 5 - stored
+        async with db.write() as s:
+            tenant = await s.get(Tenant, "acme")
+            assert tenant is not None
+            tenant.quota_bytes = 10**7
+        assert await env.pull("biuro") == 5 - stored
+        assert dovecot.exists("biuro") == 0
+        assert await env.count() == 5
+    finally:
+        await db.close()

@@ -217,8 +217,28 @@ class FolderPuller:
         return stored
 
     async def _pull_batch(self, client: UpstreamIMAP, uids: list[int], uidvalidity: int, spam: bool) -> int:
-        job = self.job
         bodies = await client.fetch(uids)
+        present = [u for u in uids if u in bodies]  # one expunged upstream meanwhile is simply gone
+        try:
+            stored = await self._store(bodies, present, max(uids), uidvalidity, spam)
+        except QuotaExceeded:
+            if len(present) < 2:
+                raise
+            # All of the batch does not fit: store what does, in order, up to the
+            # first message that does not; the rest waits upstream.
+            stored = 0
+            for uid in present:
+                stored += await self._store(bodies, [uid], uid, uidvalidity, spam)
+                await self._apply_policy(client, [uid])
+            return stored
+        await self._apply_policy(client, uids)
+        return stored
+
+    async def _store(
+        self, bodies: dict[int, bytes], uids: list[int], last_uid: int, uidvalidity: int, spam: bool
+    ) -> int:
+        """Deliver these UIDs in one transaction that also records ``last_uid``."""
+        job = self.job
         tenant = self.config().tenant(job.tenant_id)
         items = [
             (
@@ -231,16 +251,15 @@ class FolderPuller:
                 ),
             )
             for uid in uids
-            if uid in bodies  # a message expunged upstream meanwhile is simply gone
         ]
 
         async def within(s: AsyncSession, outcomes: list[Outcome]) -> None:
-            await upstream.advance(s, job.tenant_id, job.mailbox.name, job.folder, uidvalidity, max(uids))
-            stored = sum(not o.duplicate for o in outcomes)
-            await upstream.record_pulled(s, job.tenant_id, job.mailbox.name, stored)
+            await upstream.advance(s, job.tenant_id, job.mailbox.name, job.folder, uidvalidity, last_uid)
+            await upstream.record_pulled(
+                s, job.tenant_id, job.mailbox.name, sum(not o.duplicate for o in outcomes)
+            )
 
         outcomes = await self.pipeline.deliver_many(tenant, items, within=within)
-        await self._apply_policy(client, uids)
         return sum(not o.duplicate for o in outcomes)
 
     async def _apply_policy(self, client: UpstreamIMAP, uids: list[int]) -> None:
