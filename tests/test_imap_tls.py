@@ -102,3 +102,23 @@ async def test_no_cleartext_login_from_the_network(
     session.tls = True
     await session.handle(c.Login("a2", "LOGIN", "anna@acme.test", PASSWORD))
     assert session.take().startswith(b"a2 OK")
+
+
+async def test_authenticate_plain_without_initial_response(
+    setup: tuple[Config, Database, Authenticator, object],
+) -> None:
+    config, db, auth, blobs = setup
+    server = IMAPServer(lambda: config, db, blobs, auth, Changes())  # type: ignore[arg-type]
+    await server.start("127.0.0.1", 0)
+
+    def scenario() -> None:
+        client = imaplib.IMAP4("127.0.0.1", server.port, timeout=10)
+        # imaplib sends AUTHENTICATE PLAIN, waits for "+", then sends the response.
+        typ, _ = client.authenticate("PLAIN", lambda _: f"\0anna@acme.test\0{PASSWORD}".encode())
+        assert typ == "OK"
+        client.logout()
+
+    try:
+        await asyncio.to_thread(scenario)
+    finally:
+        await server.stop()

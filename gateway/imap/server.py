@@ -13,6 +13,8 @@ per connection, idle time, and connections per listener.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import ipaddress
 import socket
@@ -24,6 +26,7 @@ import structlog
 
 from gateway.auth import Authenticator
 from gateway.config import Config
+from gateway.imap.commands import Authenticate
 from gateway.imap.parser import (
     Framer,
     LiteralTooLarge,
@@ -238,6 +241,20 @@ class IMAPServer:
                 (exc.tag or "*").encode() + b" BAD " + exc.message.encode("utf-8", "replace") + b"\r\n"
             )
             return 1
+        if isinstance(cmd, Authenticate) and cmd.initial is None and cmd.mechanism == "PLAIN":
+            # No initial response (SASL-IR): ask for it with an empty challenge.
+            writer.write(b"+ \r\n")
+            await writer.drain()
+            answer = await self._read_line(reader, framer)
+            if answer is None or answer == b"*":
+                writer.write(cmd.tag.encode() + b" BAD authentication cancelled\r\n")
+                return 1
+            try:
+                initial = base64.b64decode(answer, validate=True)
+            except binascii.Error:
+                writer.write(cmd.tag.encode() + b" BAD invalid base64\r\n")
+                return 1
+            cmd = Authenticate(cmd.tag, cmd.name, cmd.mechanism, initial)
         await session.handle(cmd)
         writer.write(session.take())
         if cmd.name == "IDLE" and session.state in (State.AUTHENTICATED, State.SELECTED):
@@ -248,6 +265,19 @@ class IMAPServer:
             session.tls = True
             framer.reset()
         return 0
+
+    async def _read_line(self, reader: asyncio.StreamReader, framer: Framer) -> bytes | None:
+        """The next line from the client (a SASL response), None if it went away."""
+        while True:
+            event = framer.next_event()
+            if isinstance(event, FramedLine):
+                return b"".join(event.parts).strip()
+            if event is not None:
+                return None
+            data = await asyncio.wait_for(reader.read(65536), UNAUTHENTICATED_TIMEOUT)
+            if not data:
+                return None
+            framer.feed(data)
 
     async def _idle(
         self,
