@@ -54,7 +54,7 @@ def _decode_payload(encoding: str, text: str) -> bytes | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _codec_name(charset: str) -> str | None:
+def codec_name(charset: str) -> str | None:
     """The canonical text codec for a MIME ``charset`` label, None if unknown or refused."""
     try:
         name = codecs.lookup(charset.partition("*")[0]).name  # drop an RFC 2231 language tag
@@ -91,7 +91,7 @@ def _decode_rfc2047(text: str) -> str:
     data = bytearray()
     pos = 0
     for match in _ENCODED_WORD.finditer(text):
-        word_codec = _codec_name(match[1])
+        word_codec = codec_name(match[1])
         payload = _decode_payload(match[2], match[3])
         if word_codec is None or payload is None:
             continue  # stays in the text before the next decoded word, i.e. raw

@@ -108,10 +108,12 @@ Sections
 
 from __future__ import annotations
 
+import binascii
 import re
 from dataclasses import dataclass, field
 
 from gateway.imap import wire
+from gateway.message import codec_name, parse_headers
 
 __all__ = ["MAX_NESTED_PARTS", "MAX_TOTAL_PARTS", "bodystructure", "envelope", "section", "stored_form"]
 
@@ -1375,3 +1377,83 @@ def section(raw: bytes, part: tuple[int, ...], text: str | None, fields: tuple[s
     if text == "HEADER.FIELDS.NOT":
         return _header_fields(data, target, fields, exclude=True)
     return data
+
+
+# --------------------------------------------------------------------------- SEARCH text
+
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
+
+
+def _last(part: _Part, name: bytes) -> bytes | None:
+    values = [h.value for h in part.headers if h.name.lower() == name]
+    return values[-1] if values else None
+
+
+def _leaf_text(data: bytes, part: _Part) -> str | None:
+    """A leaf part's body as text (see the module docstring), None if it is not searched."""
+    ctype = _last(part, b"content-type")
+    if ctype is not None:
+        tok, out = _Tok(ctype), bytearray()
+        tok.skip_lwsp()
+        tok.content_type(out)
+        if not out.lower().startswith((b"text/", b"message/")):
+            return None
+    body = data[part.body_pos : part.body_pos + part.body_size]
+    cte = _last(part, b"content-transfer-encoding")
+    if cte is not None:
+        tok, out = _Tok(cte), bytearray()
+        tok.skip_lwsp()
+        tok.mime_token(out)
+        encoding = bytes(out).lower()
+        if encoding == b"base64":
+            body = _base64(body)
+        elif encoding == b"quoted-printable":
+            body = binascii.a2b_qp(body)
+        elif encoding not in (b"7bit", b"8bit", b"binary"):
+            return None
+    codec = None
+    first = next((h.value for h in part.headers if h.name.lower() == b"content-type"), None)
+    if first is not None:
+        tok, out = _Tok(first), bytearray()
+        tok.skip_lwsp()
+        if tok.content_type(out) >= 0:
+            for key, value in _rfc2231(tok):
+                if key.lower() == b"charset":
+                    codec = codec_name(value.decode("ascii", "replace"))
+                    break
+    try:
+        return body.decode(codec or "utf-8", "replace")
+    except (LookupError, ValueError):  # a codec that cannot decode bytes: as Dovecot, take UTF-8
+        return body.decode("utf-8", "replace")
+
+
+def _base64(data: bytes) -> bytes:
+    """Base64 decoded up to the padding, other bytes skipped (never raises)."""
+    chars = _NOT_BASE64.sub(b"", data.split(b"=", 1)[0])
+    chars = chars[: len(chars) - (len(chars) % 4 == 1)]
+    return binascii.a2b_base64(chars + b"=" * (-len(chars) % 4))
+
+
+def search_texts(raw: bytes) -> tuple[str, str]:
+    """(the body text BODY searches, the header blocks of the MIME parts and embedded messages)."""
+    data, root = _parse(raw)
+    bodies: list[str] = []
+    headers: list[str] = []
+    stack = [root]
+    while stack:
+        part = stack.pop()
+        if part is not root:
+            part_headers = parse_headers(data[part.pos : part.body_pos])
+            headers.append(
+                "\n".join(
+                    f"{n}: {' '.join(part_headers.get_all(n))}"
+                    for n in dict.fromkeys(name for name, _ in part_headers.fields)
+                )
+            )
+        if part.children or part.multipart:  # its own text is a preamble/epilogue: never searched
+            stack.extend(reversed(part.children))
+            continue
+        text = _leaf_text(data, part)
+        if text is not None:
+            bodies.append(text)
+    return "\n".join(bodies), "\n".join(headers)

@@ -10,19 +10,29 @@ numbers and header/body text); only keys that need the message's text read
 its blob, in a worker thread. Text matching is a case-insensitive substring
 test on decoded text (RFC 2047 headers, base64/quoted-printable parts), as
 RFC 3501 6.4.4 asks.
+
+BODY and TEXT see what Dovecot's message-search.c sees (our answers are
+diffed against it): the MIME tree as :mod:`gateway.imap.mime` parses it,
+and the bodies of leaf parts whose last Content-Type is ``text/*`` or
+``message/*`` (or absent), transfer-decoded (the last
+Content-Transfer-Encoding; an unknown one hides the part) and charset-decoded
+(the first Content-Type's charset). Never a multipart's preamble or epilogue,
+nor an attachment's encoded bytes. BODY matches no header field (RFC 9051
+6.4.4), not even those of MIME parts or embedded messages; TEXT matches every
+header block as well.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.policy
+import re
 from datetime import UTC, date, datetime, timedelta
-from email import message_from_bytes
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.imap import mime
 from gateway.imap.commands import SearchKey, SeqSet
 from gateway.imap.view import View
 from gateway.message import Headers, parse_headers
@@ -38,6 +48,7 @@ _FLAG_KEYS = {
     "SEEN": (SEEN, True), "UNSEEN": (SEEN, False),
 }  # fmt: skip
 _HEADER_KEYS = {"FROM", "TO", "CC", "BCC", "SUBJECT"}
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 _TEXT_KEYS = {"HEADER", "BODY", "TEXT", *_HEADER_KEYS, "SENTBEFORE", "SENTON", "SENTSINCE"}
 
 
@@ -124,6 +135,7 @@ class _Candidate:
         self.raw: bytes = b""
         self._headers: Headers | None = None
         self._body: str | None = None
+        self._inner_headers: str | None = None
 
     @property
     def headers(self) -> Headers:
@@ -131,36 +143,28 @@ class _Candidate:
             self._headers = parse_headers(self.raw)
         return self._headers
 
+    def _decode(self) -> tuple[str, str]:
+        if self._body is None or self._inner_headers is None:
+            body, headers = mime.search_texts(self.raw)
+            self._body, self._inner_headers = body.casefold(), headers.casefold()
+        return self._body, self._inner_headers
+
     def body_text(self) -> str:
-        if self._body is None:
-            self._body = _decoded_body(self.raw, self.headers.body_offset).casefold()
-        return self._body
+        return self._decode()[0]
 
     def header_text(self) -> str:
-        return "\n".join(
-            f"{name}: {' '.join(self.headers.get_all(name))}"
-            for name in dict.fromkeys(n for n, _ in self.headers.fields)
-        ).casefold()
+        return _fields_text(self.headers).casefold()
+
+    def all_text(self) -> str:
+        """TEXT: every header block (the message's and its parts') and the body text."""
+        body, inner_headers = self._decode()
+        return self.header_text() + "\n" + inner_headers + "\n" + body
 
 
-def _decoded_body(raw: bytes, offset: int) -> str:
-    """The message's text parts decoded (base64, quoted-printable, charsets), joined."""
-    texts = [raw[offset:].decode("utf-8", "replace")]
-    try:
-        msg = message_from_bytes(raw, policy=email.policy.compat32)
-        for part in msg.walk():
-            if part.get_content_maintype() != "text":
-                continue
-            payload = part.get_payload(decode=True)
-            if isinstance(payload, bytes):
-                charset = part.get_content_charset() or "utf-8"
-                try:
-                    texts.append(payload.decode(charset, "replace"))
-                except LookupError:
-                    texts.append(payload.decode("utf-8", "replace"))
-    except Exception:  # noqa: BLE001 (malformed MIME: the raw text above still counts)
-        return texts[0]
-    return "\n".join(texts)
+def _fields_text(headers: Headers) -> str:
+    return "\n".join(
+        f"{name}: {' '.join(headers.get_all(name))}" for name in dict.fromkeys(n for n, _ in headers.fields)
+    )
 
 
 def _day(value: datetime | None) -> date | None:
@@ -213,8 +217,7 @@ def _match(key: SearchKey, m: _Candidate) -> bool:
     if op == "BODY":
         return str(args[0]).casefold() in m.body_text()
     if op == "TEXT":
-        needle = str(args[0]).casefold()
-        return needle in m.header_text() or needle in m.body_text()
+        return str(args[0]).casefold() in m.all_text()
     return False
 
 
