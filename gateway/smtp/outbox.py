@@ -12,9 +12,9 @@ does the client get ``250``.
 
 The customer message a reply answers is the most recent stored message of
 the tenant (outside ``\\Sent``) named in its In-Reply-To or References. It is
-a collision when another agent already answered that very message, or has a
-reply to it in the queue: a newer customer message in the thread is a new
-message to answer, so replying to it never collides.
+a collision when another agent answered that very message first, or has the
+first reply to it in the queue: a newer customer message in the thread is a
+new message to answer, so replying to it never collides.
 """
 
 from __future__ import annotations
@@ -146,33 +146,36 @@ class Outbox:
         return Original(*row) if row is not None else None
 
     async def _collision(self, identity: Identity, original: Original) -> tuple[str, datetime] | None:
-        """Who else answered (or is answering) this message, and when."""
+        """Who else answered (or is answering) this message first, and when.
+
+        The first answer decides: once an agent answered, a colleague's later
+        reply (even one let through under ``warn``) does not make that agent's
+        own follow-ups collisions.
+        """
         async with self.db.read() as s:
             answered = (
                 await s.execute(
-                    select(Agent.login, Event.at)
+                    select(Agent.login, Event.at, Event.agent_id)
                     .join(Agent, Agent.id == Event.agent_id)
-                    .where(
-                        Event.message_id == original.id,
-                        Event.kind == "answered",
-                        Event.agent_id != identity.agent_id,
-                    )
-                    .order_by(Event.at)
+                    .where(Event.message_id == original.id, Event.kind == "answered")
+                    .order_by(Event.at, Event.id)
                     .limit(1)
                 )
             ).first()
             if answered is not None:
-                return answered[0], answered[1]
+                return None if answered[2] == identity.agent_id else (answered[0], answered[1])
             queued = (
                 await s.execute(
-                    select(Agent.login, Outbound.created_at)
+                    select(Agent.login, Outbound.created_at, Outbound.agent_id)
                     .join(Agent, Agent.id == Outbound.agent_id)
-                    .where(Outbound.original_id == original.id, Outbound.agent_id != identity.agent_id)
-                    .order_by(Outbound.created_at)
+                    .where(Outbound.original_id == original.id)
+                    .order_by(Outbound.created_at, Outbound.id)
                     .limit(1)
                 )
             ).first()
-        return (queued[0], queued[1]) if queued is not None else None
+        if queued is None or queued[2] == identity.agent_id:
+            return None
+        return queued[0], queued[1]
 
     async def _answered(
         self,

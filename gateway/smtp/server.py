@@ -251,11 +251,15 @@ class RelayHandler:
             routed = policy.route_recipient(
                 self.config(), address, policy.declared_size(envelope.mail_options)
             )
-            if isinstance(routed, str) and not (
-                routed.startswith("554 5.7.1") and self.relay_tenant(session) is not None
-            ):
-                log.info("smtp.rcpt_refused", peer=_peer(session), rcpt=address, reply=routed[:9])
-                return routed
+            if isinstance(routed, str):
+                # A foreign recipient: relayed only for a tenant's client, with that tenant's sender.
+                tenant = self.relay_tenant(session) if routed.startswith("554 5.7.1") else None
+                if tenant is not None and not self.owns_sender(tenant, envelope.mail_from or ""):
+                    routed = policy.SENDER_NOT_OWNED.format(addr=envelope.mail_from or "")
+                    tenant = None
+                if tenant is None:
+                    log.info("smtp.rcpt_refused", peer=_peer(session), rcpt=address, reply=routed[:9])
+                    return routed
         elif "@" not in address:
             return policy.BAD_ADDRESS
         envelope.rcpt_tos.append(address.lower())
