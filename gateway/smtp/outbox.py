@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 A message to relay (an agent's submission, or a trusted server relaying for
-its tenant) passes the tenant's limits (size, attachments), then, for an
-agent's reply, the collision check; then one transaction queues it for the
-tenant's relay, files a copy in the tenant's ``\\Sent`` folder and, when it
+its tenant) passes the tenant's limits (size, attachments); then one
+transaction checks an agent's reply for a collision (with the answered
+message's row locked, so two simultaneous replies cannot both pass), queues
+it for the tenant's relay, files a copy in the tenant's ``\\Sent`` folder and, when it
 answers a stored customer message, records an ``answered`` event with the
 response time and sets ``\\Answered`` on that message. Only after that commit
 does the client get ``250``.
@@ -87,16 +88,20 @@ class Outbox:
         headers = parse_headers(data)
         now = self.clock()
         original = await self._original(tenant.id, headers)
-        collision = None
-        if identity is not None and original is not None and tenant.collision != "off":
-            collision = await self._collision(identity, original)
-            if collision is not None and tenant.collision == "hold":
-                who, when = collision
-                log.info("outbox.collision_held", tenant=tenant.id, agent=identity.login, answered_by=who)
-                return policy.COLLISION.format(who=who, when=when.strftime("%Y-%m-%d %H:%M UTC"))
         digest = await self.blobs.put(data)
         sent_copy = await asyncio.to_thread(describe, data, headers, digest, now, frozenset({"\\Seen"}))
+        collision = None
         async with self.db.write() as s:
+            if identity is not None and original is not None and tenant.collision != "off":
+                # Checked inside the write transaction, with the answered message's
+                # row locked (SQLite serialises writers anyway): two agents replying
+                # at the same moment cannot both pass.
+                await s.execute(select(Message.id).where(Message.id == original.id).with_for_update())
+                collision = await self._collision(s, identity, original)
+                if collision is not None and tenant.collision == "hold":
+                    who, when = collision
+                    log.info("outbox.collision_held", tenant=tenant.id, agent=identity.login, answered_by=who)
+                    return policy.COLLISION.format(who=who, when=when.strftime("%Y-%m-%d %H:%M UTC"))
             row = await queue.enqueue(
                 s,
                 tenant_id=tenant.id,
@@ -145,34 +150,35 @@ class Outbox:
             ).first()
         return Original(*row) if row is not None else None
 
-    async def _collision(self, identity: Identity, original: Original) -> tuple[str, datetime] | None:
+    async def _collision(
+        self, s: AsyncSession, identity: Identity, original: Original
+    ) -> tuple[str, datetime] | None:
         """Who else answered (or is answering) this message first, and when.
 
         The first answer decides: once an agent answered, a colleague's later
         reply (even one let through under ``warn``) does not make that agent's
         own follow-ups collisions.
         """
-        async with self.db.read() as s:
-            answered = (
-                await s.execute(
-                    select(Agent.login, Event.at, Event.agent_id)
-                    .join(Agent, Agent.id == Event.agent_id)
-                    .where(Event.message_id == original.id, Event.kind == "answered")
-                    .order_by(Event.at, Event.id)
-                    .limit(1)
-                )
-            ).first()
-            if answered is not None:
-                return None if answered[2] == identity.agent_id else (answered[0], answered[1])
-            queued = (
-                await s.execute(
-                    select(Agent.login, Outbound.created_at, Outbound.agent_id)
-                    .join(Agent, Agent.id == Outbound.agent_id)
-                    .where(Outbound.original_id == original.id)
-                    .order_by(Outbound.created_at, Outbound.id)
-                    .limit(1)
-                )
-            ).first()
+        answered = (
+            await s.execute(
+                select(Agent.login, Event.at, Event.agent_id)
+                .join(Agent, Agent.id == Event.agent_id)
+                .where(Event.message_id == original.id, Event.kind == "answered")
+                .order_by(Event.at, Event.id)
+                .limit(1)
+            )
+        ).first()
+        if answered is not None:
+            return None if answered[2] == identity.agent_id else (answered[0], answered[1])
+        queued = (
+            await s.execute(
+                select(Agent.login, Outbound.created_at, Outbound.agent_id)
+                .join(Agent, Agent.id == Outbound.agent_id)
+                .where(Outbound.original_id == original.id)
+                .order_by(Outbound.created_at, Outbound.id)
+                .limit(1)
+            )
+        ).first()
         if queued is None or queued[2] == identity.agent_id:
             return None
         return queued[0], queued[1]
