@@ -397,6 +397,47 @@ def cmd_restore(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_stats_agents(config: Config, args: argparse.Namespace) -> int:
+    import csv
+    from datetime import UTC, datetime
+
+    from gateway.config import parse_duration
+    from storage import events
+
+    config.tenant(args.tenant)
+    since = datetime.now(UTC) - parse_duration(args.since)
+
+    async def go() -> list[events.AgentStats]:
+        db = await open_for_reading(config)
+        try:
+            async with db.read() as s:
+                return await events.agent_stats(s, args.tenant, since)
+        finally:
+            await db.close()
+
+    rows = [
+        {
+            "agent": a.login,
+            "name": a.name,
+            "read": a.read,
+            "replies": a.replies,
+            "collisions": a.collisions,
+            "median_first_response_seconds": a.percentile(50),
+            "p90_first_response_seconds": a.percentile(90),
+        }
+        for a in asyncio.run(go())
+    ]
+    columns = ["agent", "name", "read", "replies", "collisions"]
+    columns += ["median_first_response_seconds", "p90_first_response_seconds"]
+    if args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        print_rows(rows, columns, args.format)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -460,6 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sn.add_parser("verify", help="check every blob's hash and the metadata")
     sv.add_argument("name", nargs="?", help="one snapshot (default: all)")
     sv.set_defaults(func=cmd_snapshot)
+    st = sub.add_parser("stats", help="statistics").add_subparsers(dest="stats_command", required=True)
+    sa = st.add_parser("agents", help="per agent: read, replies, collisions, first-response time")
+    sa.add_argument("--tenant", required=True)
+    sa.add_argument("--since", default="7d", help="period, e.g. 7d, 24h (default 7d)")
+    sa.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sa.set_defaults(func=cmd_stats_agents)
     r = sub.add_parser("restore", help="copy mail back from a snapshot, additively")
     r.add_argument("--snapshot", required=True)
     r.add_argument("--tenant", required=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -20,6 +21,7 @@ from gateway.auth import Authenticator
 from gateway.config import Config, ConfigError, load_config
 from gateway.imap.server import IMAPServer
 from gateway.ingest import Pipeline
+from gateway.metrics import DatabaseCollector, MetricsServer, refresh_forever
 from gateway.notify import Changes
 from gateway.pull.manager import PullManager
 from gateway.relay.worker import RelayWorker
@@ -31,11 +33,11 @@ from storage.blobs import BlobStore
 from storage.catalog import AgentSpec, FolderSpec, TenantSpec, sync_tenants
 from storage.db import Database
 from storage.migrate import migrate
+from storage.models import Heartbeat
 
 log = structlog.get_logger(__name__)
 
-# Listeners whose front-ends are not built yet: configured, they are only logged.
-_PLANNED = ("metrics",)
+READY_TIMEOUT = 5.0
 
 
 def tenant_specs(config: Config) -> list[TenantSpec]:
@@ -79,6 +81,7 @@ class Daemon:
         self.imap: list[IMAPServer] = []
         self.relay: RelayWorker | None = None
         self.scheduler: Scheduler | None = None
+        self.metrics: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.pull: PullManager | None = None
         self.db: Database | None = None
@@ -134,9 +137,34 @@ class Daemon:
             await server.start(*split_hostport(address))
             self.imap.append(server)
             log.info("listener.started", listener=name, address=address, port=server.port)
-        for name in _PLANNED:
-            if getattr(listen, name):
-                log.warning("listener.not_available", listener=name, reason="not built in this version")
+        if listen.metrics:
+            collector = DatabaseCollector(self.current_config, self.db)
+            await collector.refresh()
+            self.metrics = MetricsServer(collector, self.ready)
+            await self.metrics.start(*split_hostport(listen.metrics))
+            self._tasks.append(asyncio.create_task(refresh_forever(collector), name="metrics"))
+            log.info("listener.started", listener="metrics", address=listen.metrics, port=self.metrics.port)
+
+    async def ready(self) -> bool:
+        """Ready: the database takes writes, the listeners are up, the background jobs run."""
+        if self.db is None or not self._tasks or any(t.done() for t in self._tasks):
+            return False
+        try:
+            await asyncio.wait_for(self._heartbeat(), READY_TIMEOUT)
+        except Exception:  # noqa: BLE001 (any failure, a timeout included, means not ready)
+            log.warning("readiness.database_unwritable")
+            return False
+        return True
+
+    async def _heartbeat(self) -> None:
+        if self.db is None:
+            raise RuntimeError("not started")
+        async with self.db.write() as s:
+            row = await s.get(Heartbeat, 1)
+            if row is None:
+                s.add(Heartbeat(id=1, at=datetime.now(UTC)))
+            else:
+                row.at = datetime.now(UTC)
 
     async def reload(self) -> None:
         """Re-read the configuration file; keep the old one if the new one is invalid."""
@@ -156,6 +184,8 @@ class Daemon:
 
     async def stop(self) -> None:
         """Drain and close everything, in reverse order of start."""
+        if self.metrics is not None:
+            await self.metrics.stop()
         for smtp in self.smtp:
             await smtp.stop()
         for server in self.imap:

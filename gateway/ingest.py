@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import quotas
 import rules
+from gateway import metrics
 from gateway.config import TenantSection
 from gateway.imap import mime
 from gateway.message import Headers, parse_headers
@@ -284,6 +285,8 @@ class Pipeline:
             self._drainer = asyncio.create_task(self._drain(), name="ingest-commit")
         outcomes = await asyncio.shield(job.done)
         for p, out in zip(prepared, outcomes, strict=True):
+            if not out.duplicate:
+                metrics.MESSAGES_RECEIVED.labels(tenant.id, p.delivery.source).inc()
             log.info(
                 "ingest.duplicate" if out.duplicate else "ingest.stored",
                 tenant=tenant.id,

@@ -16,6 +16,7 @@ from email.utils import format_datetime, make_msgid
 import structlog
 
 import quotas
+from gateway import metrics
 from gateway.config import Config
 from gateway.ingest import Delivery, Pipeline
 from storage import retention, snapshots
@@ -96,6 +97,9 @@ class Scheduler:
             )
         if report.messages:
             log.info("retention.purged", messages=dict(report.messages), dry_run=dry_run)
+            if not dry_run:
+                for tenant, n in report.messages.items():
+                    metrics.SPAM_PURGED.labels(tenant).inc(n)
         return report
 
     async def snapshot(self) -> snapshots.SnapshotInfo:

@@ -269,3 +269,12 @@ class QuotaNotice(Base):
     folder: Mapped[str] = mapped_column(String(255), primary_key=True)
     level: Mapped[int] = mapped_column(Integer, default=0)
     notified_at: Mapped[datetime] = mapped_column()
+
+
+class Heartbeat(Base):
+    """One row the readiness probe rewrites: proof that the database takes writes."""
+
+    __tablename__ = "heartbeat"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column()

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 import aiosmtplib
 import structlog
 
+from gateway import metrics
 from gateway.config import Config, SMTPRelaySection, TenantSection
 from gateway.ingest import Delivery, Pipeline
 from gateway.relay import dsn
@@ -243,6 +244,9 @@ class RelayWorker:
                 stored = await s.get(Outbound, row.id)
                 if stored is not None:
                     stored.delay_notified = True
+        for state, _ in results.values():
+            result = {"sent": "sent", "failed": "bounced"}.get(state, "deferred")
+            metrics.RELAY_MESSAGES.labels(tenant.id, result).inc()
         log.info(
             "relay.attempt",
             tenant=tenant.id,

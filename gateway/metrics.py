@@ -1,0 +1,248 @@
+"""Prometheus metrics, ``/healthz`` and ``/readyz`` on the ``metrics`` listener.
+
+Theory of operation
+-------------------
+Agent statistics come from the database (events), so they survive restarts
+and agree between instances; so do queue, storage, upstream and snapshot
+gauges. A refresh task reads them every :data:`REFRESH` seconds into a
+snapshot that the collector serves: a scrape never waits on the database
+and never blocks the event loop. Counters of things this process did
+(messages received by source, relay results, spam purged, SMTP/IMAP
+sessions and auth failures) live in memory. Labels are only tenant, agent
+(the configured login), folder, mailbox, source, result and listener: never
+a message or an address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from gateway.config import Config
+from storage import events, snapshots
+from storage.db import Database
+from storage.models import Agent, Event, Folder, Outbound, Tenant, UpstreamMailbox
+
+log = structlog.get_logger(__name__)
+
+REFRESH = 15.0
+FIRST_RESPONSE_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 172800)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+MESSAGES_RECEIVED = Counter(
+    "mailgate_messages_received", "Messages stored, by source", ["tenant", "source"], registry=REGISTRY
+)
+RELAY_MESSAGES = Counter(
+    "mailgate_relay_messages", "Relay attempts by outcome (sent, deferred, bounced)", ["tenant", "result"],
+    registry=REGISTRY,
+)  # fmt: skip
+SPAM_PURGED = Counter("mailgate_spam_purged_messages", "Spam messages purged", ["tenant"], registry=REGISTRY)
+SESSIONS = Counter("mailgate_sessions", "Client sessions by listener", ["listener"], registry=REGISTRY)
+AUTH_FAILURES = Counter(
+    "mailgate_auth_failures", "Failed logins by listener", ["listener"], registry=REGISTRY
+)
+LOOP_LAG = Gauge(
+    "mailgate_event_loop_lag_seconds", "How late the event loop ran a 1 s timer", registry=REGISTRY
+)
+UP = Gauge("mailgate_up", "1 while the daemon runs", registry=REGISTRY)
+
+
+@dataclass
+class _Snapshot:
+    """What the last refresh read from the database."""
+
+    at: float = 0.0
+    reads: dict[tuple[str, str], int] = field(default_factory=dict)
+    replies: dict[tuple[str, str], int] = field(default_factory=dict)
+    collisions: dict[tuple[str, str], int] = field(default_factory=dict)
+    first_response: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    queue: dict[str, tuple[int, float]] = field(default_factory=dict)
+    storage: list[tuple[str, str, int, int | None]] = field(default_factory=list)
+    upstream: dict[tuple[str, str], float] = field(default_factory=dict)
+    snapshot: float | None = None
+
+
+class DatabaseCollector(Collector):
+    """Serves the metrics read from the database by :meth:`refresh`."""
+
+    def __init__(self, config: Callable[[], Config], db: Database) -> None:
+        self.config = config
+        self.db = db
+        self.data = _Snapshot()
+
+    async def refresh(self) -> None:
+        """Read the database-backed metrics (called by the refresh task)."""
+        data = _Snapshot(at=time.time())
+        async with self.db.read() as s:
+            logins = dict((await s.execute(select(Agent.id, Agent.login))).all())
+            counts = await s.execute(
+                select(Event.tenant_id, Event.agent_id, Event.kind, func.count()).group_by(
+                    Event.tenant_id, Event.agent_id, Event.kind
+                )
+            )
+            target = {"read": data.reads, "answered": data.replies, "collision": data.collisions}
+            for tenant, agent, kind, n in counts:
+                if kind in target and agent in logins:
+                    target[kind][(tenant, logins[agent])] = n
+            for (tenant, agent), times in (await events.first_responses(s)).items():
+                if agent in logins:
+                    data.first_response[(tenant, logins[agent])] = times
+            now = datetime.now(UTC)
+            for tenant, n, oldest in await s.execute(
+                select(Outbound.tenant_id, func.count(), func.min(Outbound.created_at)).group_by(
+                    Outbound.tenant_id
+                )
+            ):
+                age = (now - oldest).total_seconds() if oldest is not None else 0.0
+                data.queue[tenant] = (n, max(age, 0.0))
+            for t in (await s.scalars(select(Tenant).where(Tenant.active))).all():
+                data.storage.append((t.id, "", t.used_bytes, t.quota_bytes))
+            for f in (await s.scalars(select(Folder))).all():
+                data.storage.append((f.tenant_id, f.name, f.used_bytes, f.quota_bytes))
+            for m in (await s.scalars(select(UpstreamMailbox))).all():
+                if m.last_success_at is not None:
+                    data.upstream[(m.tenant_id, m.name)] = m.last_success_at.timestamp()
+        newest = await asyncio.to_thread(snapshots.listing, self.config().snapshots.dir)
+        data.snapshot = newest[0].created_at.timestamp() if newest else None
+        self.data = data
+
+    def collect(self) -> Iterator[Metric]:
+        d = self.data
+        for name, doc, values in (
+            ("mailgate_agent_messages_read", "Customer messages an agent read (first read)", d.reads),
+            ("mailgate_agent_replies", "Replies an agent sent to customer messages", d.replies),
+            ("mailgate_agent_collisions", "Replies to messages a colleague had answered", d.collisions),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=["tenant", "agent"])
+            for (tenant, agent), n in sorted(values.items()):
+                counter.add_metric([tenant, agent], n)
+            yield counter
+        hist = HistogramMetricFamily(
+            "mailgate_agent_first_response_seconds",
+            "Time from a customer message's arrival to its first answer",
+            labels=["tenant", "agent"],
+        )
+        for (tenant, agent), seconds in sorted(d.first_response.items()):
+            buckets = [(str(b), sum(1 for x in seconds if x <= b)) for b in FIRST_RESPONSE_BUCKETS]
+            buckets.append(("+Inf", len(seconds)))
+            hist.add_metric([tenant, agent], buckets, sum(seconds))
+        yield hist
+        queued = GaugeMetricFamily(
+            "mailgate_relay_queue_messages", "Messages in the relay queue", labels=["tenant"]
+        )
+        oldest = GaugeMetricFamily(
+            "mailgate_relay_queue_oldest_age_seconds", "Age of the oldest queued message", labels=["tenant"]
+        )
+        for tenant, (n, age) in sorted(d.queue.items()):
+            queued.add_metric([tenant], n)
+            oldest.add_metric([tenant], age)
+        yield queued
+        yield oldest
+        used = GaugeMetricFamily(
+            "mailgate_storage_used_bytes",
+            'Bytes stored (folder "" is the tenant, Spam excluded)',
+            labels=["tenant", "folder"],
+        )
+        limit = GaugeMetricFamily(
+            "mailgate_storage_limit_bytes", "Quota in bytes", labels=["tenant", "folder"]
+        )
+        for tenant, folder, n, quota in d.storage:
+            used.add_metric([tenant, folder], n)
+            if quota is not None:
+                limit.add_metric([tenant, folder], quota)
+        yield used
+        yield limit
+        upstream = GaugeMetricFamily(
+            "mailgate_upstream_last_success_timestamp_seconds",
+            "When an upstream mailbox was last pulled successfully",
+            labels=["tenant", "mailbox"],
+        )
+        for (tenant, mailbox), ts in sorted(d.upstream.items()):
+            upstream.add_metric([tenant, mailbox], ts)
+        yield upstream
+        snap = GaugeMetricFamily(
+            "mailgate_snapshot_last_success_timestamp_seconds", "When the newest snapshot was taken"
+        )
+        if d.snapshot is not None:
+            snap.add_metric([], d.snapshot)
+        yield snap
+
+
+class MetricsServer:
+    """A minimal HTTP listener: ``/metrics``, ``/healthz``, ``/readyz``."""
+
+    def __init__(
+        self, collector: DatabaseCollector, ready: Callable[[], Awaitable[bool]] | None = None
+    ) -> None:
+        self.collector = collector
+        self.ready = ready
+        self._server: asyncio.Server | None = None
+        REGISTRY.register(collector)
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._client, host, port, reuse_address=True)
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the listener is not started")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        REGISTRY.unregister(self.collector)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 10)
+            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request.split()
+            path = parts[1].decode("ascii", "replace") if len(parts) >= 2 else ""
+            if path == "/metrics":
+                status, body, kind = (
+                    "200 OK",
+                    generate_latest(REGISTRY),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+            elif path == "/healthz":
+                status, body, kind = "200 OK", b"ok\n", "text/plain"
+            elif path == "/readyz":
+                ok = await self.ready() if self.ready is not None else True
+                status = "200 OK" if ok else "503 Service Unavailable"
+                body, kind = (b"ready\n" if ok else b"not ready\n"), "text/plain"
+            else:
+                status, body, kind = "404 Not Found", b"not found\n", "text/plain"
+            head = f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+            writer.write(head.encode() + b"Connection: close\r\n\r\n" + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def refresh_forever(collector: DatabaseCollector) -> None:
+    """Refresh the database-backed metrics, and measure event-loop lag, until cancelled."""
+    UP.set(1)
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            await collector.refresh()
+        except Exception:
+            log.exception("metrics.refresh_failed")
+        for _ in range(int(REFRESH)):
+            start = loop.time()
+            await asyncio.sleep(1.0)
+            LOOP_LAG.set(max(loop.time() - start - 1.0, 0.0))
