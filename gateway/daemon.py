@@ -17,6 +17,7 @@ from pathlib import Path
 
 import structlog
 
+from gateway import systemd
 from gateway.auth import Authenticator
 from gateway.config import Config, ConfigError, load_config
 from gateway.imap.server import IMAPServer
@@ -92,6 +93,7 @@ class Daemon:
 
     async def start(self) -> None:
         """Open storage and start the listeners."""
+        inherited = systemd.inherited_sockets()
         self.db, blobs = await open_store(self.config)
         changes = Changes()
         pipeline = Pipeline(self.db, blobs, changes=changes)
@@ -113,7 +115,7 @@ class Daemon:
             ("submissions", True, True),
         ):
             address = getattr(listen, name)
-            if not address:
+            if not address and name not in inherited:
                 continue
             smtp = RelayServer(
                 self.current_config,
@@ -124,24 +126,35 @@ class Daemon:
                 submission=submission,
                 implicit_tls=implicit,
             )
-            await smtp.start(*split_hostport(address))
+            if name in inherited:
+                await smtp.start_on_socket(inherited.pop(name))
+            else:
+                await smtp.start(*split_hostport(address))
             self.smtp.append(smtp)
             log.info("listener.started", listener=name, address=address, port=smtp.port)
         for name, implicit in (("imap", False), ("imaps", True)):
             address = getattr(listen, name)
-            if not address:
+            if not address and name not in inherited:
                 continue
             server = IMAPServer(
                 self.current_config, self.db, blobs, auth, changes, tls=tls, implicit_tls=implicit, name=name
             )
-            await server.start(*split_hostport(address))
+            if name in inherited:
+                await server.start_on_socket(inherited.pop(name))
+            else:
+                await server.start(*split_hostport(address))
             self.imap.append(server)
             log.info("listener.started", listener=name, address=address, port=server.port)
-        if listen.metrics:
+        for name in inherited:
+            log.warning("listener.unknown_socket", name=name, reason="no [listen] key of that name")
+        if listen.metrics or "metrics" in inherited:
             collector = DatabaseCollector(self.current_config, self.db)
             await collector.refresh()
             self.metrics = MetricsServer(collector, self.ready)
-            await self.metrics.start(*split_hostport(listen.metrics))
+            if "metrics" in inherited:
+                await self.metrics.start_on_socket(inherited.pop("metrics"))
+            else:
+                await self.metrics.start(*split_hostport(listen.metrics))
             self._tasks.append(asyncio.create_task(refresh_forever(collector), name="metrics"))
             log.info("listener.started", listener="metrics", address=listen.metrics, port=self.metrics.port)
 
@@ -155,6 +168,13 @@ class Daemon:
             log.warning("readiness.database_unwritable")
             return False
         return True
+
+    async def _watchdog(self, interval: float) -> None:
+        """Ping systemd's watchdog only while the daemon is ready: a stuck one gets restarted."""
+        while True:
+            if await self.ready():
+                systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     async def _heartbeat(self) -> None:
         if self.db is None:
@@ -210,7 +230,9 @@ class Daemon:
         reloads: set[asyncio.Task[None]] = set()
 
         def on_hup() -> None:
+            systemd.notify("RELOADING=1")
             task = loop.create_task(self.reload())
+            task.add_done_callback(lambda _: systemd.notify("READY=1"))
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
@@ -218,8 +240,13 @@ class Daemon:
         try:
             await self.start()
             log.info("daemon.ready", hostname=self.config.gateway.hostname)
+            systemd.notify("READY=1")
+            interval = systemd.watchdog_interval()
+            if interval is not None:
+                self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
             await self.stopping.wait()
             log.info("daemon.stopping")
+            systemd.notify("STOPPING=1")
         finally:
             await self.stop()
         log.info("daemon.stopped")

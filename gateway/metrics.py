@@ -16,6 +16,7 @@ a message or an address.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -190,6 +191,9 @@ class MetricsServer:
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._client, host, port, reuse_address=True)
+
+    async def start_on_socket(self, sock: socket.socket) -> None:
+        self._server = await asyncio.start_server(self._client, sock=sock)
 
     @property
     def port(self) -> int:

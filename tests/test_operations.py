@@ -1,0 +1,220 @@
+"""Operating the daemon: systemd readiness, watchdog and socket activation; agent statistics in metrics."""
+
+from __future__ import annotations
+
+import imaplib
+import json
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from argon2 import PasswordHasher
+
+from tests.conftest import free_port
+
+PASSWORD = "agent-password"
+HASH = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(PASSWORD)
+
+
+def config_text(tmp_path: Path, db_url: str, listen: dict[str, int], collision: str = "warn") -> str:
+    listeners = "\n".join(f'{k} = "127.0.0.1:{v}"' for k, v in listen.items())
+    return f"""
+[gateway]
+hostname = "mx.test"
+data_dir = "{tmp_path / "var"}"
+database_url = "{db_url}"
+
+[listen]
+{listeners}
+
+[[tenants]]
+id = "acme"
+domains = ["acme.test"]
+collision = "{collision}"
+
+[tenants.smtp]
+host = "127.0.0.1"
+port = {free_port()}
+security = "none"
+from = "biuro@acme.test"
+
+[[tenants.agents]]
+login = "anna@acme.test"
+password_hash = "{HASH}"
+
+[[tenants.agents]]
+login = "bartek@acme.test"
+password_hash = "{HASH}"
+"""
+
+
+def test_systemd_readiness_watchdog_stopping_and_socket_activation(tmp_path: Path, db_url: str) -> None:
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(30)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    config = tmp_path / "mailgate.toml"
+    config.write_text(config_text(tmp_path, db_url, {"smtp": free_port()}), encoding="utf-8")
+    env = dict(
+        os.environ,
+        NOTIFY_SOCKET=str(notify_path),
+        WATCHDOG_USEC="1000000",
+        LISTEN_FDS="1",
+        LISTEN_FDNAMES="smtp",
+    )
+
+    # As systemd does: the socket as fd 3, and LISTEN_PID the daemon's own pid
+    # (the launcher sets both, then becomes the daemon).
+    fd = listener.fileno()
+    launcher = (
+        f"import os, sys; os.dup2({fd}, 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
+        f"os.execv(sys.executable, [sys.executable, '-m', 'gateway', '-c', {str(config)!r}, 'run'])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launcher],
+        env=env,
+        cwd=tmp_path,
+        pass_fds=(fd,),
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "daemon.log").open("wb"),
+    )
+    try:
+        try:
+            assert notify.recv(4096) == b"READY=1"
+        except TimeoutError:
+            pytest.fail((tmp_path / "daemon.log").read_text())
+        # Ready means listening: the inherited socket answers at once.
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            assert client.noop()[0] == 250
+        deadline = time.monotonic() + 10
+        while notify.recv(4096) != b"WATCHDOG=1":
+            assert time.monotonic() < deadline
+        proc.send_signal(signal.SIGTERM)
+        while (message := notify.recv(4096)) == b"WATCHDOG=1":
+            pass
+        assert message == b"STOPPING=1"
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
+        listener.close()
+
+
+class Daemon:
+    def __init__(self, tmp_path: Path, db_url: str) -> None:
+        self.ports = {k: free_port() for k in ("smtp", "submission", "imap", "metrics")}
+        self.config = tmp_path / "mailgate.toml"
+        self.config.write_text(config_text(tmp_path, db_url, self.ports), encoding="utf-8")
+        self.tmp = tmp_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "-c", str(self.config), "run"],
+            cwd=self.tmp,
+            stdout=subprocess.DEVNULL,
+            stderr=(self.tmp / "daemon.log").open("ab"),
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.ports['metrics']}/readyz", timeout=2
+                ) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        pytest.fail((self.tmp / "daemon.log").read_text())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            assert self.proc.wait(30) == 0
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.ports['metrics']}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode()
+
+    def stats(self) -> dict[str, dict[str, object]]:
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway", "-c", str(self.config), "stats", "agents", "--tenant", "acme",
+             "--format", "json"],
+            capture_output=True, check=True, timeout=60, cwd=self.tmp,
+        )  # fmt: skip
+        return {row["agent"]: row for row in json.loads(out.stdout)}
+
+
+def value(metrics: str, name: str, agent: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") and f'agent="{agent}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_agent_statistics_scenario_survives_a_restart(tmp_path: Path, db_url: str) -> None:
+    d = Daemon(tmp_path, db_url)
+    d.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", d.ports["smtp"], timeout=10) as c:
+            for n in range(1, 6):
+                c.sendmail(
+                    "klient@example.org",
+                    ["biuro@acme.test"],
+                    f"From: klient{n}@example.org\r\nSubject: pytanie {n}\r\nMessage-ID: <c{n}@example.org>\r\n\r\n?\r\n",
+                )
+
+        def read(login: str, numbers: str) -> None:
+            client = imaplib.IMAP4("127.0.0.1", d.ports["imap"], timeout=10)
+            client.login(login, PASSWORD)
+            client.select("INBOX")
+            client.fetch(numbers, "(BODY[])")
+            client.logout()
+
+        def reply(login: str, n: int) -> None:
+            with smtplib.SMTP("127.0.0.1", d.ports["submission"], timeout=10) as c:
+                c.login(login, PASSWORD)
+                c.sendmail(
+                    "biuro@acme.test",
+                    [f"klient{n}@example.org"],
+                    f"From: biuro@acme.test\r\nSubject: Re: pytanie {n}\r\nIn-Reply-To: <c{n}@example.org>\r\n"
+                    f"Message-ID: <r{n}.{login}@acme.test>\r\n\r\nOdpowiedz.\r\n",
+                )
+
+        read("anna@acme.test", "1:3")
+        read("bartek@acme.test", "4")
+        reply("anna@acme.test", 1)
+        reply("anna@acme.test", 2)
+        reply("bartek@acme.test", 1)  # anna answered it: a collision (recorded under "warn")
+        expected = {
+            ("mailgate_agent_messages_read_total", "anna@acme.test"): 3,
+            ("mailgate_agent_messages_read_total", "bartek@acme.test"): 1,
+            ("mailgate_agent_replies_total", "anna@acme.test"): 2,
+            ("mailgate_agent_replies_total", "bartek@acme.test"): 1,
+            ("mailgate_agent_collisions_total", "anna@acme.test"): 0,
+            ("mailgate_agent_collisions_total", "bartek@acme.test"): 1,
+            ("mailgate_agent_first_response_seconds_count", "anna@acme.test"): 2,
+            ("mailgate_agent_first_response_seconds_count", "bartek@acme.test"): 0,
+        }
+        for _ in (1, 2):  # before and after a restart
+            d.stop()
+            d.start()
+            scrape = d.metrics()
+            assert {key: value(scrape, *key) for key in expected} == expected
+        stats = d.stats()
+        assert (stats["anna@acme.test"]["read"], stats["anna@acme.test"]["replies"]) == (3, 2)
+        assert (stats["bartek@acme.test"]["read"], stats["bartek@acme.test"]["collisions"]) == (1, 1)
+        assert stats["anna@acme.test"]["median_first_response_seconds"] is not None
+    finally:
+        d.stop()
