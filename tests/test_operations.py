@@ -172,7 +172,8 @@ def test_agent_statistics_scenario_survives_a_restart(tmp_path: Path, db_url: st
                 c.sendmail(
                     "klient@example.org",
                     ["biuro@acme.test"],
-                    f"From: klient{n}@example.org\r\nSubject: pytanie {n}\r\nMessage-ID: <c{n}@example.org>\r\n\r\n?\r\n",
+                    f"From: klient{n}@example.org\r\nSubject: pytanie {n}\r\n"
+                    f"Message-ID: <c{n}@example.org>\r\n\r\n?\r\n",
                 )
 
         def read(login: str, numbers: str) -> None:
@@ -188,7 +189,8 @@ def test_agent_statistics_scenario_survives_a_restart(tmp_path: Path, db_url: st
                 c.sendmail(
                     "biuro@acme.test",
                     [f"klient{n}@example.org"],
-                    f"From: biuro@acme.test\r\nSubject: Re: pytanie {n}\r\nIn-Reply-To: <c{n}@example.org>\r\n"
+                    f"From: biuro@acme.test\r\nSubject: Re: pytanie {n}\r\n"
+                    f"In-Reply-To: <c{n}@example.org>\r\n"
                     f"Message-ID: <r{n}.{login}@acme.test>\r\n\r\nOdpowiedz.\r\n",
                 )
 
