@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import ssl
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -83,6 +84,8 @@ class Daemon:
         self.relay: RelayWorker | None = None
         self.scheduler: Scheduler | None = None
         self.metrics: MetricsServer | None = None
+        self.tls: ssl.SSLContext | None = None
+        self._beat: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.pull: PullManager | None = None
         self.db: Database | None = None
@@ -98,7 +101,7 @@ class Daemon:
         changes = Changes()
         pipeline = Pipeline(self.db, blobs, changes=changes)
         auth = Authenticator(self.current_config, self.db)
-        tls = server_context(self.config.tls)
+        tls = self.tls = server_context(self.config.tls)
         self.pull = PullManager(self.current_config, pipeline, self.db)
         self.pull.apply(self.config)
         listen = self.config.listen
@@ -162,9 +165,12 @@ class Daemon:
         """Ready: the database takes writes, the listeners are up, the background jobs run."""
         if self.db is None or not self._tasks or any(t.done() for t in self._tasks):
             return False
-        try:
-            await asyncio.wait_for(self._heartbeat(), READY_TIMEOUT)
-        except Exception:  # noqa: BLE001 (any failure, a timeout included, means not ready)
+        # The heartbeat runs as its own task: a probe never waits for a write
+        # stuck behind a lock, and a stuck one keeps the daemon not ready.
+        if self._beat is None or self._beat.done():
+            self._beat = asyncio.create_task(self._heartbeat())
+        done, _ = await asyncio.wait({self._beat}, timeout=READY_TIMEOUT)
+        if not done or self._beat.exception() is not None:
             log.warning("readiness.database_unwritable")
             return False
         return True
@@ -197,6 +203,13 @@ class Daemon:
             return
         async with self.db.write() as s:
             await sync_tenants(s, tenant_specs(new))
+        if self.tls is not None and new.tls.cert_file is not None and new.tls.key_file is not None:
+            # Every listener holds this context: new handshakes use the new certificate.
+            try:
+                self.tls.load_cert_chain(new.tls.cert_file, new.tls.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                log.error("config.reload_refused", errors=[f"tls: {exc}"])
+                return
         self.config = new
         if self.pull is not None:
             self.pull.apply(new)
@@ -212,6 +225,8 @@ class Daemon:
             await server.stop()
         if self.pull is not None:
             await self.pull.stop()
+        if self._beat is not None:
+            self._tasks.append(self._beat)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

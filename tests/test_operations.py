@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -219,4 +220,86 @@ def test_agent_statistics_scenario_survives_a_restart(tmp_path: Path, db_url: st
         assert (stats["bartek@acme.test"]["read"], stats["bartek@acme.test"]["collisions"]) == (1, 1)
         assert stats["anna@acme.test"]["median_first_response_seconds"] is not None
     finally:
+        d.stop()
+
+
+def test_no_password_reaches_the_log(tmp_path: Path, db_url: str) -> None:
+    d = Daemon(tmp_path, db_url)
+    d.start()
+    try:
+        client = imaplib.IMAP4("127.0.0.1", d.ports["imap"], timeout=10)
+        client.login("anna@acme.test", PASSWORD)
+        client.logout()
+        client = imaplib.IMAP4("127.0.0.1", d.ports["imap"], timeout=10)
+        with pytest.raises(imaplib.IMAP4.error):
+            client.login("anna@acme.test", PASSWORD + "-wrong")
+        with smtplib.SMTP("127.0.0.1", d.ports["submission"], timeout=10) as c:
+            c.login("bartek@acme.test", PASSWORD)
+    finally:
+        d.stop()
+    log = (tmp_path / "daemon.log").read_text()
+    assert "imap.login" in log
+    assert PASSWORD not in log
+    assert "AUTH PLAIN" not in log
+
+
+def test_readyz_fails_while_the_database_is_locked_and_recovers(tmp_path: Path) -> None:
+    import sqlite3
+
+    d = Daemon(tmp_path, "")
+    d.start()
+    url = f"http://127.0.0.1:{d.ports['metrics']}/readyz"
+    try:
+        lock = sqlite3.connect(tmp_path / "var" / "mailgate.db", isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(urllib.error.HTTPError) as unready:
+                urllib.request.urlopen(url, timeout=30)
+            assert unready.value.code == 503
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert r.status == 200
+    finally:
+        d.stop()
+
+
+def test_sighup_applies_a_new_rule_while_idle_sessions_stay(tmp_path: Path, db_url: str) -> None:
+    d = Daemon(tmp_path, db_url)
+    d.start()
+    idle = socket.create_connection(("127.0.0.1", d.ports["imap"]), timeout=10)
+    lines = idle.makefile("rb")
+    try:
+        lines.readline()
+        idle.sendall(b"a LOGIN anna@acme.test " + PASSWORD.encode() + b"\r\nb SELECT INBOX\r\nc IDLE\r\n")
+        while not lines.readline().startswith(b"+"):
+            pass
+        d.config.write_text(
+            d.config.read_text()
+            + '\n[[tenants.rules]]\nname = "new"\n'
+            + 'conditions = [{ field = "subject", op = "contains", value = "nowa" }]\n'
+            + 'actions = [{ folder = "Nowe" }]\n',
+            encoding="utf-8",
+        )
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "config.reloaded" not in (tmp_path / "daemon.log").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with smtplib.SMTP("127.0.0.1", d.ports["smtp"], timeout=10) as c:
+            c.sendmail("k@example.org", ["biuro@acme.test"], "Subject: nowa sprawa\r\n\r\nx\r\n")
+        command = ["folders", "--tenant", "acme", "--format", "json"]
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway", "-c", str(d.config), *command],
+            capture_output=True, check=True, timeout=60, cwd=tmp_path,
+        )  # fmt: skip
+        assert {r["name"]: r["messages"] for r in json.loads(out.stdout)}.get("Nowe") == 1
+        idle.sendall(b"DONE\r\n")
+        while not (line := lines.readline()).startswith(b"c "):
+            assert line
+        assert line.startswith(b"c OK")
+    finally:
+        idle.close()
         d.stop()
