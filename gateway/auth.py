@@ -21,11 +21,14 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 
+from gateway import metrics
 from gateway.config import Config
 from storage.db import Database
 from storage.models import Agent
 
 log = structlog.get_logger(__name__)
+
+CONCURRENT_CHECKS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,8 @@ class Authenticator:
         self.window = window
         self.clock = clock
         self._hasher = PasswordHasher()
+        # argon2 takes 64 MiB per check: a burst of logins must not multiply that.
+        self._checks = asyncio.Semaphore(CONCURRENT_CHECKS)
         self._dummy = self._hasher.hash(secrets.token_hex(16))
         self._failures: defaultdict[str, deque[float]] = defaultdict(deque)
 
@@ -71,7 +76,7 @@ class Authenticator:
             return False
         return len(failures) >= self.max_failures
 
-    async def verify(self, login: str, password: str, address: str) -> Identity | None:
+    async def verify(self, login: str, password: str, address: str, listener: str = "") -> Identity | None:
         """The agent, when ``login`` and ``password`` match; None (after a delay) otherwise."""
         if self.blocked(address):
             log.warning("auth.blocked", peer=address)
@@ -80,7 +85,8 @@ class Authenticator:
         login = login.strip().lower()
         found = next(((t, a) for t in self.config().tenants for a in t.agents if a.login == login), None)
         hashed = found[1].password_hash if found else self._dummy
-        ok = await asyncio.to_thread(self._check, hashed, password)
+        async with self._checks:
+            ok = await asyncio.to_thread(self._check, hashed, password)
         if ok and found is not None:
             tenant, agent = found
             async with self.db.read() as s:
@@ -88,7 +94,8 @@ class Authenticator:
             if agent_id is not None:
                 return Identity(agent_id, tenant.id, login, agent.folders)
         self._failures[address].append(self.clock())
-        log.warning("auth.failed", login=login, peer=address)
+        metrics.AUTH_FAILURES.labels(listener or "unknown").inc()
+        log.warning("auth.failed", login=login, peer=address, listener=listener)
         await asyncio.sleep(self.failure_delay)
         return None
 

@@ -99,7 +99,12 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     from gateway.daemon import Daemon
 
     logs.configure()
-    return asyncio.run(Daemon(config, args.config).run())
+    try:
+        return asyncio.run(Daemon(config, args.config).run())
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def cmd_migrate(config: Config, args: argparse.Namespace) -> int:

@@ -97,6 +97,12 @@ class Daemon:
     async def start(self) -> None:
         """Open storage and start the listeners."""
         inherited = systemd.inherited_sockets()
+        for name in ("submissions", "imaps"):
+            if name in inherited and self.config.tls.cert_file is None:
+                # Never serve an implicit-TLS port in clear, however the socket arrived.
+                raise ConfigError(
+                    [f"listen.{name}: socket-activated implicit TLS needs [tls] cert_file and key_file"]
+                )
         self.db, blobs = await open_store(self.config)
         changes = Changes()
         pipeline = Pipeline(self.db, blobs, changes=changes)
@@ -148,8 +154,6 @@ class Daemon:
                 await server.start(*split_hostport(address))
             self.imap.append(server)
             log.info("listener.started", listener=name, address=address, port=server.port)
-        for name in inherited:
-            log.warning("listener.unknown_socket", name=name, reason="no [listen] key of that name")
         if listen.metrics or "metrics" in inherited:
             collector = DatabaseCollector(self.current_config, self.db)
             await collector.refresh()
@@ -160,6 +164,8 @@ class Daemon:
                 await self.metrics.start(*split_hostport(listen.metrics))
             self._tasks.append(asyncio.create_task(refresh_forever(collector), name="metrics"))
             log.info("listener.started", listener="metrics", address=listen.metrics, port=self.metrics.port)
+        for name in inherited:
+            log.warning("listener.unknown_socket", name=name, reason="no [listen] key of that name")
 
     async def ready(self) -> bool:
         """Ready: the database takes writes, the listeners are up, the background jobs run."""

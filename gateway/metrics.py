@@ -112,7 +112,21 @@ class DatabaseCollector(Collector):
             for m in (await s.scalars(select(UpstreamMailbox))).all():
                 if m.last_success_at is not None:
                     data.upstream[(m.tenant_id, m.name)] = m.last_success_at.timestamp()
-        newest = await asyncio.to_thread(snapshots.listing, self.config().snapshots.dir)
+        # Configured agents and mailboxes appear at 0 before their first event, so that
+        # increase() sees their first one and an upstream never pulled can alert.
+        config = self.config()
+        for section in config.tenants:
+            for configured in section.agents:
+                for values in (data.reads, data.replies, data.collisions):
+                    values.setdefault((section.id, configured.login), 0)
+                data.first_response.setdefault((section.id, configured.login), [])
+            for mailbox in section.mailboxes:
+                data.upstream.setdefault((section.id, mailbox.name), 0.0)
+            for source in ("smtp", "imap", "append"):
+                MESSAGES_RECEIVED.labels(section.id, source)
+            for result in ("sent", "deferred", "bounced"):
+                RELAY_MESSAGES.labels(section.id, result)
+        newest = await asyncio.to_thread(snapshots.listing, config.snapshots.dir)
         data.snapshot = newest[0].created_at.timestamp() if newest else None
         self.data = data
 

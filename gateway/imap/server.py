@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import structlog
 
+from gateway import metrics
 from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.imap.commands import Authenticate
@@ -156,7 +157,9 @@ class IMAPServer:
             tls=self.implicit_tls,
             starttls_available=self.tls is not None and not self.implicit_tls,
             loopback=is_loopback(host),
+            listener=self.name,
         )
+        metrics.SESSIONS.labels(self.name).inc()
         started = time.monotonic()
         commands = 0
         try:

@@ -100,6 +100,7 @@ class Session:
         tls: bool,
         starttls_available: bool,
         loopback: bool,
+        listener: str = "imap",
     ) -> None:
         self.config = config
         self.db = db
@@ -110,6 +111,7 @@ class Session:
         self.tls = tls
         self.starttls_available = starttls_available
         self.loopback = loopback
+        self.listener = listener
         self.state = State.NOT_AUTHENTICATED
         self.identity: Identity | None = None
         self.view: View | None = None
@@ -225,7 +227,7 @@ class Session:
     async def _authenticate(self, user: str, password: str) -> str:
         if not (self.tls or self.loopback):
             raise No("log in over TLS (STARTTLS) first", "PRIVACYREQUIRED")
-        identity = await self.auth.verify(user, password, self.peer)
+        identity = await self.auth.verify(user, password, self.peer, self.listener)
         if identity is None:
             raise No("invalid credentials", "AUTHENTICATIONFAILED")
         self.identity = identity

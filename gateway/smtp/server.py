@@ -25,6 +25,7 @@ from typing import Any, AnyStr
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
+from gateway import metrics
 from gateway.auth import Authenticator, Identity
 from gateway.config import Config, TenantSection
 from gateway.ingest import Delivery, Pipeline
@@ -98,6 +99,7 @@ class MailgateSMTP(SMTP):
         super().__init__(handler, **kwargs)
         self._gate = gate
         self._admitted_ip: str | None = None
+        self._listener = "submission" if getattr(handler, "submission", False) else "smtp"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         starttls = self.transport is not None
@@ -108,6 +110,7 @@ class MailgateSMTP(SMTP):
         ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         if self._gate.admit(ip):
             self._admitted_ip = ip
+            metrics.SESSIONS.labels(self._listener).inc()
             # AUTH before TLS only from this machine (aiosmtpd keeps these per connection).
             if _loopback(ip) and getattr(self.event_handler, "auth", None) is not None:
                 self._auth_require_tls = False
@@ -203,7 +206,10 @@ class RelayHandler:
         if self.auth is None or server.session is None:
             return AuthResult(success=False, handled=False)
         identity = await self.auth.verify(
-            login.decode("utf-8", "replace"), password.decode("utf-8", "replace"), _peer(server.session)
+            login.decode("utf-8", "replace"),
+            password.decode("utf-8", "replace"),
+            _peer(server.session),
+            "submission" if self.submission else "smtp",
         )
         if identity is None:
             # handled=False: aiosmtpd then answers 535 (handled=True would leave the client waiting).
