@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test peers lint bench-smtp-ingest
+.PHONY: run test peers lint bench-smtp-ingest bench-pull bench-retention bench-snapshot bench-imap bench-relay
 
 $(BIN)/mailgate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,18 @@ test: peers lint
 
 bench-smtp-ingest: $(BIN)/mailgate
 	$(BIN)/python bench/smtp_ingest.py $(ARGS)
+
+bench-pull: $(BIN)/mailgate
+	$(BIN)/python bench/pull.py $(ARGS)
+
+bench-retention: $(BIN)/mailgate
+	$(BIN)/python bench/retention.py $(ARGS)
+
+bench-snapshot: $(BIN)/mailgate
+	$(BIN)/python bench/snapshot.py $(ARGS)
+
+bench-imap: $(BIN)/mailgate
+	$(BIN)/python bench/imap.py $(ARGS)
+
+bench-relay: $(BIN)/mailgate
+	$(BIN)/python bench/relay.py $(ARGS)
