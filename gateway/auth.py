@@ -63,7 +63,7 @@ class Authenticator:
         self._hasher = PasswordHasher()
         # argon2 takes 64 MiB per check: a burst of logins must not multiply that.
         self._checks = asyncio.Semaphore(CONCURRENT_CHECKS)
-        self._dummy = self._hasher.hash(secrets.token_hex(16))
+        self._dummy: str | None = None  # made on first use, in a thread: argon2 is slow on purpose
         self._failures: defaultdict[str, deque[float]] = defaultdict(deque)
 
     def blocked(self, address: str) -> bool:
@@ -84,7 +84,9 @@ class Authenticator:
             return None
         login = login.strip().lower()
         found = next(((t, a) for t in self.config().tenants for a in t.agents if a.login == login), None)
-        hashed = found[1].password_hash if found else self._dummy
+        if found is None and self._dummy is None:
+            self._dummy = await asyncio.to_thread(self._hasher.hash, secrets.token_hex(16))
+        hashed = found[1].password_hash if found else (self._dummy or "")
         async with self._checks:
             ok = await asyncio.to_thread(self._check, hashed, password)
         if ok and found is not None:

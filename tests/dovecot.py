@@ -43,7 +43,6 @@ import tempfile
 import threading
 import time
 import uuid
-from base64 import b64encode
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,8 @@ from types import TracebackType
 
 import pytest
 import trustme
+
+from gateway import mutf7
 
 INBOX = "INBOX"
 HOST = "127.0.0.1"
@@ -70,24 +71,8 @@ class Fetched:
 
 
 def imap_utf7(name: str) -> str:
-    """A mailbox name in IMAP modified UTF-7 (RFC 3501 5.1.3)."""
-    out: list[str] = []
-    pending: list[str] = []
-
-    def flush() -> None:
-        if pending:
-            raw = "".join(pending).encode("utf-16-be")
-            out.append("&" + b64encode(raw).decode("ascii").rstrip("=").replace("/", ",") + "-")
-            pending.clear()
-
-    for ch in name:
-        if 0x20 <= ord(ch) <= 0x7E:
-            flush()
-            out.append("&-" if ch == "&" else ch)
-        else:
-            pending.append(ch)
-    flush()
-    return "".join(out)
+    """A folder name in modified UTF-7 (RFC 3501 5.1.3), as IMAP commands carry it."""
+    return mutf7.encode(name)
 
 
 def quote_mailbox(name: str) -> str:
