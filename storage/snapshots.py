@@ -2,16 +2,17 @@
 
 Theory of operation
 -------------------
-A snapshot is a directory that stands on its own: ``metadata.db`` (SQLite,
-the same schema, holding tenants, domains, agents, folders and messages),
-``blobs/`` (hard links to the immutable, content-addressed message files:
-no data is copied, and a snapshot survives the live blob's deletion), and
-``manifest.json``. It is readable without the live database, whichever
-engine the live one is.
+Each snapshot is a directory with ``metadata.db`` (SQLite, the same schema)
+and ``manifest.json``; the message files are in ``blobs/`` beside the
+snapshots, shared by all of them: hard links to the immutable,
+content-addressed files of the live store (no data is copied, a snapshot
+survives the live file's deletion, and a snapshot adds only the blobs the
+earlier ones lack, so a second one costs little). The snapshot directory is
+readable without the live database, whichever engine the live one is.
 
-Consistency while the daemon runs: all rows are read in one repeatable-read
-transaction (SQLite WAL gives every transaction a snapshot; PostgreSQL is
-asked for REPEATABLE READ), so the copy is one instant. Blobs are written
+Consistency while the daemon runs: on SQLite the online backup API copies
+the database pages of one instant; on PostgreSQL the mail tables are read in
+one REPEATABLE READ transaction. Blobs are written
 before the rows that name them are committed, so every row read has its
 blob; the maintenance lock keeps blob garbage collection out while the links
 are made. The directory is built under a temporary name and renamed when
@@ -32,6 +33,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,15 +41,19 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, func, insert, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage import mailstore
 from storage.blobs import BlobStore
 from storage.db import Database
 from storage.flags import join_flags
-from storage.models import Base, Folder, Message, Tenant
+from storage.models import Base, Folder, Message
 
 CHUNK = 2000
+# Blobs of all snapshots, hard links into the live store, shared: a snapshot
+# adds only the blobs the previous ones do not have.
+POOL = "blobs"
 _TABLE_NAMES = ("tenants", "domains", "agents", "folders", "messages")
 # Not copied: recomputed from the blob on restore, and large.
 _SKIP = {"envelope", "bodystructure", "body"}
@@ -107,23 +113,18 @@ async def create(
     final = directory / name
     partial = directory / f".{name}.partial"
     await asyncio.to_thread(_fresh_dir, partial)
-    engine = _engine(partial / "metadata.db")
-    tables = [Base.metadata.tables[n] for n in _TABLE_NAMES]
-    await asyncio.to_thread(Base.metadata.create_all, engine, tables)
-    messages = size = 0
-    async with maintenance_lock(data_dir), _consistent(db) as s:
-        for table in tables:
-            columns = [c for c in table.columns if c.name not in _SKIP]
-            result = await s.stream(select(*columns).order_by(*table.primary_key.columns))
-            async for chunk in result.mappings().partitions(CHUNK):
-                rows = [dict(r) for r in chunk]
-                await asyncio.to_thread(_write, engine, table, rows)
-                if table.name == "messages":
-                    messages += len(rows)
-                    size += sum(r["size"] for r in rows)
-                    await asyncio.to_thread(_link, blobs, partial / "blobs", {r["blob"] for r in rows})
-        tenants = int(await s.scalar(select(func.count()).select_from(Tenant)) or 0)
-    engine.dispose()
+    pool = directory / POOL
+    async with maintenance_lock(data_dir):
+        if db.is_sqlite:
+            # SQLite's online backup copies the pages of one consistent instant.
+            await asyncio.to_thread(_backup, db, partial / "metadata.db")
+        else:
+            await _export(db, partial / "metadata.db")
+        # Blobs named by the copied rows exist (written before their rows were
+        # committed) and stay (the lock keeps garbage collection out).
+        messages, size, digests = await asyncio.to_thread(_message_blobs, partial / "metadata.db")
+        await asyncio.to_thread(_link, blobs, pool, digests)
+    tenants = await asyncio.to_thread(_count_tenants, partial / "metadata.db")
     manifest = {
         "name": name,
         "created_at": now.isoformat(),
@@ -133,6 +134,43 @@ async def create(
     }
     await asyncio.to_thread(_finish, partial, final, manifest)
     return SnapshotInfo(name, final, now, messages, size, tenants)
+
+
+def _backup(db: Database, target: Path) -> None:
+    source = sqlite3.connect(make_url(db.url).database or "")
+    try:
+        destination = sqlite3.connect(target)
+        try:
+            source.backup(destination)
+        finally:
+            destination.close()
+    finally:
+        source.close()
+
+
+async def _export(db: Database, target: Path) -> None:
+    """Copy the mail tables, read at one instant, into a new SQLite file."""
+    engine = _engine(target)
+    tables = [Base.metadata.tables[n] for n in _TABLE_NAMES]
+    await asyncio.to_thread(Base.metadata.create_all, engine, tables)
+    async with _consistent(db) as s:
+        for table in tables:
+            columns = [c for c in table.columns if c.name not in _SKIP]
+            result = await s.stream(select(*columns).order_by(*table.primary_key.columns))
+            async for chunk in result.mappings().partitions(CHUNK):
+                await asyncio.to_thread(_write, engine, table, [dict(r) for r in chunk])
+    engine.dispose()
+
+
+def _message_blobs(path: Path) -> tuple[int, int, set[str]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute("SELECT blob, size FROM messages").fetchall()
+    return len(rows), sum(r[1] for r in rows), {r[0] for r in rows}
+
+
+def _count_tenants(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return int(conn.execute("SELECT count(*) FROM tenants").fetchone()[0])
 
 
 def _write(engine: Engine, table: Any, rows: list[dict[str, Any]]) -> None:
@@ -158,7 +196,7 @@ def _link(blobs: BlobStore, root: Path, digests: set[str]) -> None:
 
 def _fresh_dir(partial: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
-    (partial / "blobs").mkdir(parents=True)
+    partial.mkdir(parents=True)
 
 
 def _finish(partial: Path, final: Path, manifest: dict[str, Any]) -> None:
@@ -189,10 +227,18 @@ def listing(directory: Path) -> list[SnapshotInfo]:
 
 
 def prune(directory: Path, keep: int) -> list[str]:
-    """Delete all but the ``keep`` newest snapshots; their names."""
-    old = listing(directory)[keep:]
+    """Delete all but the ``keep`` newest snapshots, and pool blobs no kept one names."""
+    snaps = listing(directory)
+    old = snaps[keep:]
     for info in old:
         shutil.rmtree(info.path)
+    if old:
+        wanted: set[str] = set()
+        for info in snaps[:keep]:
+            wanted |= _message_blobs(info.path / "metadata.db")[2]
+        for blob in (directory / POOL).glob("*/*/*"):
+            if blob.name not in wanted:
+                blob.unlink()
     return [i.name for i in old]
 
 
@@ -211,7 +257,7 @@ def verify(path: Path, progress: Callable[[int, int], None] | None = None) -> li
         engine.dispose()
     per_folder: dict[int, list[int]] = {}
     for n, row in enumerate(rows, 1):
-        blob = _blob_path(path / "blobs", row.blob)
+        blob = _blob_path(path.parent / POOL, row.blob)
         try:
             data = blob.read_bytes()
         except FileNotFoundError:
@@ -318,7 +364,7 @@ async def restore(
                 if present:
                     report.skipped += 1
                     continue
-                source = _blob_path(path / "blobs", row["blob"])
+                source = _blob_path(path.parent / POOL, row["blob"])
                 if not blobs.exists(row["blob"]):
                     await asyncio.to_thread(blobs.put_sync, source.read_bytes())
                 message = mailstore.NewMessage(
