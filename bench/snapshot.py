@@ -12,21 +12,28 @@ files are the same, only loading is faster.
 Then it measures, in this process:
 
 1. ``snapshots.create`` (what ``mailgate snapshot create`` and the daily job
-   call) into ``<data_dir>/snapshots``: wall and CPU time, split into reading
-   the live database (SQLAlchemy, streamed), writing ``metadata.db``
-   (``_write``), hard-linking the blobs (``_link``: ``mkdir`` + ``os.link``
-   per blob) and the final fsyncs and rename (``_finish``);
-2. its disk use, ``du``-style (``st_blocks * 512``, each inode once):
-   *new* = blocks of inodes the snapshot created (directories, metadata.db,
-   manifest; a hard-linked blob is not new), and *apparent* = the sum of the
-   file sizes it holds (what copying it elsewhere would take);
+   call) into ``<data_dir>/snapshots``: wall and CPU time, split by the helpers
+   of ``storage/snapshots.py`` that this version has (wrapped here, looked up
+   by name): the SQLite online backup (``_backup``) or the SQLAlchemy export
+   (``_export``, ``_write``), listing the digests, hard-linking the blobs
+   (``_link``: a check, ``mkdir`` and ``os.link`` per blob; *links made* are
+   the blob files that appeared) and the final fsyncs and rename
+   (``_finish``); what no helper covers is printed as the rest (in the
+   version before the shared pool: reading the live database);
+2. its disk use, ``du``-style (``st_blocks * 512``, each inode once) over the
+   snapshot's directory and the shared blob pool (``snapshots/blobs``, when
+   the version has one): *new* = blocks of inodes that did not exist before
+   (directories, metadata.db, manifest; a hard-linked blob is not new), and
+   *apparent* = the sum of the file sizes there (what copying it would take);
 3. ``--change`` (1 %) of the messages change: 50 % of those changes are new
-   deliveries (new blobs through ``BlobStore.put_sync``), 45 % flag changes
-   (``mailstore.store_flags``), 5 % expunges;
+   deliveries (new blobs through ``BlobStore.put``), 45 % flag changes
+   (``mailstore.store_flags``, one per message), 5 % expunges;
 4. a second ``snapshots.create`` a day later, measured the same way (*new*
-   now also excludes inodes the first snapshot holds), and the ratios
+   now also excludes inodes the first snapshot created), and the ratios
    second / first;
-5. ``snapshots.verify`` of both, timed; any problem it finds fails the bench.
+5. ``snapshots.verify`` of both, timed (any problem fails the bench); then
+   ``snapshots.prune`` to one, timed; then reference floors: ``cp -al`` of the
+   live blob tree and (SQLite) an online backup of the live database.
 
     .venv/bin/python bench/snapshot.py [--messages 100000] [--tenants 4] [--change 0.01]
         [--database-url postgresql+asyncpg://postgres@127.0.0.1:5432/mailgate_bench] [--keep DIR]
@@ -41,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import inspect
 import os
 import random
 import resource
@@ -212,27 +220,56 @@ async def change(db: Database, blobs: BlobStore, args: argparse.Namespace, now: 
 
 @dataclass
 class Phases:
-    """Wall seconds spent in each part of ``snapshots.create``."""
+    """Wall seconds spent in each helper of ``snapshots.create`` that this version has."""
 
     seconds: Counter[str] = field(default_factory=Counter)
     calls: Counter[str] = field(default_factory=Counter)
-    linked: int = 0
+    digests: int = 0  # digests handed to _link (each is checked, new ones linked)
+    links: int = 0  # blob files that appeared (links made), counted on disk
+
+
+# The helpers of storage/snapshots.py, before and after the shared pool (4eaf6a7), and
+# what they do. ``_write`` runs inside ``_export`` when both exist.
+HELPERS = {
+    "_backup": "SQLite online backup",
+    "_export": "export rows (SQLAlchemy)",
+    "_write": "write metadata.db",
+    "_message_blobs": "list digests",
+    "_link": "link blobs",
+    "_count_tenants": "count tenants",
+    "_finish": "fsync+rename",
+    "_fresh_dir": "mkdir",
+}
 
 
 def instrument(phases: Phases) -> Callable[[], None]:
     """Time snapshots' helpers (module globals, looked up at each call); returns the undo."""
-    originals = {name: getattr(snapshots, name) for name in ("_write", "_link", "_finish", "_fresh_dir")}
+    originals = {name: getattr(snapshots, name) for name in HELPERS if hasattr(snapshots, name)}
+
+    def done(name: str, t0: float) -> None:
+        phases.seconds[name] += time.perf_counter() - t0
+        phases.calls[name] += 1
 
     def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.iscoroutinefunction(fn):
+
+            async def awrapper(*a: Any, **kw: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return await fn(*a, **kw)
+                finally:
+                    done(name, t0)
+
+            return awrapper
+
         def wrapper(*a: Any, **kw: Any) -> Any:
             t0 = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
-                phases.seconds[name] += time.perf_counter() - t0
-                phases.calls[name] += 1
+                done(name, t0)
                 if name == "_link":
-                    phases.linked += len(a[2])
+                    phases.digests += len(a[2])
 
         return wrapper
 
@@ -244,6 +281,11 @@ def instrument(phases: Phases) -> Callable[[], None]:
             setattr(snapshots, name, fn)
 
     return undo
+
+
+def blob_files(roots: list[Path]) -> int:
+    """Files under these blob trees (``ab/cd/<digest>``)."""
+    return sum(len(files) for root in roots for _, _, files in os.walk(root))
 
 
 @dataclass
@@ -310,6 +352,8 @@ async def take(
     db: Database, blobs: BlobStore, config: Config, now: datetime, known: set[tuple[int, int]]
 ) -> Shot:
     phases = Phases()
+    pool = config.snapshots.dir / getattr(snapshots, "POOL", "blobs")  # shared pool, if this version has one
+    pool_before = await asyncio.to_thread(blob_files, [pool])
     undo = instrument(phases)
     await asyncio.to_thread(os.sync)  # nothing of the load or the changes left to flush
     started, cpu_started = time.perf_counter(), cpu_seconds()
@@ -318,7 +362,7 @@ async def take(
     finally:
         undo()
     seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
-    pool = config.snapshots.dir / snapshots.POOL
+    phases.links = await asyncio.to_thread(blob_files, [pool, info.path / "blobs"]) - pool_before
     return Shot(info.name, seconds, cpu, phases, usage([info.path, pool], known), info.messages)
 
 
@@ -328,18 +372,27 @@ def mb(n: float) -> str:
 
 def report(label: str, shot: Shot) -> None:
     p, u = shot.phases, shot.usage
-    helpers = sum(p.seconds[k] for k in ("_write", "_link", "_finish", "_fresh_dir"))
-    read = shot.seconds - helpers
+    nested = {"_write"} if p.calls["_export"] else set()
+    top = [k for k in HELPERS if p.calls[k] and k not in nested]
+    rest = shot.seconds - sum(p.seconds[k] for k in top)
     print(
         f"{label}: {shot.messages:,} messages in {shot.seconds:.1f} s (CPU {shot.cpu:.1f} s); "
         f"new on disk {mb(u.new_bytes)} in {u.new_inodes:,} inodes, apparent {mb(u.apparent)}"
     )
-    print(
-        f"  time: read live DB (SQLAlchemy stream) + event loop {read:.1f} s | write metadata.db "
-        f"{p.seconds['_write']:.1f} s ({p.calls['_write']} chunks) | link blobs {p.seconds['_link']:.1f} s "
-        f"({p.linked:,} blobs, {1e6 * p.seconds['_link'] / max(p.linked, 1):.0f} us each) | "
-        f"fsync+rename {p.seconds['_finish']:.2f} s"
+    parts = []
+    for k in top:
+        part = f"{HELPERS[k]} {p.seconds[k]:.2f} s"
+        if k == "_link":
+            each = 1e6 * p.seconds[k] / max(p.digests, 1)
+            part += f" ({p.digests:,} digests, {each:.0f} us each; {p.links:,} links made)"
+        if k == "_export" and p.calls["_write"]:
+            part += f" (of which write metadata.db {p.seconds['_write']:.2f} s in {p.calls['_write']} chunks)"
+        parts.append(part)
+    label_rest = (
+        "read live DB (SQLAlchemy stream) + event loop" if p.calls["_write"] and not nested else "rest"
     )
+    parts.append(f"{label_rest} {rest:.2f} s")
+    print("  time: " + " | ".join(parts))
     print(
         f"  disk: metadata.db {mb(u.metadata_bytes)}, {u.directories:,} directories {mb(u.directory_bytes)}, "
         f"{u.files:,} files"
