@@ -86,6 +86,7 @@ def test_example_config_runs_and_files_mail(tmp_path: Path) -> None:
     imap_port = free_port()
     text = text.replace('imap = "127.0.0.1:2143"', f'imap = "127.0.0.1:{imap_port}"')
     text = text.replace('submission = "127.0.0.1:2587"', f'submission = "127.0.0.1:{free_port()}"')
+    text = text.replace('metrics = "127.0.0.1:9464"', f'metrics = "127.0.0.1:{free_port()}"')
     text = re.sub(r'^data_dir = "var"', f'data_dir = "{tmp_path / "var"}"', text, flags=re.MULTILINE)
     config = tmp_path / "example.toml"
     config.write_text(text, encoding="utf-8")
