@@ -217,6 +217,11 @@ class Outbound(Base):
         ForeignKey("messages.id", ondelete="SET NULL"), index=True
     )
     delay_notified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The instance attempting it now, and until when its claim holds: a
+    # message is attempted by one instance at a time, and a claim left by a
+    # dead instance expires.
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
+    claimed_until: Mapped[datetime | None] = mapped_column()
 
 
 class OutboundRecipient(Base):
@@ -242,6 +247,8 @@ class UpstreamMailbox(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     last_error_at: Mapped[datetime | None] = mapped_column()
     messages_pulled: Mapped[int] = mapped_column(BigInteger, default=0)
+    # When the puller tries again after a failure (None: not backing off).
+    next_attempt_at: Mapped[datetime | None] = mapped_column()
 
 
 class UpstreamFolder(Base):
@@ -278,3 +285,15 @@ class Heartbeat(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     at: Mapped[datetime] = mapped_column()
+
+
+class Instance(Base):
+    """A mailgate process using this database: who it is and that it lives."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column()
+    heartbeat_at: Mapped[datetime] = mapped_column()
