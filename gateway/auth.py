@@ -1,10 +1,23 @@
 """Agent authentication for the IMAP server and SMTP submission.
 
+Theory of operation
+-------------------
 Passwords are checked with argon2 in a worker thread (it is CPU-heavy by
 design). An unknown login still costs one verification against a dummy hash,
 so timing does not reveal which logins exist. Every failure is answered after
-a delay, and a client address with too many recent failures is refused
-without checking anything until its window passes.
+a delay.
+
+Two budgets bound what clients can make the daemon hash (``[limits.auth]``):
+
+* per client address: ``max_failures`` within ``window``. The decision is
+  taken when a check is about to run, counting the address's recent failures
+  *plus its checks running at that moment*, so parallel attempts cannot
+  overshoot the limit: of 40 simultaneous wrong passwords from one address,
+  at most ``max_failures`` are verified; the rest are refused unchecked.
+* for the whole daemon: at most ``concurrent_checks`` verifications run at
+  once and at most ``queue`` attempts wait for one; beyond that an attempt is
+  refused at once as temporarily unavailable (:class:`AuthUnavailable`), so
+  clients rotating source addresses cannot keep every core hashing.
 """
 
 from __future__ import annotations
@@ -12,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +41,9 @@ from storage.models import Agent
 
 log = structlog.get_logger(__name__)
 
-CONCURRENT_CHECKS = 2
+
+class AuthUnavailable(Exception):
+    """Too many password checks are waiting: the client should try again later."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +57,7 @@ class Identity:
 
 
 class Authenticator:
-    """Checks agents' passwords, with a failure delay and a per-address limit."""
+    """Checks agents' passwords within a per-address failure limit and a global check budget."""
 
     def __init__(
         self,
@@ -50,45 +65,49 @@ class Authenticator:
         db: Database,
         *,
         failure_delay: float = 1.0,
-        max_failures: int = 10,
-        window: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.db = db
         self.failure_delay = failure_delay
-        self.max_failures = max_failures
-        self.window = window
         self.clock = clock
         self._hasher = PasswordHasher()
-        # argon2 takes 64 MiB per check: a burst of logins must not multiply that.
-        self._checks = asyncio.Semaphore(CONCURRENT_CHECKS)
+        # argon2 takes 64 MiB and a core per check: a burst of logins must not multiply that.
+        self._checks = asyncio.Semaphore(config().limits.auth.concurrent_checks)
+        self._waiting = 0
         self._dummy: str | None = None  # made on first use, in a thread: argon2 is slow on purpose
         self._failures: defaultdict[str, deque[float]] = defaultdict(deque)
+        self._running: Counter[str] = Counter()  # checks in progress, per client address
 
-    def blocked(self, address: str) -> bool:
-        """True when ``address`` has failed too often recently."""
-        failures = self._failures[address]
-        while failures and failures[0] < self.clock() - self.window:
+    def _recent_failures(self, address: str) -> int:
+        failures = self._failures.get(address)
+        if failures is None:
+            return 0
+        horizon = self.clock() - self.config().limits.auth.window.total_seconds()
+        while failures and failures[0] < horizon:
             failures.popleft()
         if not failures:
             del self._failures[address]
-            return False
-        return len(failures) >= self.max_failures
+        return len(failures)
+
+    def blocked(self, address: str) -> bool:
+        """True when ``address`` may not have another password checked now."""
+        used = self._recent_failures(address) + self._running[address]
+        return used >= self.config().limits.auth.max_failures
 
     async def verify(self, login: str, password: str, address: str, listener: str = "") -> Identity | None:
-        """The agent, when ``login`` and ``password`` match; None (after a delay) otherwise."""
-        if self.blocked(address):
-            log.warning("auth.blocked", peer=address)
-            await asyncio.sleep(self.failure_delay)
-            return None
+        """The agent, when ``login`` and ``password`` match; None (after a delay) otherwise.
+
+        Raises :class:`AuthUnavailable` when the daemon's check budget is exhausted.
+        """
         login = login.strip().lower()
-        found = next(((t, a) for t in self.config().tenants for a in t.agents if a.login == login), None)
-        if found is None and self._dummy is None:
-            self._dummy = await asyncio.to_thread(self._hasher.hash, secrets.token_hex(16))
-        hashed = found[1].password_hash if found else (self._dummy or "")
-        async with self._checks:
-            ok = await asyncio.to_thread(self._check, hashed, password)
+        agents = ((t, a) for t in self.config().tenants for a in t.agents)
+        found = next(((t, a) for t, a in agents if a.login == login), None) if login else None
+        ok = False
+        if not self.blocked(address):
+            ok = await self._verify_in_budget(found[1].password_hash if found else None, password, address)
+        else:
+            log.warning("auth.blocked", peer=address)
         if ok and found is not None:
             tenant, agent = found
             async with self.db.read() as s:
@@ -100,6 +119,35 @@ class Authenticator:
         log.warning("auth.failed", login=login, peer=address, listener=listener)
         await asyncio.sleep(self.failure_delay)
         return None
+
+    async def _verify_in_budget(self, hashed: str | None, password: str, address: str) -> bool:
+        """Run one check within the global budget; False, unchecked, if the address is blocked by then."""
+        if self._waiting >= self.config().limits.auth.queue and self._checks.locked():
+            log.warning("auth.busy", peer=address, waiting=self._waiting)
+            raise AuthUnavailable("too many logins at once, try again later")
+        self._waiting += 1
+        try:
+            await self._checks.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            if self.blocked(address):  # failures from this address while it waited
+                log.warning("auth.blocked", peer=address)
+                return False
+            self._running[address] += 1
+            try:
+                if hashed is None:
+                    if self._dummy is None:
+                        self._dummy = await asyncio.to_thread(self._hasher.hash, secrets.token_hex(16))
+                    hashed = self._dummy
+                metrics.AUTH_CHECKS.inc()
+                return await asyncio.to_thread(self._check, hashed, password)
+            finally:
+                self._running[address] -= 1
+                if self._running[address] <= 0:
+                    del self._running[address]
+        finally:
+            self._checks.release()
 
     def _check(self, hashed: str, password: str) -> bool:
         try:

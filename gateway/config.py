@@ -126,6 +126,7 @@ Address = Annotated[
     BeforeValidator(lambda v: v.strip().lower() if isinstance(v, str) else v),
     Field(pattern=r"^[^@\s<>]+@[^@\s<>]+$"),
 ]
+_DECEPTIVE = frozenset('@%!"')  # in a local part: routing to, or quoting, another address
 SpecialUse = Literal["\\Inbox", "\\Sent", "\\Drafts", "\\Trash", "\\Junk", "\\Archive"]
 Security = Literal["none", "starttls", "tls"]
 
@@ -164,6 +165,7 @@ class GatewaySection(_Model):
     hostname: str = "localhost"
     data_dir: Path = Path("var")
     database_url: str = ""
+    instance: str = Field("", max_length=255)  # this process's id in the database; "" = the host's name
 
     @field_validator("database_url")
     @classmethod
@@ -178,6 +180,11 @@ class GatewaySection(_Model):
     def effective_database_url(self) -> str:
         """The configured URL, or the embedded SQLite database in ``data_dir``."""
         return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'mailgate.db'}"
+
+    @property
+    def effective_instance(self) -> str:
+        """The configured instance id, or the machine's host name (not ``hostname``, the mail name)."""
+        return self.instance or os.uname().nodename
 
 
 class ListenSection(_Model):
@@ -454,6 +461,18 @@ class TenantSection(_Model):
             return address in self.addresses
         return address.rpartition("@")[2] in self.domains
 
+    def owns(self, address: str) -> bool:
+        """True when mail may be sent as ``address``: its ``smtp.from`` or a plain address at its domains.
+
+        A local part that hides another address (``"x@other"@``, ``x%other@``,
+        ``other!x@``) or holds control characters is never the tenant's.
+        """
+        address = address.lower()
+        local, _, domain = address.rpartition("@")
+        if not local or any(c in _DECEPTIVE or ord(c) < 32 or ord(c) == 127 for c in local):
+            return False
+        return domain in self.domains or (self.smtp is not None and self.smtp.from_ == address)
+
 
 class QueueSection(_Model):
     """The outbound relay queue: when to retry, when to give up."""
@@ -473,6 +492,60 @@ class QueueSection(_Model):
         return v
 
 
+class ListenerLimits(_Model):
+    """Connection caps and idle timeouts of one kind of listener (each listener has its own count).
+
+    ``per_network`` counts a client's /24 (IPv4) or /64 (IPv6). Once a
+    listener holds ``stress_at`` of ``connections``, sessions that have not
+    yet started a transaction (SMTP: before ``MAIL``; IMAP: before login) may
+    idle only ``stress_timeout``; at a cap, the longest-idle such session is
+    closed to make room for a new client rather than refusing it.
+    """
+
+    connections: int = Field(ge=1)
+    per_ip: int = Field(ge=1)
+    per_network: int = Field(ge=1)
+    timeout: Duration
+    stress_timeout: Duration
+    stress_at: float = Field(0.8, gt=0, le=1)
+
+
+class SMTPLimits(ListenerLimits):
+    """``smtp``, ``submission``, ``submissions``; ``timeout`` is the idle timeout in every state."""
+
+    connections: int = Field(500, ge=1)
+    per_ip: int = Field(50, ge=1)
+    per_network: int = Field(100, ge=1)
+    timeout: Duration = timedelta(seconds=300)
+    stress_timeout: Duration = timedelta(seconds=10)
+
+
+class IMAPLimits(ListenerLimits):
+    """``imap``, ``imaps``; ``timeout`` is the idle timeout before login (30 min after it)."""
+
+    connections: int = Field(5000, ge=1)
+    per_ip: int = Field(100, ge=1)
+    per_network: int = Field(300, ge=1)
+    timeout: Duration = timedelta(seconds=60)
+    stress_timeout: Duration = timedelta(seconds=10)
+    unauthenticated_literal: Size = Field(8 * 1024, ge=64)  # bytes a literal may carry before login
+
+
+class AuthLimits(_Model):
+    """Password checks: a failure limit per client address, and a budget for the whole daemon."""
+
+    max_failures: int = Field(10, ge=1)  # per client address within ``window``
+    window: Duration = timedelta(minutes=10)
+    concurrent_checks: int = Field(1, ge=1, le=64)  # argon2 verifications at once, all clients
+    queue: int = Field(64, ge=0)  # attempts waiting for a check; beyond: "try again later"
+
+
+class LimitsSection(_Model):
+    smtp: SMTPLimits = SMTPLimits()
+    imap: IMAPLimits = IMAPLimits()
+    auth: AuthLimits = AuthLimits()
+
+
 class Config(_Model):
     gateway: GatewaySection = GatewaySection()
     listen: ListenSection = ListenSection()
@@ -480,6 +553,7 @@ class Config(_Model):
     retention: RetentionSection = RetentionSection()
     snapshots: SnapshotsSection = SnapshotsSection()
     queue: QueueSection = QueueSection()
+    limits: LimitsSection = LimitsSection()
     tenants: tuple[TenantSection, ...] = ()
 
     @model_validator(mode="after")
@@ -519,11 +593,7 @@ class Config(_Model):
 
     def tenant_for_address(self, address: str) -> TenantSection | None:
         """The tenant owning an address: its ``smtp.from`` or any address at its domains."""
-        address = address.lower()
-        for t in self.tenants:
-            if address.rpartition("@")[2] in t.domains or (t.smtp is not None and t.smtp.from_ == address):
-                return t
-        return None
+        return next((t for t in self.tenants if t.owns(address)), None)
 
     def tenant_for_domain(self, domain: str) -> TenantSection | None:
         """The tenant owning ``domain`` (lower-case), if any."""

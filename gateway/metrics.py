@@ -48,6 +48,16 @@ RELAY_MESSAGES = Counter(
 )  # fmt: skip
 SPAM_PURGED = Counter("mailgate_spam_purged_messages", "Spam messages purged", ["tenant"], registry=REGISTRY)
 SESSIONS = Counter("mailgate_sessions", "Client sessions by listener", ["listener"], registry=REGISTRY)
+CONNECTIONS_CLOSED = Counter(
+    "mailgate_connections_closed",
+    "Connections refused at a limit (reason limit_per_ip, limit_per_network, limit_listener)"
+    " or closed to make room for a newcomer (evicted)",
+    ["listener", "reason"],
+    registry=REGISTRY,
+)
+AUTH_CHECKS = Counter(
+    "mailgate_auth_checks", "Password verifications run (argon2), all listeners", registry=REGISTRY
+)
 AUTH_FAILURES = Counter(
     "mailgate_auth_failures", "Failed logins by listener", ["listener"], registry=REGISTRY
 )

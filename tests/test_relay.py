@@ -119,13 +119,13 @@ class Gateway:
     every component reads it through :meth:`current`.
     """
 
-    def __init__(self, config: Config, db: Database, blobs: BlobStore, auth_delay: float, max_failures: int):
+    def __init__(self, config: Config, db: Database, blobs: BlobStore, auth_delay: float):
         self.config, self.db, self.blobs = config, db, blobs
         self.changes = Changes()
         self.pipeline = Pipeline(db, blobs, changes=self.changes)
         self.worker = RelayWorker(self.current, db, blobs, self.pipeline)
         self.outbox = Outbox(db, blobs, self.changes, self.worker.wake.set)
-        self.auth = Authenticator(self.current, db, failure_delay=auth_delay, max_failures=max_failures)
+        self.auth = Authenticator(self.current, db, failure_delay=auth_delay)
         ca = trustme.CA()
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ca.issue_cert("127.0.0.1").configure_cert(tls)
@@ -192,11 +192,9 @@ def gateway_config(tmp_path: Path, db_url: str, smtp: dict[str, Any] | None = No
 
 
 @contextlib.asynccontextmanager
-async def running(
-    config: Config, *, auth_delay: float = 0.01, max_failures: int = 10
-) -> AsyncIterator[Gateway]:
+async def running(config: Config, *, auth_delay: float = 0.01) -> AsyncIterator[Gateway]:
     db, blobs = await open_store(config)
-    g = Gateway(config, db, blobs, auth_delay, max_failures)
+    g = Gateway(config, db, blobs, auth_delay)
     try:
         await g.smtp.start("127.0.0.1", 0)
         await g.submission.start("127.0.0.1", 0)
@@ -771,7 +769,9 @@ async def test_auth_before_tls_is_refused_on_a_remote_connection(
 
 async def test_wrong_password_is_delayed_and_counted(tmp_path: Path, sqlite_url: str) -> None:
     delay = 0.3
-    async with running(gateway_config(tmp_path, sqlite_url), auth_delay=delay, max_failures=3) as g:
+    config = gateway_config(tmp_path, sqlite_url)
+    config = config.model_copy(update={"limits": parse_config({"limits": {"auth": {"max_failures": 3}}}).limits})
+    async with running(config, auth_delay=delay) as g:
 
         def auth(password: str) -> tuple[int, float]:
             with smtplib.SMTP("127.0.0.1", g.submission.port, timeout=10) as c:

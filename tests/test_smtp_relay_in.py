@@ -229,8 +229,8 @@ async def test_too_many_recipients(tmp_path: Path, db_url: str) -> None:
 
 
 async def test_connection_limit_answers_421_and_keeps_serving(tmp_path: Path, db_url: str) -> None:
-    config = parse_config(config_dict(tmp_path, db_url))
-    relay = await start_relay(config, Limits(connections_per_ip=2))
+    config = parse_config({**config_dict(tmp_path, db_url), "limits": {"smtp": {"per_ip": 2}}})
+    relay = await start_relay(config)
     try:
 
         def crowd() -> bytes:

@@ -6,8 +6,13 @@ command. A synchronising literal gets its ``+`` continuation here, and after
 a literal the socket gets ``TCP_QUICKACK`` (clients that send a literal and
 its CRLF separately, such as imaplib, otherwise wait 40 ms for a delayed ACK
 on every APPEND). IDLE runs here too, because it must read ``DONE`` while it
-waits for changes. Bounds: line and literal sizes (the framer), bad commands
-per connection, idle time, and connections per listener.
+waits for changes. Bounds: line and literal sizes (the framer; before login a
+literal may carry only ``[limits.imap] unauthenticated_literal`` bytes, so
+unauthenticated clients cannot make the daemon buffer APPEND-sized data), bad
+commands per connection, idle time, and connections per listener, client
+address and network (:class:`~gateway.connections.ConnectionGate`: a session
+not yet logged in is *early*, may be closed to make room, and gets a shorter
+idle timeout while the listener is under stress).
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ import structlog
 from gateway import metrics
 from gateway.auth import Authenticator
 from gateway.config import Config
+from gateway.connections import ConnectionGate
 from gateway.imap.commands import Authenticate
 from gateway.imap.parser import (
+    MAX_COMMAND_TEXT,
     Framer,
     LiteralTooLarge,
     NeedContinuation,
@@ -49,10 +56,8 @@ log = structlog.get_logger(__name__)
 
 MAX_BAD = 20
 MAX_LINE = 64 * 1024
-UNAUTHENTICATED_TIMEOUT = 60.0
 AUTHENTICATED_TIMEOUT = 30 * 60.0
 IDLE_RECHECK = 30.0  # look for changes made by other processes this often while idling
-MAX_CONNECTIONS = 5000
 
 
 def is_loopback(host: str) -> bool:
@@ -72,6 +77,47 @@ def _quickack(writer: asyncio.StreamWriter) -> None:
 
 class _Closed(Exception):
     """The client went away or must be disconnected."""
+
+
+class _Client:
+    """One connection as the listener's gate sees it (:class:`gateway.connections.Tracked`)."""
+
+    def __init__(self, ip: str, session: Session, writer: asyncio.StreamWriter, gate: ConnectionGate) -> None:
+        self.client_ip = ip
+        self.session = session
+        self.writer = writer
+        self.gate = gate
+        self.busy = True  # running a command, not waiting for the client
+        self.last_active = time.monotonic()
+        self.timer: asyncio.Timeout | None = None  # of the read in progress
+
+    @property
+    def early(self) -> bool:
+        return self.session.state is State.NOT_AUTHENTICATED
+
+    def idle_early_since(self) -> float | None:
+        return None if self.busy or not self.early else self.last_active
+
+    def evict(self) -> None:
+        self.writer.write(b"* BYE idle too long while the server is busy\r\n")
+        self.writer.close()
+
+    def stress_changed(self) -> None:
+        if self.timer is not None and self.early:
+            loop_now, now = asyncio.get_running_loop().time(), time.monotonic()
+            self.timer.reschedule(loop_now + self.last_active + self.gate.timeout(True) - now)
+
+    async def read(self, reader: asyncio.StreamReader) -> bytes:
+        """The client's next bytes; TimeoutError when it stays idle too long."""
+        self.busy = False
+        self.last_active = time.monotonic()
+        timeout = self.gate.timeout(True) if self.early else AUTHENTICATED_TIMEOUT
+        try:
+            async with asyncio.timeout(timeout) as self.timer:
+                return await reader.read(65536)
+        finally:
+            self.timer = None
+            self.busy = True
 
 
 class IMAPServer:
@@ -99,6 +145,7 @@ class IMAPServer:
         self.name = name
         self._server: asyncio.Server | None = None
         self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self.gate = ConnectionGate(lambda: self.config().limits.imap, name)
 
     async def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (0: any free port)."""
@@ -140,11 +187,6 @@ class IMAPServer:
         task = asyncio.current_task()
         if task is None:  # pragma: no cover (asyncio always runs a callback in a task)
             return
-        if len(self._clients) >= MAX_CONNECTIONS:
-            writer.write(b"* BYE too many connections, try again later\r\n")
-            writer.close()
-            return
-        self._clients[task] = writer
         peer = writer.get_extra_info("peername")
         host = str(peer[0]) if isinstance(peer, tuple) else "unknown"
         session = Session(
@@ -159,16 +201,23 @@ class IMAPServer:
             loopback=is_loopback(host),
             listener=self.name,
         )
+        client = _Client(host, session, writer, self.gate)
+        if not self.gate.admit(client):
+            writer.write(b"* BYE too many connections, try again later\r\n")
+            writer.close()
+            return
+        self._clients[task] = writer
         metrics.SESSIONS.labels(self.name).inc()
         started = time.monotonic()
         commands = 0
         try:
-            commands = await self._serve(session, reader, writer)
+            commands = await self._serve(session, client, reader, writer)
         except (_Closed, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError):
             pass
         except Exception:
             log.exception("imap.session_failed", peer=host)
         finally:
+            self.gate.release(client)
             self._clients.pop(task, None)
             writer.close()
             with contextlib.suppress(Exception):
@@ -180,19 +229,27 @@ class IMAPServer:
                 seconds=round(time.monotonic() - started, 1),
             )
 
+    def _limit_literals(self, framer: Framer, session: Session) -> None:
+        """Before login a literal may carry a few KiB (a password), after it an APPEND's worth."""
+        literal = (
+            self.config().limits.imap.unauthenticated_literal
+            if session.state is State.NOT_AUTHENTICATED
+            else APPEND_LIMIT
+        )
+        framer.max_literal = literal
+        framer.max_command = literal + MAX_COMMAND_TEXT
+
     async def _serve(
-        self, session: Session, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, session: Session, client: _Client, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> int:
-        framer = Framer(max_line=MAX_LINE, max_literal=APPEND_LIMIT)
+        framer = Framer(max_line=MAX_LINE)
+        self._limit_literals(framer, session)
         session.greeting()
         writer.write(session.take())
         bad = commands = 0
         while not session.closing:
-            timeout = (
-                UNAUTHENTICATED_TIMEOUT if session.state is State.NOT_AUTHENTICATED else AUTHENTICATED_TIMEOUT
-            )
             try:
-                data = await asyncio.wait_for(reader.read(65536), timeout)
+                data = await client.read(reader)
             except TimeoutError:
                 writer.write(b"* BYE autologout: idle for too long\r\n")
                 return commands
@@ -219,6 +276,7 @@ class IMAPServer:
                         _quickack(writer)
                     commands += 1
                     bad += await self._command(session, event, reader, writer, framer)
+                    self._limit_literals(framer, session)
                     if session.closing:
                         break
                 if bad > MAX_BAD:
@@ -277,7 +335,8 @@ class IMAPServer:
                 return b"".join(event.parts).strip()
             if event is not None:
                 return None
-            data = await asyncio.wait_for(reader.read(65536), UNAUTHENTICATED_TIMEOUT)
+            timeout = self.config().limits.imap.timeout.total_seconds()
+            data = await asyncio.wait_for(reader.read(65536), timeout)
             if not data:
                 return None
             framer.feed(data)

@@ -13,16 +13,20 @@ from datetime import datetime
 from email.utils import format_datetime
 
 from gateway.config import Config, TenantSection
+from gateway.message import Headers
 
 OK = "250 2.0.0 OK"
 RELAY_DENIED = "554 5.7.1 <{addr}>: Relay access denied"
 NO_SUCH_USER = "550 5.1.1 <{addr}>: Recipient address rejected: no such user here"
 BAD_ADDRESS = "501 5.1.3 Bad recipient address syntax"
+BAD_SENDER = "501 5.1.7 Bad sender address syntax"
+AUTH_BUSY = "454 4.7.0 Temporary authentication failure: too many logins at once, try again later"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed limit of {limit} bytes"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 BARE_NEWLINE = "550 5.5.2 Message contains a bare CR or LF; refused"
 TEMPFAIL = "451 4.3.0 Temporary failure, please try again later"
 TOO_MANY_CONNECTIONS = "421 4.7.0 {host} Too many connections, try again later"
+EVICTED = "421 4.7.0 {host} Idle too long while the server is busy, closing connection"
 
 _ADDRESS = re.compile(r"^[^@\s<>]{1,64}@[a-z0-9.-]{1,253}$")
 
@@ -86,6 +90,8 @@ def received_header(
 
 
 SENDER_NOT_OWNED = "553 5.7.1 <{addr}>: Sender address not owned by your account"
+HEADER_SENDER_NOT_OWNED = "553 5.7.1 {field}: <{addr}> is not an address of your account"
+NO_HEADER_FROM = "553 5.7.1 The message has no From: address; it must name an address of your account"
 TOO_MANY_ATTACHMENTS = "552 5.3.4 Too many attachments: {count}, the limit is {limit}"
 COLLISION = "450 4.7.1 Collision: {who} already answered this customer at {when}; your reply was not sent"
 
@@ -101,3 +107,19 @@ def count_attachments(raw: bytes) -> int:
         if disposition == "attachment" or part.get_filename() or part.get_param("name"):
             count += 1
     return count
+
+
+def has_control(address: str) -> bool:
+    """True when an envelope address holds a NUL or another control character."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in address)
+
+
+def foreign_header_sender(tenant: TenantSection, headers: Headers) -> str | None:
+    """The reply refusing a message to relay whose From: or Sender: is not the tenant's, else None."""
+    if not headers.from_addrs:
+        return NO_HEADER_FROM
+    for field, addresses in (("From", headers.from_addrs), ("Sender", headers.sender_addrs)):
+        for address in addresses:
+            if not tenant.owns(address):
+                return HEADER_SENDER_NOT_OWNED.format(field=field, addr=_clean(address, 320))
+    return None

@@ -17,7 +17,6 @@ import secrets
 import socket
 import ssl
 import weakref
-from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, AnyStr
@@ -26,8 +25,9 @@ import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
 from gateway import metrics
-from gateway.auth import Authenticator, Identity
+from gateway.auth import Authenticator, AuthUnavailable, Identity
 from gateway.config import Config, TenantSection
+from gateway.connections import ConnectionGate
 from gateway.ingest import Delivery, Pipeline
 from gateway.smtp import policy
 from gateway.smtp.outbox import Outbox
@@ -46,78 +46,85 @@ _TRANSLATE = (
 
 
 class Limits:
-    """Per-listener bounds on connections, recipients, line length and idle time."""
+    """Per-listener protocol bounds: recipients, line length, commands per session.
 
-    def __init__(
-        self,
-        *,
-        connections: int = 500,
-        connections_per_ip: int = 50,
-        recipients: int = 100,
-        line_length: int = 32 * 1024,
-        idle_timeout: float = 300.0,
-        commands: int = 1000,
-    ) -> None:
-        self.connections = connections
-        self.connections_per_ip = connections_per_ip
+    Connection caps and idle timeouts are configuration (``[limits.smtp]``),
+    applied by the listener's :class:`~gateway.connections.ConnectionGate`.
+    """
+
+    def __init__(self, *, recipients: int = 100, line_length: int = 32 * 1024, commands: int = 1000) -> None:
         self.recipients = recipients
         self.line_length = line_length
-        self.idle_timeout = idle_timeout
         self.commands = commands
 
 
-class ConnectionGate:
-    """Counts a listener's open connections, in total and per client address."""
-
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
-        self.total = 0
-        self.per_ip: Counter[str] = Counter()
-
-    def admit(self, ip: str) -> bool:
-        """Count a new connection; False (and not counted) when over a limit."""
-        if self.total >= self.limits.connections or self.per_ip[ip] >= self.limits.connections_per_ip:
-            return False
-        self.total += 1
-        self.per_ip[ip] += 1
-        return True
-
-    def release(self, ip: str) -> None:
-        """Forget a connection that :meth:`admit` counted."""
-        self.total -= 1
-        self.per_ip[ip] -= 1
-        if self.per_ip[ip] <= 0:
-            del self.per_ip[ip]
-
-
 class MailgateSMTP(SMTP):
-    """aiosmtpd's SMTP with our reply translation and connection limits."""
+    """aiosmtpd's SMTP with our reply translation, connection gate and adaptive idle timeout.
 
-    def __init__(self, handler: RelayHandler, gate: ConnectionGate, **kwargs: Any) -> None:
+    A session is *early* until ``MAIL FROM`` is accepted; the gate may close an
+    early session that sits idle, and under stress allows it a shorter idle
+    timeout. The timer is re-armed when a command starts and when its reply
+    is sent, so it always reflects the session's current state.
+    """
+
+    def __init__(self, handler: RelayHandler, gate: ConnectionGate, limits: Limits, **kwargs: Any) -> None:
         # aiosmtpd sizes its stream reader from this during __init__.
-        self.line_length_limit = gate.limits.line_length
-        super().__init__(handler, **kwargs)
+        self.line_length_limit = limits.line_length
         self._gate = gate
-        self._admitted_ip: str | None = None
+        self.client_ip = ""
+        self._admitted = False
+        self._busy = False  # a command is being handled
+        self._last_active = 0.0
+        super().__init__(handler, **kwargs)
         self._listener = "submission" if getattr(handler, "submission", False) else "smtp"
+
+    # ------------------------------------------------------------------ gate (Tracked)
+
+    def _early(self) -> bool:
+        return self.envelope is None or self.envelope.mail_from is None
+
+    def idle_early_since(self) -> float | None:
+        if self._busy or not self._early():
+            return None
+        return self._last_active
+
+    def evict(self) -> None:
+        if self.transport is not None:
+            if isinstance(self.transport, asyncio.WriteTransport):
+                self.transport.write(policy.EVICTED.format(host=self.hostname).encode() + b"\r\n")
+            self.transport.close()
+
+    def stress_changed(self) -> None:
+        if self.transport is None or self._busy:
+            return
+        remaining = self._last_active + self._gate.timeout(self._early()) - self.loop.time()
+        super()._reset_timeout(max(remaining, 0.001))
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd calls this when a connection is made and when a valid command starts.
+        self._busy = self.transport is not None
+        self._last_active = self.loop.time()
+        super()._reset_timeout(duration or self._gate.timeout(self._early()))
+
+    # ------------------------------------------------------------------ connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         starttls = self.transport is not None
         super().connection_made(transport)
         if starttls:
             return
+        self._busy = False
         peer = transport.get_extra_info("peername")
-        ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-        if self._gate.admit(ip):
-            self._admitted_ip = ip
+        self.client_ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        if self._gate.admit(self):
+            self._admitted = True
             metrics.SESSIONS.labels(self._listener).inc()
             # AUTH before TLS only from this machine (aiosmtpd keeps these per connection).
-            if _loopback(ip) and getattr(self.event_handler, "auth", None) is not None:
+            if _loopback(self.client_ip) and getattr(self.event_handler, "auth", None) is not None:
                 self._auth_require_tls = False
                 self.require_starttls = False
             return
         # Refuse before the greeting task gets to speak.
-        log.warning("smtp.too_many_connections", peer=ip)
         if self._handler_coroutine is not None:
             self._handler_coroutine.cancel()
         if isinstance(transport, asyncio.WriteTransport):
@@ -125,9 +132,9 @@ class MailgateSMTP(SMTP):
         transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self._admitted_ip is not None:
-            self._gate.release(self._admitted_ip)
-            self._admitted_ip = None
+        if self._admitted:
+            self._gate.release(self)
+            self._admitted = False
         super().connection_lost(error)
 
     async def push(self, status: AnyStr) -> None:
@@ -137,6 +144,11 @@ class MailgateSMTP(SMTP):
                 text = replacement
                 break
         await super().push(text)
+        # A reply ends a command (or asks the client for more): idle again, in the new state.
+        if self.transport is not None and not text.startswith("354"):
+            self._busy = False
+            self._last_active = self.loop.time()
+            super()._reset_timeout(self._gate.timeout(self._early()))
 
 
 class RelayHandler:
@@ -205,12 +217,15 @@ class RelayHandler:
     async def _verify(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
         if self.auth is None or server.session is None:
             return AuthResult(success=False, handled=False)
-        identity = await self.auth.verify(
-            login.decode("utf-8", "replace"),
-            password.decode("utf-8", "replace"),
-            _peer(server.session),
-            "submission" if self.submission else "smtp",
-        )
+        try:
+            identity = await self.auth.verify(
+                login.decode("utf-8", "replace"),
+                password.decode("utf-8", "replace"),
+                _peer(server.session),
+                "submission" if self.submission else "smtp",
+            )
+        except AuthUnavailable:
+            return AuthResult(success=False, handled=False, message=policy.AUTH_BUSY)
         if identity is None:
             # handled=False: aiosmtpd then answers 535 (handled=True would leave the client waiting).
             return AuthResult(success=False, handled=False)
@@ -238,6 +253,8 @@ class RelayHandler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
+        if policy.has_control(address):
+            return policy.BAD_SENDER
         # An agent always sends as its tenant; a trusted server only when it relays
         # outward, which RCPT decides.
         if session.authenticated or self.submission:
@@ -251,6 +268,8 @@ class RelayHandler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
+        if policy.has_control(address):
+            return policy.BAD_ADDRESS
         if len(envelope.rcpt_tos) >= self.limits.recipients:
             return policy.TOO_MANY_RECIPIENTS
         if not self.submission:
@@ -377,7 +396,8 @@ class RelayServer:
         self.handler = RelayHandler(
             config, pipeline, self.limits, outbox=outbox, auth=auth, submission=submission
         )
-        self.gate = ConnectionGate(self.limits)
+        name = ("submissions" if implicit_tls else "submission") if submission else "smtp"
+        self.gate = ConnectionGate(lambda: self.config().limits.smtp, name)
         self.tls = tls
         self.submission = submission
         self.implicit_tls = implicit_tls
@@ -389,6 +409,7 @@ class RelayServer:
         proto = MailgateSMTP(
             self.handler,
             self.gate,
+            self.limits,
             hostname=config.gateway.hostname,
             ident="mailgate ESMTP",
             data_size_limit=max((t.max_message_size for t in config.tenants), default=10**6),
@@ -398,7 +419,7 @@ class RelayServer:
             auth_required=self.submission,
             auth_require_tls=not self.implicit_tls,
             auth_exclude_mechanism=[] if self.handler.auth is not None else ["PLAIN", "LOGIN"],
-            timeout=self.limits.idle_timeout,
+            timeout=config.limits.smtp.timeout.total_seconds(),
             command_call_limit={"*": self.limits.commands},
         )
         self._protocols.add(proto)
