@@ -179,6 +179,11 @@ class Headers:
         return self._addrs("To")
 
     @property
+    def sender_addrs(self) -> tuple[str, ...]:
+        """Lower-cased addr-specs of Sender."""
+        return self._addrs("Sender")
+
+    @property
     def cc_addrs(self) -> tuple[str, ...]:
         """Lower-cased addr-specs of Cc."""
         return self._addrs("Cc")

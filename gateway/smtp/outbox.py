@@ -86,6 +86,10 @@ class Outbox:
         if attachments > tenant.max_attachments:
             return policy.TOO_MANY_ATTACHMENTS.format(count=attachments, limit=tenant.max_attachments)
         headers = parse_headers(data)
+        refused = policy.foreign_header_sender(tenant, headers)
+        if refused is not None:
+            log.info("outbox.header_sender_refused", tenant=tenant.id, reply=refused)
+            return refused
         now = self.clock()
         original = await self._original(tenant.id, headers)
         digest = await self.blobs.put(data)
