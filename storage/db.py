@@ -10,7 +10,7 @@ returns. PostgreSQL needs neither trick.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,19 @@ def _sqlite_engine(url: str, *, begin: str, pool_size: int) -> AsyncEngine:
     return engine
 
 
+def _private(db: Path) -> None:
+    """Take group write and all other users' access off existing SQLite files.
+
+    New files get that from the daemon's umask (0027); this mends files made
+    by an earlier version or by hand.
+    """
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        with suppress(FileNotFoundError):
+            mode = path.stat().st_mode & 0o7777
+            if mode & 0o027:
+                path.chmod(mode & ~0o027)
+
+
 class Database:
     """One database, SQLite or PostgreSQL, with read and write transactions."""
 
@@ -55,6 +68,7 @@ class Database:
         if self.is_sqlite:
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                _private(Path(parsed.database))
             self.writer = _sqlite_engine(url, begin="BEGIN IMMEDIATE", pool_size=1)
             self.reader = _sqlite_engine(url, begin="BEGIN", pool_size=4)
         else:
