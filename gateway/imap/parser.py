@@ -56,7 +56,9 @@ raises only :class:`ParseError`, whose message never contains raw client
 bytes (safe to echo in ``BAD``) and whose tag is set once the tag was read.
 Bounds: parenthesised nesting (32), search key nesting (NOT/OR/parentheses,
 100, which also bounds the recursion), search keys (1000), FETCH items (100),
-sequence-set ranges (10,000), items in any other list (1000). Tokens are
+sequence-set ranges (10,000), items in any other list (1000), the patterns
+of a LIST or LSUB (1024 characters, the reference counted with each pattern,
+which bounds :mod:`gateway.imap.wildcard`'s work a folder). Tokens are
 matched with simple character-class regexes (no backtracking), quoted
 strings are scanned with ``find``, so parsing is linear in the line length.
 
@@ -112,6 +114,7 @@ __all__ = [
     "MAX_FETCH_ATTS",
     "MAX_ITEMS",
     "MAX_LINE",
+    "MAX_LIST_PATTERN",
     "MAX_LITERAL",
     "MAX_LITERALS",
     "MAX_PAREN_DEPTH",
@@ -140,6 +143,7 @@ MAX_SEARCH_KEYS: Final = 1000
 MAX_FETCH_ATTS: Final = 100
 MAX_SEQ_RANGES: Final = 10_000
 MAX_ITEMS: Final = 1000  # flags, patterns, header fields, capabilities, ...
+MAX_LIST_PATTERN: Final = 1024  # characters in a LIST's patterns, the reference counted with each
 
 _HUGE: Final = 2**64  # a literal size too long to convert is reported as this
 _TAIL: Final = 64  # bytes kept of a line being discarded, to see a literal announcement at its end
@@ -1020,6 +1024,7 @@ class _Parser:
                         self.fail("too many return options")
                 self.byte(_RPAREN, "')' ending the return options")
         self.end()
+        self.check_patterns(reference, patterns)
         if status is not None:
             return List(tag, name, reference, tuple(patterns), select, tuple(returns), status)
         return List(tag, name, reference, tuple(patterns), select, tuple(returns))
@@ -1030,7 +1035,12 @@ class _Parser:
         self.sp()
         pattern = self.list_mailbox()
         self.end()
+        self.check_patterns(reference, [pattern])
         return List(tag, name, reference, (pattern,))
+
+    def check_patterns(self, reference: str, patterns: list[str]) -> None:
+        if sum(len(reference) + len(p) for p in patterns) > MAX_LIST_PATTERN:
+            self.fail(f"mailbox patterns longer than {MAX_LIST_PATTERN} characters")
 
     def cmd_status(self, tag: str, name: str) -> Command:
         self.sp()

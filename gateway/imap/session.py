@@ -22,7 +22,6 @@ is the one place where they become ``NO [CODE] text``.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from enum import Enum
@@ -38,6 +37,7 @@ from gateway.imap import commands as c
 from gateway.imap import mime, wire
 from gateway.imap.search import search
 from gateway.imap.view import View
+from gateway.imap.wildcard import Matcher
 from gateway.ingest import describe
 from gateway.message import parse_headers
 from gateway.notify import Changes
@@ -75,6 +75,7 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
 _SPECIAL_USE_ATTRS = {"\\Archive", "\\Drafts", "\\Junk", "\\Sent", "\\Trash"}
 CHUNK = 1000
 APPEND_LIMIT = 50 * 10**6
+MAX_NAME = 255  # characters in a folder name: the folders.name column, as mailstore.create_folder checks
 
 
 class No(Exception):
@@ -307,6 +308,8 @@ class Session:
         name = cmd.mailbox.rstrip(mailstore.DELIMITER)
         if not self.visible(name):
             raise No("not allowed here", "NOPERM")
+        if len(name) > MAX_NAME:
+            raise No(f"folder names are at most {MAX_NAME} characters", "CANNOT")
         async with self.db.write() as s:
             # Create missing parents too, as RFC 3501 6.3.3 suggests.
             parts = name.split(mailstore.DELIMITER)
@@ -334,6 +337,15 @@ class Session:
             raise No("not allowed here", "NOPERM")
         async with self.db.write() as s:
             folder = await self.folder(s, cmd.old)
+            # The folder's and its subfolders' names all change by the same length.
+            under = folder.name + mailstore.DELIMITER
+            longest = max(
+                len(f.name)
+                for f in await mailstore.list_folders(s, self.tenant_id)
+                if f.name == folder.name or f.name.startswith(under)
+            )
+            if longest - len(folder.name) + len(cmd.new) > MAX_NAME:
+                raise No(f"folder names are at most {MAX_NAME} characters", "CANNOT")
             await mailstore.rename_folder(s, self.tenant_id, folder.name, cmd.new)
         return "RENAME completed"
 
@@ -359,9 +371,10 @@ class Session:
         if cmd.patterns == ("",):
             self.untagged(b'%s (\\Noselect) "/" ""' % cmd.name.encode())
             return f"{cmd.name} completed"
-        matchers = [_pattern(cmd.reference + p) for p in cmd.patterns]
+        matches = Matcher(cmd.reference + p for p in cmd.patterns)
+        parents = {n[:i] for n in names for i in _delimiters(n)} if not lsub else set()
         for f in folders:
-            if not any(m.fullmatch(f.name) for m in matchers):
+            if not matches(f.name):
                 continue
             if subscribed_only and not f.subscribed:
                 continue
@@ -369,8 +382,7 @@ class Session:
                 continue
             attrs = []
             if not lsub:
-                children = any(n.startswith(f.name + mailstore.DELIMITER) for n in names)
-                attrs.append("\\HasChildren" if children else "\\HasNoChildren")
+                attrs.append("\\HasChildren" if f.name in parents else "\\HasNoChildren")
                 if f.special_use in _SPECIAL_USE_ATTRS:
                     attrs.append(f.special_use)
                 if f.subscribed and "SUBSCRIBED" in (*cmd.select_options, *cmd.return_options):
@@ -787,14 +799,14 @@ class Session:
 # ---------------------------------------------------------------------- helpers
 
 
-def _pattern(pattern: str) -> re.Pattern[str]:
-    """A LIST pattern as a regex: ``*`` matches anything, ``%`` no hierarchy delimiter."""
-    out = ""
-    for ch in pattern:
-        out += ".*" if ch == "*" else "[^/]*" if ch == "%" else re.escape(ch)
-    if pattern.upper() == "INBOX":
-        return re.compile("INBOX")
-    return re.compile(out)
+def _delimiters(name: str) -> list[int]:
+    """Where the hierarchy delimiters are in ``name`` (so ``name[:i]`` are its ancestors)."""
+    out = []
+    i = name.find(mailstore.DELIMITER)
+    while i >= 0:
+        out.append(i)
+        i = name.find(mailstore.DELIMITER, i + 1)
+    return out
 
 
 # System flags in RFC 3501's order (Dovecot's too: FLAGS answers are diffed against it), then keywords.
