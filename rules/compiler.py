@@ -3,6 +3,13 @@
 :func:`compile_rules` checks every rule (see :mod:`rules.evaluator` for the semantics) and
 does all the expensive work once: regexes and globs are compiled, string operands are
 casefolded. The resulting :class:`RuleSet` is immutable and reused for every message.
+
+A hostile sender controls the text rules look at, so no condition may cost more than
+linear time in it: ``matches`` runs on RE2 (``google-re2``: an automaton, no backtracking;
+a pattern RE2 cannot run that way, with backreferences or lookaround, is refused here),
+``glob`` on :func:`fnmatch.translate`'s regex (which spells every ``*`` but the last as an
+atomic group, so it never backtracks across stars), ``is``/``contains`` are string
+comparisons. Each value is cut to :data:`TEXT_LIMIT` characters first.
 """
 
 from __future__ import annotations
@@ -12,10 +19,15 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import re2
+
 from rules.model import Action, ActionKind, Condition, MessageView, Op, Rule, RuleError
 
 TRACE_LIMIT = 80
 """Longest ``actual`` value kept in a trace, in characters."""
+
+TEXT_LIMIT = 16 * 1024
+"""Characters of each value (subject, header value, address) a condition looks at."""
 
 Matcher = Callable[[MessageView], tuple[bool, str]]
 """Returns whether a condition (negation included) holds, and the value to show for it."""
@@ -28,6 +40,9 @@ _STRING_OPS = frozenset({Op.IS, Op.CONTAINS, Op.MATCHES, Op.GLOB})
 _SIZE_OPS = frozenset({Op.IS, Op.GT, Op.LT})
 _VALUELESS_ACTIONS = frozenset({ActionKind.SPAM, ActionKind.SEEN, ActionKind.FLAG})
 _LABEL_SPECIALS = frozenset('(){%*"\\]')
+_REGEX_OPTIONS = re2.Options()
+_REGEX_OPTIONS.case_sensitive = False
+_REGEX_OPTIONS.log_errors = False  # the error is raised (and reported at its config path), not logged
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,29 +193,37 @@ def _subject(message: MessageView) -> tuple[str, ...]:
 
 def _string_test(rule: str, op: Op, value: str) -> _StringTest:
     if op is Op.MATCHES:
-        regex = _compile_regex(rule, value, re.IGNORECASE)
-        return lambda text: regex.search(text) is not None
+        search = _compile_regex(rule, value).search
+        # Encoded here, not by re2: a header may keep undecodable bytes as lone surrogates.
+        return lambda text: search(text.encode("utf-8", "replace")) is not None
     folded = value.casefold()
     if op is Op.GLOB:
-        glob = _compile_regex(rule, fnmatch.translate(folded), 0).match
+        glob = re.compile(fnmatch.translate(folded)).match
         return lambda text: glob(text.casefold()) is not None
     if op is Op.CONTAINS:
         return lambda text: folded in text.casefold()
     return lambda text: text.casefold() == folded
 
 
-def _compile_regex(rule: str, pattern: str, flags: int) -> re.Pattern[str]:
+def _compile_regex(rule: str, pattern: str) -> re2._Regexp:
     try:
-        return re.compile(pattern, flags)
-    except (re.error, OverflowError, RecursionError) as exc:
-        raise RuleError(rule, f"invalid pattern {pattern!r}: {exc}") from None
+        return re2.compile(pattern, _REGEX_OPTIONS)
+    except (re2.error, UnicodeEncodeError) as exc:
+        reason = exc.args[0] if isinstance(exc, re2.error) and exc.args else exc
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise RuleError(
+            rule,
+            f"invalid pattern {pattern!r}: {reason} (patterns use RE2 syntax, which runs"
+            " in linear time: no backreferences or lookaround)",
+        ) from None
 
 
 def _string_matcher(values: _Values, test: _StringTest, negate: bool) -> Matcher:
     def match(message: MessageView) -> tuple[bool, str]:
         found = values(message)
         for text in found:
-            if test(text):
+            if test(text[:TEXT_LIMIT]):
                 return not negate, _shorten(text)
         return negate, _shorten(", ".join(_shorten(text) for text in found))
 

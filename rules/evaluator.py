@@ -16,10 +16,14 @@ Fields
 
 Operators
     ``is``, ``contains``, ``glob`` (:func:`fnmatch.fnmatchcase` semantics) and ``matches``
-    (:func:`re.search`) compare text case-insensitively, like Sieve's default comparator:
-    ``is``/``contains``/``glob`` casefold both sides, ``matches`` uses ``re.IGNORECASE``.
-    ``is``, ``gt`` and ``lt`` compare ``size`` with a whole number of bytes. Any operator
-    may be negated with a ``not_`` prefix (:func:`~rules.model.parse_op`).
+    (a search anywhere in the value, RE2 syntax: no backreferences or lookaround, and
+    ``\\w``, ``\\d``, ``\\s``, ``\\b`` are ASCII-only, ``\\pL`` is any letter) compare text
+    case-insensitively, like Sieve's default comparator: ``is``/``contains``/``glob``
+    casefold both sides, ``matches`` uses RE2's Unicode case folding. Every string test
+    sees at most the first :data:`~rules.compiler.TEXT_LIMIT` (16 KiB) characters of each
+    value, in time linear in it for a given pattern. ``is``, ``gt`` and ``lt`` compare ``size`` with a
+    whole number of bytes. Any operator may be negated with a ``not_`` prefix
+    (:func:`~rules.model.parse_op`).
 
 Multi-valued fields
     A positive condition holds if ANY value matches; a negated one holds if NO value
