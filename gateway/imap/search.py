@@ -7,9 +7,15 @@ flags, UIDs, sizes, internal dates, MODSEQ) become a SQL WHERE clause, so a
 search over a large folder reads only candidate rows. Every candidate is then
 checked against the whole key in Python (which also handles OR, NOT, sequence
 numbers and header/body text); only keys that need the message's text read
-its blob, in a worker thread. Text matching is a case-insensitive substring
-test on decoded text (RFC 2047 headers, base64/quoted-printable parts), as
-RFC 3501 6.4.4 asks.
+its blob. Text matching is a case-insensitive substring test on decoded text
+(RFC 2047 headers, base64/quoted-printable parts), as RFC 3501 6.4.4 asks.
+
+What a client controls is bounded: the parser allows 1000 keys nested 100
+deep, so one candidate costs at most the key's size times the message's
+length (a substring test is linear; the needles are casefolded once per
+SEARCH, and a message's decoded texts once per message). That work never runs
+on the event loop: candidates are matched in worker threads, in batches of
+:data:`_BATCH` messages or :data:`_BATCH_BYTES` of message text.
 
 BODY and TEXT see what Dovecot's message-search.c sees (our answers are
 diffed against it): the MIME tree as :mod:`gateway.imap.mime` parses it,
@@ -50,6 +56,8 @@ _FLAG_KEYS = {
 _HEADER_KEYS = {"FROM", "TO", "CC", "BCC", "SUBJECT"}
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 _TEXT_KEYS = {"HEADER", "BODY", "TEXT", *_HEADER_KEYS, "SENTBEFORE", "SENTON", "SENTSINCE"}
+_BATCH = 500  # candidates matched in one worker-thread call
+_BATCH_BYTES = 16 * 2**20  # message text matched in one worker-thread call
 
 
 async def search(
@@ -63,21 +71,42 @@ async def search(
     for clause in _sql(key, view):
         query = query.where(clause)
     rows = (await s.execute(query.order_by(Message.uid))).all()
+    key = _folded(key)
     needs_text = _uses(key, _TEXT_KEYS)
-    out = []
+    out: list[int] = []
+    batch: list[_Candidate] = []
+    size = 0
     for row in rows:
         if view.seq(row.uid) is None:
             continue
         message = _Candidate(row, view, saved)
         if needs_text:
-            raw = await blobs.get(row.blob)
-            message.raw = raw
-            matched = await asyncio.to_thread(_match, key, message)
-        else:
-            matched = _match(key, message)
-        if matched:
-            out.append(row.uid)
+            message.raw = await blobs.get(row.blob)
+            size += len(message.raw)
+        batch.append(message)
+        if len(batch) >= _BATCH or size >= _BATCH_BYTES:
+            out += await asyncio.to_thread(_matching, key, batch)
+            batch, size = [], 0
+    if batch:
+        out += await asyncio.to_thread(_matching, key, batch)
     return out
+
+
+def _folded(key: SearchKey) -> SearchKey:
+    """``key`` with the strings that are matched as substrings casefolded."""
+    op, args = key.op, key.args
+    if op in _HEADER_KEYS or op in ("BODY", "TEXT"):
+        return SearchKey(op, (str(args[0]).casefold(),))
+    if op == "HEADER":
+        return SearchKey(op, (args[0], str(args[1]).casefold()))
+    if any(isinstance(a, SearchKey) for a in args):
+        return SearchKey(op, tuple(_folded(a) if isinstance(a, SearchKey) else a for a in args))
+    return key
+
+
+def _matching(key: SearchKey, batch: list[_Candidate]) -> list[int]:
+    """The UIDs of the candidates that match ``key`` (run in a worker thread)."""
+    return [m.row.uid for m in batch if _match(key, m)]
 
 
 def _uses(key: SearchKey, ops: set[str]) -> bool:
@@ -136,6 +165,9 @@ class _Candidate:
         self._headers: Headers | None = None
         self._body: str | None = None
         self._inner_headers: str | None = None
+        self._header_text: str | None = None
+        self._all_text: str | None = None
+        self._values: dict[str, list[str]] = {}
 
     @property
     def headers(self) -> Headers:
@@ -153,12 +185,23 @@ class _Candidate:
         return self._decode()[0]
 
     def header_text(self) -> str:
-        return _fields_text(self.headers).casefold()
+        if self._header_text is None:
+            self._header_text = _fields_text(self.headers).casefold()
+        return self._header_text
 
     def all_text(self) -> str:
         """TEXT: every header block (the message's and its parts') and the body text."""
-        body, inner_headers = self._decode()
-        return self.header_text() + "\n" + inner_headers + "\n" + body
+        if self._all_text is None:
+            body, inner_headers = self._decode()
+            self._all_text = self.header_text() + "\n" + inner_headers + "\n" + body
+        return self._all_text
+
+    def values(self, name: str) -> list[str]:
+        """The casefolded values of a header field."""
+        key = name.lower()
+        if key not in self._values:
+            self._values[key] = [v.casefold() for v in self.headers.get_all(name)]
+        return self._values[key]
 
 
 def _fields_text(headers: Headers) -> str:
@@ -215,15 +258,12 @@ def _match(key: SearchKey, m: _Candidate) -> bool:
     if op == "HEADER":
         return _header_has(m, str(args[0]), str(args[1]))
     if op == "BODY":
-        return str(args[0]).casefold() in m.body_text()
+        return str(args[0]) in m.body_text()
     if op == "TEXT":
-        return str(args[0]).casefold() in m.all_text()
+        return str(args[0]) in m.all_text()
     return False
 
 
-def _header_has(m: _Candidate, name: str, needle: str) -> bool:
-    values = m.headers.get_all(name)
-    if not values:
-        return False
-    folded = needle.casefold()
-    return any(folded in v.casefold() for v in values)
+def _header_has(m: _Candidate, name: str, folded: str) -> bool:
+    """Whether a value of the field contains ``folded`` (casefolded by :func:`_folded`)."""
+    return any(folded in v for v in m.values(name))
