@@ -97,6 +97,7 @@ def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     from gateway.daemon import Daemon
+    from storage.instances import InstanceConflict
 
     logs.configure()
     try:
@@ -104,6 +105,9 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for e in exc.errors:
             print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except InstanceConflict as exc:  # another instance runs against this database (logged too)
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
 
@@ -253,11 +257,12 @@ def cmd_queue(config: Config, args: argparse.Namespace) -> int:
                         "attempts": row.attempts,
                         "next_attempt": row.next_attempt_at.isoformat(timespec="seconds"),
                         "last_error": row.last_error,
+                        "claimed_by": row.claimed_by,
                     }
                     for row, rcpts in rows
                 ]
                 columns = ["id", "tenant", "mail_from", "recipients", "size", "created", "attempts"]
-                print_rows(out, [*columns, "next_attempt", "last_error"], args.format)
+                print_rows(out, [*columns, "next_attempt", "last_error", "claimed_by"], args.format)
                 return EXIT_OK
             async with db.write() as s:
                 if args.queue_command == "retry":

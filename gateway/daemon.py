@@ -1,9 +1,12 @@
 """The daemon's lifecycle: one function owns start-up and shutdown order.
 
-Start-up: database and migrations, configuration synchronised into the
-database, blob store and ingest pipeline, then the listeners. Shutdown
+Start-up: the database's single-instance lock (a second instance exits 1
+naming the first, see :mod:`storage.instances`), migrations, this instance
+registered and its old relay claims released, configuration synchronised into
+the database, blob store and ingest pipeline, then the listeners. Shutdown
 (SIGTERM/SIGINT): listeners stop accepting, in-flight transactions commit,
-sessions close, the database closes, exit 0. SIGHUP re-reads the
+sessions close, the instance's row and lock go, the database closes, exit 0
+(1 if the lock was lost). SIGHUP re-reads the
 configuration; an invalid one is refused and the old one stays in force.
 """
 
@@ -11,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import ssl
 from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import systemd
 from gateway.auth import Authenticator
@@ -31,6 +36,7 @@ from gateway.scheduler import Scheduler
 from gateway.smtp.outbox import Outbox
 from gateway.smtp.server import RelayServer
 from gateway.tls import server_context
+from storage import instances, queue
 from storage.blobs import BlobStore
 from storage.catalog import AgentSpec, FolderSpec, TenantSpec, sync_tenants
 from storage.db import Database
@@ -57,9 +63,9 @@ def tenant_specs(config: Config) -> list[TenantSpec]:
     ]
 
 
-async def open_store(config: Config) -> tuple[Database, BlobStore]:
-    """Open (and migrate) the database and the blob store."""
-    db = Database(config.gateway.effective_database_url)
+async def open_store(config: Config, db: Database | None = None) -> tuple[Database, BlobStore]:
+    """Open (unless given) and migrate the database, and open the blob store."""
+    db = db or Database(config.gateway.effective_database_url)
     await migrate(db)
     async with db.write() as s:
         await sync_tenants(s, tenant_specs(config))
@@ -89,6 +95,8 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self.pull: PullManager | None = None
         self.db: Database | None = None
+        self.lock: instances.Lock | None = None
+        self.exit_code = 0
 
     def current_config(self) -> Config:
         """The configuration in force (replaced on reload)."""
@@ -103,7 +111,19 @@ class Daemon:
                 raise ConfigError(
                     [f"listen.{name}: socket-activated implicit TLS needs [tls] cert_file and key_file"]
                 )
-        self.db, blobs = await open_store(self.config)
+        self.db = Database(self.config.gateway.effective_database_url)
+        try:
+            self.lock = await instances.lock(self.db)
+        except instances.InstanceConflict as exc:
+            log.error("instance.conflict", error=str(exc))
+            raise
+        _, blobs = await open_store(self.config, self.db)
+        instance = self.config.gateway.effective_instance
+        await self.lock.register(instance, os.uname().nodename, datetime.now(UTC))
+        async with self.db.write() as s:
+            # Holding the lock, no other process is this instance: its claims are a dead run's.
+            released = await queue.release(s, instance)
+        log.info("instance.registered", instance=instance, pid=os.getpid(), released_claims=released)
         changes = Changes()
         pipeline = Pipeline(self.db, blobs, changes=changes)
         auth = Authenticator(self.current_config, self.db)
@@ -116,6 +136,7 @@ class Daemon:
         self._tasks = [
             asyncio.create_task(self.relay.run(), name="relay"),
             asyncio.create_task(self.scheduler.run(), name="scheduler"),
+            asyncio.create_task(self._instance_heartbeat(self.lock), name="instance"),
         ]
         outbox = Outbox(self.db, blobs, changes, self.relay.wake.set)
         for name, submission, implicit in (
@@ -198,6 +219,20 @@ class Daemon:
             else:
                 row.at = datetime.now(UTC)
 
+    async def _instance_heartbeat(self, lock: instances.Lock) -> None:
+        """Refresh this instance's heartbeat; stop the daemon (exit 1) if its database lock is lost."""
+        while True:
+            await asyncio.sleep(instances.HEARTBEAT)
+            try:
+                await lock.beat(datetime.now(UTC))
+            except instances.LockLost as exc:
+                log.error("instance.lock_lost", error=str(exc))
+                self.exit_code = 1
+                self.stopping.set()
+                return
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("instance.heartbeat_failed", error=str(exc))
+
     async def reload(self) -> None:
         """Re-read the configuration file; keep the old one if the new one is invalid."""
         if self.config_path is None or self.db is None:
@@ -240,6 +275,8 @@ class Daemon:
                 await task
         if self.relay is not None:
             await self.relay.drain()
+        if self.lock is not None:
+            await self.lock.release()
         if self.db is not None:
             await self.db.close()
 
@@ -270,5 +307,5 @@ class Daemon:
             systemd.notify("STOPPING=1")
         finally:
             await self.stop()
-        log.info("daemon.stopped")
-        return 0
+        log.info("daemon.stopped", exit_code=self.exit_code)
+        return self.exit_code

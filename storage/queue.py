@@ -4,15 +4,24 @@ A queued message's blob and rows are committed before the submitting client
 gets ``250``. A recipient is ``pending`` until the tenant's server accepts it
 (``sent``) or refuses it for good or the message expires (``failed``). A
 message whose recipients are all done leaves the queue.
+
+Claims: an instance takes a due message with :func:`due`, which marks it
+``claimed_by`` that instance until ``claimed_until``, in the same write
+transaction that selects it (PostgreSQL skips rows another transaction is
+claiming, SQLite serialises writers), so two instances never both attempt
+it. :func:`record` ends the claim with the attempt's results. A claim whose
+holder died runs out and the message is due again for anyone; an instance
+that restarts releases its own old claims at once (:func:`release`). The
+holder must finish an attempt before its claim runs out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.models import Outbound, OutboundRecipient
@@ -61,19 +70,46 @@ async def enqueue(
 
 
 async def due(
-    s: AsyncSession, now: datetime, *, exclude: Iterable[int] = (), limit: int = 200
+    s: AsyncSession,
+    now: datetime,
+    *,
+    instance: str,
+    claim_for: timedelta,
+    room: Mapping[str, int],
+    limit: int = 200,
 ) -> list[Queued]:
-    """Messages whose next attempt is due, with their pending recipients."""
-    rows = (
+    """Claim messages whose next attempt is due, with their pending recipients.
+
+    Call it in a write transaction. At most ``room[tenant]`` messages of each
+    tenant are claimed (tenants not in ``room`` get none); a message claimed by
+    another instance is skipped until its claim runs out at ``claimed_until``.
+    """
+    tenants = [t for t, n in room.items() if n > 0]
+    if not tenants:
+        return []
+    candidates = (
         await s.scalars(
             select(Outbound)
-            .where(Outbound.next_attempt_at <= now, Outbound.id.not_in(list(exclude)))
+            .where(
+                Outbound.next_attempt_at <= now,
+                Outbound.tenant_id.in_(tenants),
+                or_(Outbound.claimed_until.is_(None), Outbound.claimed_until <= now),
+            )
             .order_by(Outbound.next_attempt_at)
             .limit(limit)
+            .with_for_update(skip_locked=True)
         )
     ).all()
+    left = dict(room)
+    rows: list[Outbound] = []
+    for row in candidates:
+        if left[row.tenant_id] > 0:
+            left[row.tenant_id] -= 1
+            row.claimed_by, row.claimed_until = instance, now + claim_for
+            rows.append(row)
     if not rows:
         return []
+    await s.flush()
     pending: dict[int, list[str]] = {}
     for outbound_id, address in await s.execute(
         select(OutboundRecipient.outbound_id, OutboundRecipient.address).where(
@@ -84,6 +120,17 @@ async def due(
     return [Queued(r, tuple(pending.get(r.id, ()))) for r in rows]
 
 
+async def release(s: AsyncSession, instance: str) -> int:
+    """End every claim ``instance`` holds (its previous run died holding them); how many."""
+    result = await s.execute(
+        update(Outbound)
+        .where(Outbound.claimed_by == instance)
+        .values(claimed_by=None, claimed_until=None)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 async def record(
     s: AsyncSession,
     outbound_id: int,
@@ -92,7 +139,7 @@ async def record(
     error: str | None,
     next_attempt_at: datetime,
 ) -> bool:
-    """Record an attempt: each recipient's new state and reply; True when the message is done.
+    """Record an attempt and end its claim: each recipient's new state and reply; True when done.
 
     A message with no pending recipient left is removed from the queue.
     """
@@ -113,7 +160,13 @@ async def record(
     await s.execute(
         update(Outbound)
         .where(Outbound.id == outbound_id)
-        .values(attempts=Outbound.attempts + 1, last_error=error, next_attempt_at=next_attempt_at)
+        .values(
+            attempts=Outbound.attempts + 1,
+            last_error=error,
+            next_attempt_at=next_attempt_at,
+            claimed_by=None,
+            claimed_until=None,
+        )
     )
     return False
 

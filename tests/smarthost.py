@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trustme
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 
 @dataclass
@@ -20,13 +20,18 @@ class Received:
 
 @dataclass
 class Smarthost:
-    """Accepts mail on 127.0.0.1; ``reply`` can be set to a failure such as ``"451 4.3.0 later"``."""
+    """Accepts mail on 127.0.0.1; ``reply`` can be set to a failure such as ``"451 4.3.0 later"``.
+
+    ``answers`` replaces the reply to ``AUTH``, ``MAIL`` or ``RCPT`` (e.g. ``{"MAIL": "251 odd"}``);
+    ``reply`` the one to the end of DATA.
+    """
 
     username: str | None = None
     password: str | None = None
     security: str = "none"  # none | starttls | tls
     ca: trustme.CA = field(default_factory=trustme.CA)
     reply: str | None = None
+    answers: dict[str, str] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
     server: asyncio.Server | None = None
 
@@ -39,6 +44,15 @@ class Smarthost:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
         return ctx
+
+    async def handle_AUTH(self, server: SMTP, session: Session, envelope: Envelope, args: Any) -> Any:
+        return self.answers.get("AUTH", MISSING)
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, *args: Any) -> Any:
+        return self.answers.get("MAIL", MISSING)
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, *args: Any) -> Any:
+        return self.answers.get("RCPT", MISSING)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.reply is not None:

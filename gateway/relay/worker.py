@@ -11,10 +11,23 @@ the server offers STARTTLS unless the tenant pinned ``security = "none"``. A
 password never crosses a non-loopback link in clear unless the tenant set
 ``allow_plaintext_auth``.
 
-Each recipient's reply is kept: ``2xx`` sent, ``5xx`` failed, ``4xx`` (and
-network errors) retried on the ``queue.retry`` schedule until
-``queue.lifetime`` has passed, when it fails too. Failed recipients get one
-RFC 3464 notification delivered to the sender's tenant INBOX; a message still
+Each pass claims the due messages it can start now (``queue.concurrency``
+minus what is in flight, per tenant) in the database (:func:`storage.queue.due`),
+so two instances never attempt one message; an attempt is cut off after
+:data:`DEADLINE`, well before its claim runs out (:data:`CLAIM`).
+
+An attempt's outcome is an :class:`Attempt`. A recipient is ``sent`` only
+when the transaction completed: the server accepted it at RCPT and answered
+``250`` to the end of DATA. It is ``failed`` only on a ``5xx`` the server
+gave to that recipient (RCPT) or to the message (MAIL, DATA), or when
+configuration forbids sending. Everything else is ``pending`` and retried on
+the ``queue.retry`` schedule: a ``4xx``, a network error or timeout, and any
+reply other than the one expected at a stage, whatever its code (a ``250``
+to AUTH is not a ``235``), kept as ``451 4.4.1 <stage> answered ...``. A
+refused AUTH (``535``) is pending too: the tenant's credentials are the
+operator's to fix, and the message waits for that until ``queue.lifetime``,
+when every pending recipient fails. Failed recipients get one RFC 3464
+notification delivered to the sender's tenant INBOX; a message still
 undelivered after ``queue.delay_notice`` gets one delay notice. An attempt's
 results are committed right after the server's answer, so a restart resends
 only what was never accepted.
@@ -28,9 +41,10 @@ import functools
 import ipaddress
 import os
 import ssl
-from collections import defaultdict
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import aiosmtplib
 import structlog
@@ -47,11 +61,9 @@ from storage.models import Outbound
 log = structlog.get_logger(__name__)
 
 POLL = 5.0
-TIMEOUT = 60.0
-
-
-class RelayRefused(Exception):
-    """Sending is impossible by configuration (e.g. STARTTLS missing): fails like a 5xx."""
+TIMEOUT = 60.0  # per SMTP command
+DEADLINE = 600.0  # per attempt, whatever the server does
+CLAIM = timedelta(minutes=15)  # longer than DEADLINE: a live sender never loses its claim
 
 
 def _loopback(host: str) -> bool:
@@ -76,14 +88,64 @@ def client_context(relay: SMTPRelaySection) -> ssl.SSLContext:
     return _context(ca_file, os.stat(ca_file).st_mtime if ca_file else None)
 
 
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What one attempt established, recipient by recipient (each reply as ``"code text"``).
+
+    Built only by :meth:`of`, so the rule lives in one place: ``sent`` holds
+    recipients the server accepted at RCPT of a transaction whose DATA it
+    answered ``250``, nothing else; ``failed`` holds 5xx replies; ``pending``
+    everything to retry. ``error`` says why the transaction did not complete.
+    """
+
+    sent: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    pending: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        recipients: Iterable[str],
+        refused: dict[str, str],
+        reply: str,
+        *,
+        completed: bool,
+        error: str | None = None,
+    ) -> Attempt:
+        """Each recipient's RCPT refusal if it had one, else ``reply``: sent only if ``completed``."""
+        attempt = cls(error=error)
+        for address in recipients:
+            if address in refused:
+                own = refused[address]
+                (attempt.failed if own.startswith("5") else attempt.pending)[address] = own
+            elif completed:
+                attempt.sent[address] = reply
+            else:
+                (attempt.failed if reply.startswith("5") else attempt.pending)[address] = reply
+        return attempt
+
+
+# What each stage must answer. Any other reply, even a 2xx, means the transaction did not complete.
+EXPECTED = {
+    "greeting": "220",
+    "EHLO": "250",
+    "STARTTLS": "220",
+    "AUTH": "235",
+    "MAIL": "250",
+    "RCPT": "250 or 251",
+    "DATA": "354, then 250",
+}
+
+
+def _answered(stage: str, exc: aiosmtplib.SMTPResponseException) -> str:
+    return f"{stage} answered {exc.code} {exc.message}: expected {EXPECTED[stage]}"
+
+
 async def send(
     relay: SMTPRelaySection, hostname: str, mail_from: str, recipients: list[str], data: bytes
-) -> dict[str, tuple[int, str]]:
-    """Send one message; each recipient's reply (code, text).
-
-    Raises :class:`aiosmtplib.SMTPException` (or OSError) for failures that
-    concern the whole message, :class:`RelayRefused` when configuration forbids sending.
-    """
+) -> Attempt:
+    """Send one message through ``relay``: one SMTP transaction, cut off after :data:`DEADLINE`."""
     host, port, security = relay.effective
     context = client_context(relay)
     start_tls: bool | None = True if security == "starttls" else None
@@ -98,33 +160,67 @@ async def send(
         timeout=TIMEOUT,
         local_hostname=hostname,
     )
-    await client.connect()
+    stage = "connect"
+    refused: dict[str, str] = {}  # RCPT refusals: a 4xx or 5xx as given, anything else as a 451
     try:
-        if relay.username:
-            encrypted = client.get_transport_info("sslcontext") is not None
-            if not encrypted and not _loopback(host) and not relay.allow_plaintext_auth:
-                raise RelayRefused(f"refusing to send the password in clear to {host}")
-            password = relay.password()
-            await client.login(relay.username, password.get_secret_value() if password else "")
-        try:
-            refused, _ = await client.sendmail(mail_from, recipients, data)
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            return {e.recipient: (e.code, e.message) for e in exc.recipients}
-        return {r: (refused[r].code, refused[r].message) if r in refused else (250, "OK") for r in recipients}
+        async with asyncio.timeout(DEADLINE):
+            await client.connect()  # greeting, EHLO, STARTTLS
+            if relay.username:
+                stage = "AUTH"
+                encrypted = client.get_transport_info("sslcontext") is not None
+                if not encrypted and not _loopback(host) and not relay.allow_plaintext_auth:
+                    # Configuration forbids sending to this server at all: fails like a 5xx.
+                    reply = f"554 5.7.10 refusing to send the password in clear to {host}"
+                    return Attempt.of(recipients, {}, reply, completed=False, error=reply)
+                password = relay.password()
+                await client.login(relay.username, password.get_secret_value() if password else "")
+            stage = "MAIL"
+            await client.mail(
+                mail_from, options=[f"SIZE={len(data)}"] if client.supports_extension("size") else []
+            )
+            stage = "RCPT"
+            for address in recipients:
+                try:
+                    await client.rcpt(address)
+                except aiosmtplib.SMTPRecipientRefused as exc:
+                    given = 400 <= exc.code < 600
+                    refused[address] = (
+                        f"{exc.code} {exc.message}" if given else f"451 4.4.1 {_answered(stage, exc)}"
+                    )
+            if len(refused) == len(recipients):
+                return Attempt.of(recipients, refused, "", completed=False)
+            stage = "DATA"
+            done = await client.data(data)  # raises unless the end of DATA is answered 250
+            return Attempt.of(recipients, refused, f"{done.code} {done.message}", completed=True)
+    except aiosmtplib.SMTPResponseException as exc:
+        if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
+            stage = "greeting"
+        elif isinstance(exc, aiosmtplib.SMTPHeloError):
+            stage = "EHLO"
+        elif stage == "connect":
+            stage = "STARTTLS"
+        if exc.code >= 500 and stage in ("MAIL", "DATA"):
+            reply = f"{exc.code} {exc.message}"  # the server refused the message itself
+            return Attempt.of(recipients, refused, reply, completed=False, error=reply)
+        error = _answered(stage, exc)
+    except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
+        error = f"{type(exc).__name__}: {exc or 'no reply'} (at {stage})"
     finally:
         if client.is_connected:
             try:
                 await client.quit()
             except (aiosmtplib.SMTPException, OSError):
                 client.close()
+    return Attempt.of(recipients, refused, f"451 4.4.1 {error}", completed=False, error=error)
 
 
-def _status(code: int, reply: str) -> str:
-    """The enhanced status code in a reply, or one made from the basic code."""
-    first = reply.split(" ", 1)[0]
+def _status(reply: str) -> str:
+    """The enhanced status code in a reply (``"550 5.1.1 ..."``), or one made from the basic code."""
+    code, _, text = reply.partition(" ")
+    first = text.split(" ", 1)[0]
     if first.count(".") == 2 and first[0] in "245":
         return first
-    return f"{code // 100}.0.0"
+    return f"{code[:1]}.0.0"
 
 
 class RelayWorker:
@@ -144,10 +240,7 @@ class RelayWorker:
         self.pipeline = pipeline
         self.clock = clock or (lambda: datetime.now(UTC))
         self.wake = asyncio.Event()
-        self._inflight: set[int] = set()
-        self._limits: defaultdict[str, asyncio.Semaphore] = defaultdict(
-            lambda: asyncio.Semaphore(self.config().queue.concurrency)
-        )
+        self._busy: Counter[str] = Counter()  # deliveries in flight per tenant
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -163,12 +256,16 @@ class RelayWorker:
                 await asyncio.wait_for(self.wake.wait(), POLL)
 
     async def run_once(self) -> None:
-        """Start a delivery for every due message not already in flight."""
-        async with self.db.read() as s:
-            items = await queue.due(s, self.clock(), exclude=self._inflight)
+        """Claim what is due, as far as each tenant's concurrency allows, and start delivering it."""
+        config = self.config()
+        room = {t.id: config.queue.concurrency - self._busy[t.id] for t in config.tenants}
+        async with self.db.write() as s:
+            items = await queue.due(
+                s, self.clock(), instance=config.gateway.effective_instance, claim_for=CLAIM, room=room
+            )
         for item in items:
-            self._inflight.add(item.row.id)
-            task = asyncio.create_task(self._deliver(item))
+            self._busy[item.row.tenant_id] += 1
+            task = asyncio.create_task(self._deliver(config, item))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -177,56 +274,46 @@ class RelayWorker:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def _deliver(self, item: queue.Queued) -> None:
+    async def _deliver(self, config: Config, item: queue.Queued) -> None:
+        """Attempt a claimed message under the configuration it was claimed with (its tenant exists)."""
         row = item.row
         try:
-            config = self.config()
-            try:
-                tenant = config.tenant(row.tenant_id)
-            except KeyError:
-                return
-            async with self._limits[row.tenant_id]:
-                await self._attempt(config, tenant, item)
+            await self._attempt(config, config.tenant(row.tenant_id), item)
+        except Exception:
+            # Not recorded: the claim runs out and the message is attempted again then.
+            log.exception("relay.attempt_failed", tenant=row.tenant_id, queue_id=row.id)
         finally:
-            self._inflight.discard(row.id)
+            self._busy[row.tenant_id] -= 1
+            self.wake.set()  # a slot is free: more of this tenant's mail may be due
 
     async def _attempt(self, config: Config, tenant: TenantSection, item: queue.Queued) -> None:
         row = item.row
         now = self.clock()
         data = await self.blobs.get(row.blob)
-        replies: dict[str, tuple[int, str]]
-        error: str | None = None
         if tenant.smtp is None:
-            replies = {r: (554, "5.3.5 the tenant has no outbound SMTP settings") for r in item.pending}
+            reply = "554 5.3.5 the tenant has no outbound SMTP settings"
+            attempt = Attempt.of(item.pending, {}, reply, completed=False, error=reply)
         elif not item.pending:
-            replies = {}
+            attempt = Attempt()
         else:
-            try:
-                replies = await send(
-                    tenant.smtp, config.gateway.hostname, row.mail_from, list(item.pending), data
-                )
-            except RelayRefused as exc:
-                replies = {r: (554, f"5.7.10 {exc}") for r in item.pending}
-            except aiosmtplib.SMTPResponseException as exc:
-                replies = {r: (exc.code, exc.message) for r in item.pending}
-            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                replies = {r: (451, f"4.4.1 {error}") for r in item.pending}
+            attempt = await send(
+                tenant.smtp, config.gateway.hostname, row.mail_from, list(item.pending), data
+            )
         expired = now - row.created_at >= config.queue.lifetime
-        results: dict[str, tuple[str, str]] = {}
-        failures: list[dsn.RecipientStatus] = []
+        results: dict[str, tuple[str, str]] = {r: ("sent", reply) for r, reply in attempt.sent.items()}
+        failures = [
+            dsn.RecipientStatus(r, "failed", _status(reply), reply) for r, reply in attempt.failed.items()
+        ]
         delayed: list[dsn.RecipientStatus] = []
-        for rcpt, (code, text) in replies.items():
-            reply = f"{code} {text}"
-            if 200 <= code < 300:
-                results[rcpt] = ("sent", reply)
-            elif code >= 500 or expired:
-                results[rcpt] = ("failed", reply)
-                status = _status(code, text) if code >= 500 else "4.4.7"
-                failures.append(dsn.RecipientStatus(rcpt, "failed", status, reply))
+        for rcpt, reply in attempt.pending.items():
+            if expired:
+                failures.append(dsn.RecipientStatus(rcpt, "failed", "4.4.7", reply))
             else:
-                results[rcpt] = ("pending", reply)
-                delayed.append(dsn.RecipientStatus(rcpt, "delayed", _status(code, text), reply))
+                delayed.append(dsn.RecipientStatus(rcpt, "delayed", _status(reply), reply))
+        for status in failures:
+            results[status.address] = ("failed", status.diagnostic)
+        for status in delayed:
+            results[status.address] = ("pending", status.diagnostic)
         schedule = config.queue.retry
         wait = schedule[min(row.attempts, len(schedule) - 1)]
         notify_delay = (
@@ -237,7 +324,7 @@ class RelayWorker:
                 s,
                 row.id,
                 results,
-                error=error or next((r for _, r in results.values() if not r.startswith("2")), None),
+                error=attempt.error or next((r for state, r in results.values() if state != "sent"), None),
                 next_attempt_at=now + wait,
             )
             if notify_delay and not done:
@@ -251,10 +338,11 @@ class RelayWorker:
             "relay.attempt",
             tenant=tenant.id,
             queue_id=row.id,
-            sent=sum(state == "sent" for state, _ in results.values()),
+            sent=len(attempt.sent),
             failed=len(failures),
             deferred=len(delayed),
             done=done,
+            error=attempt.error,
         )
         if failures:
             await self._notify(config, row, data, failures, now)
