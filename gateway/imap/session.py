@@ -31,7 +31,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import quotas
-from gateway.auth import Authenticator, Identity
+from gateway.auth import Authenticator, AuthUnavailable, Identity
 from gateway.config import Config
 from gateway.imap import commands as c
 from gateway.imap import mime, wire
@@ -228,7 +228,10 @@ class Session:
     async def _authenticate(self, user: str, password: str) -> str:
         if not (self.tls or self.loopback):
             raise No("log in over TLS (STARTTLS) first", "PRIVACYREQUIRED")
-        identity = await self.auth.verify(user, password, self.peer, self.listener)
+        try:
+            identity = await self.auth.verify(user, password, self.peer, self.listener)
+        except AuthUnavailable as exc:
+            raise No(str(exc), "UNAVAILABLE") from None
         if identity is None:
             raise No("invalid credentials", "AUTHENTICATIONFAILED")
         self.identity = identity
