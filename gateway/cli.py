@@ -225,12 +225,24 @@ def cmd_mailboxes(config: Config, args: argparse.Namespace) -> int:
                         if r and r.last_success_at
                         else None,
                         "last_error": r.last_error if r else None,
+                        "next_attempt": r.next_attempt_at.isoformat(timespec="seconds")
+                        if r and r.next_attempt_at
+                        else None,
                         "messages_pulled": r.messages_pulled if r else 0,
                     }
                 )
         return out
 
-    columns = ["tenant", "name", "host", "state", "last_success", "last_error", "messages_pulled"]
+    columns = [
+        "tenant",
+        "name",
+        "host",
+        "state",
+        "last_success",
+        "last_error",
+        "next_attempt",
+        "messages_pulled",
+    ]
     print_rows(asyncio.run(go()), columns, args.format)
     return EXIT_OK
 

@@ -21,13 +21,15 @@ class Changes:
                 event.set()
 
     @contextmanager
-    def watch(self, folder_id: int) -> Iterator[asyncio.Event]:
-        """An event set when the folder changes, for the duration of the block."""
+    def watch(self, *folder_ids: int) -> Iterator[asyncio.Event]:
+        """An event set when one of the folders changes, for the duration of the block."""
         event = asyncio.Event()
-        self._waiters[folder_id].add(event)
+        for folder_id in folder_ids:
+            self._waiters[folder_id].add(event)
         try:
             yield event
         finally:
-            self._waiters[folder_id].discard(event)
-            if not self._waiters[folder_id]:
-                del self._waiters[folder_id]
+            for folder_id in folder_ids:
+                self._waiters[folder_id].discard(event)
+                if not self._waiters[folder_id]:
+                    del self._waiters[folder_id]

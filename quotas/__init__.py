@@ -30,9 +30,11 @@ class QuotaExceeded(StoreError):
     imap_code = "OVERQUOTA"
     smtp_reply = "452 4.2.2 Mailbox full, try again later"
 
-    def __init__(self, what: str, used: int, limit: int, adding: int) -> None:
+    def __init__(self, what: str, used: int, limit: int, adding: int, *, folder_id: int | None) -> None:
         super().__init__(f"{what} quota exceeded: {used} + {adding} bytes over the limit of {limit}")
         self.what = what
+        self.folder_id = folder_id  # the quota root: this folder, or None for the tenant
+        self.adding = adding
 
 
 async def check(s: AsyncSession, folder: Folder, adding: int, *, tenant_adding: int | None = None) -> None:
@@ -48,7 +50,13 @@ async def check(s: AsyncSession, folder: Folder, adding: int, *, tenant_adding: 
         await s.execute(select(Folder.used_bytes, Folder.quota_bytes).where(Folder.id == folder.id))
     ).one()
     if folder_row.quota_bytes is not None and folder_row.used_bytes + adding > folder_row.quota_bytes:
-        raise QuotaExceeded(f"folder {folder.name!r}", folder_row.used_bytes, folder_row.quota_bytes, adding)
+        raise QuotaExceeded(
+            f"folder {folder.name!r}",
+            folder_row.used_bytes,
+            folder_row.quota_bytes,
+            adding,
+            folder_id=folder.id,
+        )
     tenant = (
         await s.execute(select(Tenant.used_bytes, Tenant.quota_bytes).where(Tenant.id == folder.tenant_id))
     ).one()
@@ -58,8 +66,26 @@ async def check(s: AsyncSession, folder: Folder, adding: int, *, tenant_adding: 
         and tenant.used_bytes + tenant_adding > tenant.quota_bytes
     ):
         raise QuotaExceeded(
-            f"tenant {folder.tenant_id!r}", tenant.used_bytes, tenant.quota_bytes, tenant_adding
+            f"tenant {folder.tenant_id!r}",
+            tenant.used_bytes,
+            tenant.quota_bytes,
+            tenant_adding,
+            folder_id=None,
         )
+
+
+async def room(s: AsyncSession, tenant_id: str, folder_id: int | None) -> int | None:
+    """Bytes that still fit under a quota root (a folder, or the tenant for None); None: no limit.
+
+    A folder that no longer exists limits nothing.
+    """
+    query = (
+        select(Tenant.used_bytes, Tenant.quota_bytes).where(Tenant.id == tenant_id)
+        if folder_id is None
+        else select(Folder.used_bytes, Folder.quota_bytes).where(Folder.id == folder_id)
+    )
+    row = (await s.execute(query)).one_or_none()
+    return None if row is None or row.quota_bytes is None else row.quota_bytes - row.used_bytes
 
 
 @dataclass(frozen=True, slots=True)

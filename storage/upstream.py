@@ -45,10 +45,19 @@ async def _row(s: AsyncSession, tenant_id: str, mailbox: str) -> UpstreamMailbox
     return row
 
 
-async def record_success(s: AsyncSession, tenant_id: str, mailbox: str, state: str, at: datetime) -> None:
-    """The mailbox was reached and synchronised."""
+async def record_success(
+    s: AsyncSession, tenant_id: str, mailbox: str, folder: str, state: str, at: datetime
+) -> None:
+    """A folder of the mailbox was reached and synchronised.
+
+    The row shows the mailbox's worst folder: while another folder's error
+    waits for its next attempt, that error and its state stay.
+    """
     row = await _row(s, tenant_id, mailbox)
-    row.state, row.last_success_at = state, at
+    row.last_success_at = at
+    pending = row.next_attempt_at is not None and row.next_attempt_at > at
+    if not pending or (row.last_error or "").startswith(f"{folder}: "):
+        row.state, row.next_attempt_at = state, None
 
 
 async def record_pulled(s: AsyncSession, tenant_id: str, mailbox: str, count: int) -> None:
@@ -62,11 +71,22 @@ async def record_pulled(s: AsyncSession, tenant_id: str, mailbox: str, count: in
 
 
 async def record_error(
-    s: AsyncSession, tenant_id: str, mailbox: str, state: str, error: str, at: datetime
+    s: AsyncSession,
+    tenant_id: str,
+    mailbox: str,
+    folder: str,
+    state: str,
+    error: str,
+    at: datetime,
+    next_attempt_at: datetime,
 ) -> None:
-    """The mailbox failed (``state`` e.g. ``error`` or ``auth_failed``)."""
+    """A folder of the mailbox failed (``state`` e.g. ``error``, ``auth_failed``, ``over_quota``).
+
+    ``last_error`` becomes ``"<folder>: <error>"``; ``next_attempt_at`` is when it is tried again.
+    """
     row = await _row(s, tenant_id, mailbox)
-    row.state, row.last_error, row.last_error_at = state, error[:500], at
+    row.state, row.last_error, row.last_error_at = state, f"{folder}: {error}"[:500], at
+    row.next_attempt_at = next_attempt_at
 
 
 async def mailboxes(s: AsyncSession, tenant_id: str | None = None) -> Sequence[UpstreamMailbox]:

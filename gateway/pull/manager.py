@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -19,27 +19,39 @@ log = structlog.get_logger(__name__)
 class PullManager:
     """Starts, stops and restarts pullers so they match the configuration."""
 
-    def __init__(self, config: Callable[[], Config], pipeline: Pipeline, db: Database) -> None:
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        pipeline: Pipeline,
+        db: Database,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.config = config
         self.pipeline = pipeline
         self.db = db
+        self.sleep = sleep  # the pullers' (tests pass a virtual clock's)
         self.limits = HostLimits()
-        self._tasks: dict[tuple[str, str, str], tuple[str, asyncio.Task[None]]] = {}
+        self._tasks: dict[tuple[str, str, str], tuple[str, FolderPuller, asyncio.Task[None]]] = {}
 
     def apply(self, config: Config) -> None:
-        """Make the running pullers those of ``config`` (on start and on reload)."""
+        """Make the running pullers those of ``config`` (on start and on reload).
+
+        Pullers kept are woken: one waiting for room looks whether a quota was raised.
+        """
         wanted: dict[tuple[str, str, str], tuple[str, FolderJob]] = {
             job.key: (job.mailbox.model_dump_json() + job.target, job) for job in jobs(config)
         }
-        for key, (fingerprint, task) in list(self._tasks.items()):
+        for key, (fingerprint, puller, task) in list(self._tasks.items()):
             if key not in wanted or wanted[key][0] != fingerprint:
                 task.cancel()
                 del self._tasks[key]
+            else:
+                puller.wake()
         for key, (fingerprint, job) in wanted.items():
             if key not in self._tasks:
-                puller = FolderPuller(job, self.config, self.pipeline, self.db, self.limits)
+                puller = FolderPuller(job, self.config, self.pipeline, self.db, self.limits, sleep=self.sleep)
                 task = asyncio.create_task(puller.run(), name=f"pull:{'/'.join(key)}")
-                self._tasks[key] = (fingerprint, task)
+                self._tasks[key] = (fingerprint, puller, task)
         log.info("pull.watching", folders=len(self._tasks))
 
     async def stop(self) -> None:
@@ -48,7 +60,7 @@ class PullManager:
         A batch interrupted before its commit rolls back; its messages are still
         upstream, untouched, and are pulled again next time.
         """
-        tasks = [task for _, task in self._tasks.values()]
+        tasks = [task for _, _, task in self._tasks.values()]
         self._tasks.clear()
         for task in tasks:
             task.cancel()

@@ -23,11 +23,24 @@ two), over one connection. A *pass*:
 
 Between passes the task IDLEs (re-issued every :data:`IDLE_SECONDS`) when the
 server offers it and the mailbox allows it, or sleeps ``poll_interval``.
-Failures back off exponentially with jitter; a refused login is logged once
-per change, not on every retry. Two caps protect upstream servers: at most
-:data:`LOGINS_PER_HOST` connections being opened to one server at a time
-(hundreds of tenants on one provider start without a thundering herd, and an
-idling connection never holds a slot), and at most
+
+Every failure of a folder (connection, refused login, a refused command such
+as SELECT of a missing folder, a message that cannot be stored now) backs
+that folder off, with jitter, from :data:`BACKOFF_FIRST` doubling up to
+:data:`BACKOFF_MAX`; only a pass that completes resets it, never a mere
+login. A refused login waits the cap at once (providers lock accounts that
+retry). So does a tenant over quota: the pass stops at the first message
+that does not fit (the rest waits upstream), and the folder tries again when
+the cap elapses or, sooner, when that message's quota root has room for it;
+room is looked at (locally, no login) when one of the tenant's folders
+changes in this process or the configuration is reloaded. The reason and the
+next attempt are recorded for ``mailgate mailboxes``; a refused login is
+logged once per change, not on every retry.
+
+Two caps protect upstream servers: at most :data:`LOGINS_PER_HOST`
+connections being opened to one server at a time (hundreds of tenants on one
+provider start without a thundering herd, and an idling connection never
+holds a slot), and at most
 :data:`CONNECTIONS_PER_ACCOUNT` open connections per account (providers limit
 those, e.g. Gmail to 15). A failing mailbox only delays its own tasks.
 """
@@ -38,19 +51,22 @@ import asyncio
 import random
 import ssl
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import structlog
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+import quotas
 from gateway.config import Config, MailboxSection
 from gateway.ingest import Delivery, Outcome, Pipeline
 from gateway.pull.imap_client import AuthFailed, UpstreamError, UpstreamIMAP
 from quotas import QuotaExceeded
 from storage import mailstore, upstream
 from storage.db import Database
+from storage.errors import StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +74,7 @@ BATCH = 50
 BATCH_BYTES = 16 * 2**20
 SEARCH_SIZES_CHUNK = 200
 IDLE_SECONDS = 28 * 60
-BACKOFF_FIRST, BACKOFF_MAX = 1.0, 300.0
+BACKOFF_FIRST, BACKOFF_MAX = 5.0, 15 * 60.0  # seconds; each delay is jittered down to half
 LOGINS_PER_HOST = 10
 CONNECTIONS_PER_ACCOUNT = 10
 
@@ -129,6 +145,8 @@ class FolderPuller:
         db: Database,
         limits: HostLimits,
         clock: Callable[[], datetime] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
     ) -> None:
         self.job = job
         self.config = config
@@ -136,12 +154,15 @@ class FolderPuller:
         self.db = db
         self.limits = limits
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.sleep = sleep  # every wait of this task goes through it (tests pass a virtual clock's)
+        self.rng = rng or random.Random()
         self.log = log.bind(tenant=job.tenant_id, mailbox=job.mailbox.name, folder=job.folder)
         self._last_error: str | None = None
+        self._backoff = BACKOFF_FIRST
+        self._wakeup: asyncio.Event | None = None  # set while waiting for room
 
     async def run(self) -> None:
         """Connect, pull, wait for more; on failure back off and start again."""
-        backoff = BACKOFF_FIRST
         while True:
             box = self.job.mailbox
             try:
@@ -149,21 +170,23 @@ class FolderPuller:
                     async with self.limits.login(box.host):
                         client = await self.connect()
                     try:
-                        backoff = BACKOFF_FIRST
                         await self._watch(client)
                     finally:
                         await client.logout()
             except AuthFailed as exc:
-                await self._failed("auth_failed", str(exc))
-                backoff = BACKOFF_MAX
+                await self._back_off("auth_failed", str(exc), BACKOFF_MAX)
             except UpstreamError as exc:
-                await self._failed("error", str(exc))
+                await self._back_off("error", str(exc))
             except QuotaExceeded as exc:
-                # Upstream mail stays where it is until space is freed.
-                await self._failed("over_quota", str(exc))
-            delay = random.uniform(backoff / 2, backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
-            await asyncio.sleep(delay)
+                # Upstream mail stays where it is until there is room for it.
+                await self._back_off("over_quota", f"over quota ({exc})", BACKOFF_MAX, exc)
+            except (StoreError, SQLAlchemyError, OSError) as exc:  # e.g. a conflict, a full disk
+                await self._back_off("store_failed", f"cannot store now ({exc})")
+
+    def wake(self) -> None:
+        """Look again whether a folder waiting for room has it now (e.g. a quota was raised)."""
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     async def connect(self) -> UpstreamIMAP:
         """Connect and authenticate with the mailbox's credentials."""
@@ -190,7 +213,7 @@ class FolderPuller:
             if use_idle:
                 await client.idle(IDLE_SECONDS)
             else:
-                await asyncio.sleep(self.job.mailbox.poll_interval.total_seconds())
+                await self.sleep(self.job.mailbox.poll_interval.total_seconds())
 
     async def sync(self, client: UpstreamIMAP) -> int:
         """One pass over the folder; returns how many messages were stored."""
@@ -282,17 +305,68 @@ class FolderPuller:
             await self._apply_policy(client, left[start : start + SEARCH_SIZES_CHUNK])
 
     async def _succeeded(self, state: str) -> None:
+        """A pass completed: the folder is caught up, and its backoff starts over."""
+        self._backoff = BACKOFF_FIRST
         if self._last_error is not None:
             self.log.info("pull.recovered")
             self._last_error = None
+        job = self.job
         async with self.db.write() as s:
-            await upstream.record_success(s, self.job.tenant_id, self.job.mailbox.name, state, self.clock())
+            await upstream.record_success(s, job.tenant_id, job.mailbox.name, job.folder, state, self.clock())
 
-    async def _failed(self, state: str, error: str) -> None:
+    async def _back_off(
+        self, state: str, error: str, backoff: float | None = None, full: QuotaExceeded | None = None
+    ) -> None:
+        """Record the failure, then wait a jittered ``backoff`` (default: the next step).
+
+        With ``full``, the wait ends early once its quota root has room for the message.
+        """
+        backoff = backoff or self._backoff
+        self._backoff = min(backoff * 2, BACKOFF_MAX)
+        delay = self.rng.uniform(backoff / 2, backoff)
+        job = self.job
         if error != self._last_error:
-            self.log.warning("pull.failed", state=state, error=error)
+            self.log.warning("pull.failed", state=state, error=error, retry_in=round(delay))
             self._last_error = error
         async with self.db.write() as s:
+            at = self.clock()
+            retry_at = at + timedelta(seconds=delay)
             await upstream.record_error(
-                s, self.job.tenant_id, self.job.mailbox.name, state, error, self.clock()
+                s, job.tenant_id, job.mailbox.name, job.folder, state, error, at, retry_at
             )
+        if full is None:
+            await self.sleep(delay)
+        else:
+            await self._wait_for_room(delay, full)
+
+    async def _wait_for_room(self, delay: float, full: QuotaExceeded) -> None:
+        """Sleep ``delay``, or less: until the quota root that refused has room for that message."""
+        tenant_id = self.job.tenant_id
+        async with self.db.read() as s:
+            folders = (
+                [f.id for f in await mailstore.list_folders(s, tenant_id)]
+                if full.folder_id is None
+                else [full.folder_id]
+            )
+        sleeping = asyncio.ensure_future(self.sleep(delay))
+        try:
+            with self.pipeline.changes.watch(*folders) as changed:
+                self._wakeup = changed
+                while True:
+                    # Looked at after the watch began: space freed meanwhile is not missed.
+                    changed.clear()
+                    async with self.db.read() as s:
+                        room = await quotas.room(s, tenant_id, full.folder_id)
+                    if room is None or room >= full.adding:
+                        self.log.info("pull.room_for_more", room=room)
+                        return
+                    woken = asyncio.ensure_future(changed.wait())
+                    try:
+                        await asyncio.wait({sleeping, woken}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        woken.cancel()
+                    if sleeping.done():
+                        return
+        finally:
+            self._wakeup = None
+            sleeping.cancel()
