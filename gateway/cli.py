@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +17,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import logs
 from gateway.config import Config, ConfigError, default_config_path, load_config
 from storage.db import Database
+
+UMASK = 0o027
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -543,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mailgate`` console script."""
+    # Mail metadata and snapshots are private whatever the caller's umask:
+    # files 0640, directories 0750 (systemd's UMask= says the same).
+    os.umask(UMASK)
     args = build_parser().parse_args(argv)
     func: Callable[..., int] = args.func
     if not getattr(args, "needs_config", True):
