@@ -4,7 +4,9 @@ aiosmtpd runs the protocol state machine; :class:`RelayHandler` decides with
 :mod:`gateway.smtp.policy` and delivers through the ingest pipeline, answering
 ``250`` only after the commit. :class:`MailgateSMTP` translates aiosmtpd's own
 replies into enhanced status codes and never lets an exception's text reach
-the client.
+the client; it also reports to the listener's
+:class:`~gateway.connections.ConnectionGate` (caps, making room, stress) and
+arms aiosmtpd's idle timer from it.
 """
 
 from __future__ import annotations
