@@ -531,6 +531,16 @@ class IMAPLimits(ListenerLimits):
     unauthenticated_literal: Size = Field(8 * 1024, ge=64)  # bytes a literal may carry before login
 
 
+class HTTPLimits(ListenerLimits):
+    """``metrics``; ``timeout`` bounds reading a whole request."""
+
+    connections: int = Field(100, ge=1)
+    per_ip: int = Field(20, ge=1)
+    per_network: int = Field(50, ge=1)
+    timeout: Duration = timedelta(seconds=10)
+    stress_timeout: Duration = timedelta(seconds=2)
+
+
 class AuthLimits(_Model):
     """Password checks: a failure limit per client address, and a budget for the whole daemon."""
 
@@ -543,6 +553,7 @@ class AuthLimits(_Model):
 class LimitsSection(_Model):
     smtp: SMTPLimits = SMTPLimits()
     imap: IMAPLimits = IMAPLimits()
+    http: HTTPLimits = HTTPLimits()
     auth: AuthLimits = AuthLimits()
 
 

@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import systemd
 from gateway.auth import Authenticator
 from gateway.config import Config, ConfigError, load_config
+from gateway.connections import ConnectionGate
 from gateway.imap.server import IMAPServer
 from gateway.ingest import Pipeline
 from gateway.metrics import DatabaseCollector, MetricsServer, refresh_forever
@@ -178,7 +179,8 @@ class Daemon:
         if listen.metrics or "metrics" in inherited:
             collector = DatabaseCollector(self.current_config, self.db)
             await collector.refresh()
-            self.metrics = MetricsServer(collector, self.ready)
+            gate = ConnectionGate(lambda: self.config.limits.http, "metrics")
+            self.metrics = MetricsServer(collector, gate, self.ready)
             if "metrics" in inherited:
                 await self.metrics.start_on_socket(inherited.pop("metrics"))
             else:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -32,6 +33,9 @@ from gateway.config import Config
 from storage import events, snapshots
 from storage.db import Database
 from storage.models import Agent, Event, Folder, Outbound, Tenant, UpstreamMailbox
+
+if TYPE_CHECKING:  # gateway.connections counts its refusals in this module's registry
+    from gateway.connections import ConnectionGate
 
 log = structlog.get_logger(__name__)
 
@@ -202,13 +206,42 @@ class DatabaseCollector(Collector):
         yield snap
 
 
+MAX_HEADER_LINES = 100
+
+
+class _HTTPClient:
+    """One connection as the listener's gate sees it: idle until its request is read."""
+
+    def __init__(self, ip: str, writer: asyncio.StreamWriter) -> None:
+        self.client_ip = ip
+        self.writer = writer
+        self.since: float | None = time.monotonic()
+
+    def idle_early_since(self) -> float | None:
+        return self.since
+
+    def evict(self) -> None:
+        self.writer.close()
+
+    def stress_changed(self) -> None:
+        pass  # a whole request has one short deadline anyway
+
+
 class MetricsServer:
-    """A minimal HTTP listener: ``/metrics``, ``/healthz``, ``/readyz``."""
+    """A minimal HTTP listener: ``/metrics``, ``/healthz``, ``/readyz``.
+
+    Bounded like every listener: its gate caps connections, and a request
+    (at most :data:`MAX_HEADER_LINES` lines) must arrive within the gate's timeout.
+    """
 
     def __init__(
-        self, collector: DatabaseCollector, ready: Callable[[], Awaitable[bool]] | None = None
+        self,
+        collector: DatabaseCollector,
+        gate: ConnectionGate,
+        ready: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.collector = collector
+        self.gate = gate
         self.ready = ready
         self._server: asyncio.Server | None = None
         REGISTRY.register(collector)
@@ -232,10 +265,20 @@ class MetricsServer:
             await self._server.wait_closed()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        client = _HTTPClient(str(peer[0]) if isinstance(peer, tuple) else "unknown", writer)
+        if not self.gate.admit(client):
+            writer.close()
+            return
         try:
-            request = await asyncio.wait_for(reader.readline(), 10)
-            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
-                pass
+            async with asyncio.timeout(self.gate.timeout(True)):
+                request = await reader.readline()
+                for _ in range(MAX_HEADER_LINES):
+                    if await reader.readline() in (b"\r\n", b"\n", b""):
+                        break
+                else:
+                    return
+            client.since = None
             parts = request.split()
             path = parts[1].decode("ascii", "replace") if len(parts) >= 2 else ""
             if path == "/metrics":
@@ -255,9 +298,10 @@ class MetricsServer:
             head = f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
             writer.write(head.encode() + b"Connection: close\r\n\r\n" + body)
             await writer.drain()
-        except (TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError, ValueError):  # ValueError: a line over the reader's limit
             pass
         finally:
+            self.gate.release(client)
             writer.close()
 
 

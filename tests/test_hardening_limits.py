@@ -25,10 +25,11 @@ from argon2 import PasswordHasher
 from gateway import metrics
 from gateway.auth import Authenticator
 from gateway.config import Config, parse_config
-from gateway.connections import network
+from gateway.connections import ConnectionGate, network
 from gateway.daemon import open_store
 from gateway.imap.server import IMAPServer
 from gateway.ingest import Pipeline
+from gateway.metrics import DatabaseCollector, MetricsServer
 from gateway.notify import Changes
 from gateway.smtp.server import RelayServer
 from storage.db import Database
@@ -205,6 +206,40 @@ async def test_defect4_imap_connections_are_capped_per_address(tmp_path: Path, d
         greetings, refused = await asyncio.to_thread(scenario)
         assert all(g.startswith(b"* OK") for g in greetings), greetings
         assert refused.startswith(b"* BYE too many connections"), refused
+
+
+async def test_defect4_metrics_listener_is_capped_and_requests_are_timed(tmp_path: Path, db_url: str) -> None:
+    """The metrics listener too: connections per address are capped, and a request trickled
+    line by line (each line within the old per-line timeout) is cut at the request's deadline."""
+    config = _config(tmp_path, db_url, {"http": {"per_ip": 2, "timeout": "1s"}})
+    db, _ = await open_store(config)
+    gate = ConnectionGate(lambda: config.limits.http, "metrics")
+    server = MetricsServer(DatabaseCollector(lambda: config, db), gate)
+    await server.start("127.0.0.1", 0)
+    try:
+
+        def scenario() -> tuple[bytes, bytes, float]:
+            with _connect(server.port) as slow, _connect(server.port):
+                time.sleep(0.2)
+                with _connect(server.port) as third:
+                    refused = third.recv(100)
+                started = time.monotonic()
+                slow.sendall(b"GET /healthz HTTP/1.1\r\n")
+                cut = b""
+                with contextlib.suppress(OSError):
+                    for _ in range(50):
+                        slow.sendall(b"X-Slow: 1\r\n")
+                        time.sleep(0.2)
+                    cut = slow.recv(100)
+                return refused, cut, time.monotonic() - started
+
+        refused, cut, took = await asyncio.to_thread(scenario)
+        assert refused == b""  # closed at once: over the per-address cap
+        assert cut == b""
+        assert took < 5  # cut at the 1 s deadline; 50 lines take 10 s
+    finally:
+        await server.stop()
+        await db.close()
 
 
 # --------------------------------------------------------------------------- defect 5

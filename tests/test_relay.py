@@ -770,7 +770,8 @@ async def test_auth_before_tls_is_refused_on_a_remote_connection(
 async def test_wrong_password_is_delayed_and_counted(tmp_path: Path, sqlite_url: str) -> None:
     delay = 0.3
     config = gateway_config(tmp_path, sqlite_url)
-    config = config.model_copy(update={"limits": parse_config({"limits": {"auth": {"max_failures": 3}}}).limits})
+    limits = parse_config({"limits": {"auth": {"max_failures": 3}}}).limits
+    config = config.model_copy(update={"limits": limits})
     async with running(config, auth_delay=delay) as g:
 
         def auth(password: str) -> tuple[int, float]:
