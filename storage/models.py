@@ -148,6 +148,8 @@ class Message(Base):
     envelope: Mapped[bytes | None] = mapped_column(LargeBinary)
     bodystructure: Mapped[bytes | None] = mapped_column(LargeBinary)
     body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # The agent whose submission this is mailgate's \\Sent copy of (its client's own copy is folded into it).
+    submitted_by: Mapped[int | None] = mapped_column(ForeignKey("agents.id", ondelete="SET NULL"))
 
 
 class Expunge(Base):
@@ -203,6 +205,9 @@ class Outbound(Base):
     __tablename__ = "outbound"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    # The message's one public identifier (SMTP reply, queue commands, logs, DSN); never reused.
+    queue_id: Mapped[str | None] = mapped_column(String(32), unique=True)
+    message_id: Mapped[str | None] = mapped_column(Text)  # its Message-ID header, for logs
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     agent_id: Mapped[int | None] = mapped_column(ForeignKey("agents.id", ondelete="SET NULL"))
     mail_from: Mapped[str] = mapped_column(Text)
@@ -297,3 +302,51 @@ class Instance(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column()
     heartbeat_at: Mapped[datetime] = mapped_column()
+
+
+class OutboundLog(Base):
+    """The history of an outgoing message (``mailgate queue show``), kept after it leaves the queue."""
+
+    __tablename__ = "outbound_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    queue_id: Mapped[str] = mapped_column(String(32), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column()
+    # queued, attempt, sent, deferred, failed, retry, dropped, expired, notified
+    event: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    recipient: Mapped[str | None] = mapped_column(String(320))
+    smarthost: Mapped[str | None] = mapped_column(String(255))
+    reply: Mapped[str | None] = mapped_column(Text)
+
+
+class UpstreamWaiting(Base):
+    """An upstream message that did not fit the quota: left upstream, pulled when there is room.
+
+    Kept beside the folder's ``last_uid`` (which may pass it), so each
+    message is still stored exactly once.
+    """
+
+    __tablename__ = "upstream_waiting"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(255), primary_key=True)
+    folder: Mapped[str] = mapped_column(String(255), primary_key=True)
+    uid: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    size: Mapped[int] = mapped_column(BigInteger)
+    since: Mapped[datetime] = mapped_column()
+
+
+class QuotaDeferral(Base):
+    """Mail waiting because a tenant is full, per source (``smtp``, ``imap``): for notice and gauge."""
+
+    __tablename__ = "quota_deferrals"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    source: Mapped[str] = mapped_column(String(16), primary_key=True)
+    messages: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    since: Mapped[datetime] = mapped_column()
+    last_at: Mapped[datetime] = mapped_column()
