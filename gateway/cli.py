@@ -391,9 +391,16 @@ def cmd_restore(config: Config, args: argparse.Namespace) -> int:
     from storage import snapshots
 
     config.tenant(args.tenant)
-    path = config.snapshots.dir / args.snapshot
+    name = args.snapshot
+    if name == "latest":
+        newest = snapshots.listing(config.snapshots.dir)
+        if not newest:
+            print(f"error: no snapshot in {config.snapshots.dir}", file=sys.stderr)
+            return EXIT_ERROR
+        name = newest[0].name
+    path = config.snapshots.dir / name
     if not (path / "manifest.json").exists():
-        print(f"error: no snapshot {args.snapshot!r} in {config.snapshots.dir}", file=sys.stderr)
+        print(f"error: no snapshot {name!r} in {config.snapshots.dir}", file=sys.stderr)
         return EXIT_ERROR
 
     async def go() -> Any:
@@ -414,7 +421,7 @@ def cmd_restore(config: Config, args: argparse.Namespace) -> int:
             await db.close()
 
     report = asyncio.run(go())
-    where = "their original folders" if args.in_place else f"Restored/{args.snapshot[:8]}/..."
+    where = "their original folders" if args.in_place else f"Restored/{name[:8]}/..."
     print(
         f"restored {report.restored} message(s) into {where}; "
         f"{report.skipped} already present, skipped; {report.folders} folder(s)"
@@ -533,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sa.set_defaults(func=cmd_stats_agents)
     r = sub.add_parser("restore", help="copy mail back from a snapshot, additively")
-    r.add_argument("--snapshot", required=True)
+    r.add_argument("--snapshot", required=True, help="a name from 'snapshot list', or 'latest'")
     r.add_argument("--tenant", required=True)
     r.add_argument("--folder")
     r.add_argument("--message-id")

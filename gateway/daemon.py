@@ -256,6 +256,8 @@ class Daemon:
         self.config = new
         if self.pull is not None:
             self.pull.apply(new)
+        if self.scheduler is not None:
+            self.scheduler.reschedule()
         log.info("config.reloaded", tenants=len(new.tenants))
 
     async def stop(self) -> None:

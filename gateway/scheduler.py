@@ -72,6 +72,7 @@ class Scheduler:
         self.pipeline = pipeline
         self.clock = clock or (lambda: datetime.now(UTC))
         self.last_snapshot: datetime | None = None
+        self._rescheduled = asyncio.Event()
 
     async def quota_warnings(self) -> int:
         """Deliver due quota warnings; how many."""
@@ -136,10 +137,17 @@ class Scheduler:
                 log.exception("scheduler.job_failed", job=getattr(job, "__name__", "job"))
             await asyncio.sleep(seconds)
 
+    def reschedule(self) -> None:
+        """The configuration changed: compute the next snapshot time again (``snapshots.at``)."""
+        self._rescheduled.set()
+
     async def _daily_snapshots(self) -> None:
         while True:
+            self._rescheduled.clear()
             wait = (self.next_snapshot(self.clock()) - self.clock()).total_seconds()
-            await asyncio.sleep(max(wait, 1.0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rescheduled.wait(), max(wait, 1.0))
+                continue  # woken by a reload: the time may have moved
             try:
                 await self.snapshot()
             except Exception:
