@@ -18,8 +18,6 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from email import message_from_bytes
-from email.header import decode_header, make_header
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +128,8 @@ def test_readme_quick_start_runs_literally(clone: Path) -> None:
         deadline = time.monotonic() + 60
         while not len(sink) and time.monotonic() < deadline:
             time.sleep(0.2)
-        (reply,) = [message_from_bytes(m.as_bytes()) for m in sink]
-        assert str(make_header(decode_header(reply["Subject"]))) == "Re: Zamówienie 12"
+        (reply,) = [sink.get_bytes(key) for key in sink]
+        assert "Subject: Re: Zamówienie 12".encode() in reply, reply
     finally:
         for proc in background:
             _stop(proc)
