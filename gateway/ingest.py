@@ -12,6 +12,12 @@ Theory of operation
 4. Only when :meth:`Pipeline.deliver` returns may the source acknowledge
    (SMTP ``250``, upstream delete). A crash before that loses nothing: the
    source retries, and the dedupe key turns the retry into a no-op.
+5. Mail that does not fit the quota raises :class:`quotas.QuotaExceeded`
+   (relay-in answers ``452``). A relay-in refusal is recorded as the tenant's
+   ``smtp`` quota deferral (in a transaction of its own), and a relay-in
+   message stored ends it (:func:`quotas.delivered`, in the storing
+   transaction). :attr:`Pipeline.deferrals` is set whenever mail starts
+   waiting, so the scheduler announces it at once.
 
 Group commit: deliveries that arrive while a transaction is being committed
 wait, and are then committed together in the next one. One writer
@@ -260,6 +266,7 @@ class Pipeline:
         self.changes = changes or Changes()
         self._pending: deque[_Job] = deque()
         self._drainer: asyncio.Task[None] | None = None
+        self.deferrals = asyncio.Event()  # set when mail waits for quota (relay-in here, pull in the puller)
 
     async def deliver(self, tenant: TenantSection, raw: bytes, delivery: Delivery) -> Outcome:
         """Store ``raw`` byte-exact for ``tenant``; returns once it is durable."""
@@ -283,7 +290,11 @@ class Pipeline:
         self._pending.append(job)
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain(), name="ingest-commit")
-        outcomes = await asyncio.shield(job.done)
+        try:
+            outcomes = await asyncio.shield(job.done)
+        except quotas.QuotaExceeded:
+            await self._deferred(tenant, [p for p in prepared if p.delivery.source == "smtp"])
+            raise
         for p, out in zip(prepared, outcomes, strict=True):
             if not out.duplicate:
                 metrics.MESSAGES_RECEIVED.labels(tenant.id, p.delivery.source).inc()
@@ -298,6 +309,22 @@ class Pipeline:
                 rules=[t.rule for t in p.verdict.decision.trace if t.matched],
             )
         return outcomes
+
+    async def _deferred(self, tenant: TenantSection, refused: Sequence[_Prepared]) -> None:
+        """Record relay-in messages refused for quota (the sender retries them later)."""
+        if not refused:
+            return
+        now = self.clock()
+        try:
+            async with self.db.write() as s:
+                began = False
+                for p in refused:
+                    began = await quotas.record_refusal(s, tenant.id, "smtp", p.raw_size, now) or began
+        except Exception:  # the refusal stands; only its bookkeeping failed
+            log.exception("ingest.quota_deferral_not_recorded", tenant=tenant.id)
+            return
+        log.info("ingest.quota_deferred", tenant=tenant.id, source="smtp", deferral_began=began)
+        self.deferrals.set()
 
     async def _drain(self) -> None:
         """Commit pending jobs, as many per transaction as are waiting."""
@@ -398,6 +425,13 @@ class Pipeline:
         for (j, _), out in zip(items, outcomes, strict=True):
             if out is not None:  # always, by now: every item was stored or found duplicate
                 per_job[j].append(out)
+        relayed = [
+            p.raw_size
+            for (_, p), o in zip(items, outcomes, strict=True)
+            if o and not o.duplicate and p.delivery.source == "smtp"
+        ]
+        if relayed:
+            await quotas.delivered(s, tenant.id, "smtp", max(relayed))
         for job, outs in zip(jobs, per_job, strict=True):
             if job.within is not None:
                 await job.within(s, outs)

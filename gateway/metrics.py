@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 Agent statistics come from the database (events), so they survive restarts
-and agree between instances; so do queue, storage, upstream and snapshot
-gauges. A refresh task reads them every :data:`REFRESH` seconds into a
+and agree between instances; so do queue, storage, upstream, quota
+deferral and snapshot gauges. A refresh task reads them every :data:`REFRESH` seconds into a
 snapshot that the collector serves: a scrape never waits on the database
 and never blocks the event loop. Counters of things this process did
 (messages received by source, relay results, spam purged, SMTP/IMAP
@@ -29,10 +29,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+import quotas
 from gateway.config import Config
 from storage import events, snapshots
 from storage.db import Database
-from storage.models import Agent, Event, Folder, Outbound, Tenant, UpstreamMailbox
+from storage.models import Agent, Event, Folder, Outbound, QuotaDeferral, Tenant, UpstreamMailbox
 
 if TYPE_CHECKING:  # gateway.connections counts its refusals in this module's registry
     from gateway.connections import ConnectionGate
@@ -83,6 +84,7 @@ class _Snapshot:
     queue: dict[str, tuple[int, float]] = field(default_factory=dict)
     storage: list[tuple[str, str, int, int | None]] = field(default_factory=list)
     upstream: dict[tuple[str, str], float] = field(default_factory=dict)
+    deferred: dict[tuple[str, str], int] = field(default_factory=dict)
     snapshot: float | None = None
 
 
@@ -126,6 +128,8 @@ class DatabaseCollector(Collector):
             for m in (await s.scalars(select(UpstreamMailbox))).all():
                 if m.last_success_at is not None:
                     data.upstream[(m.tenant_id, m.name)] = m.last_success_at.timestamp()
+            for d in (await s.scalars(select(QuotaDeferral))).all():
+                data.deferred[(d.tenant_id, d.source)] = d.messages
         # Configured agents and mailboxes appear at 0 before their first event, so that
         # increase() sees their first one and an upstream never pulled can alert.
         config = self.config()
@@ -136,6 +140,8 @@ class DatabaseCollector(Collector):
                 data.first_response.setdefault((section.id, configured.login), [])
             for mailbox in section.mailboxes:
                 data.upstream.setdefault((section.id, mailbox.name), 0.0)
+            for source in quotas.SOURCES:
+                data.deferred.setdefault((section.id, source), 0)
             for source in ("smtp", "imap", "append"):
                 MESSAGES_RECEIVED.labels(section.id, source)
             for result in ("sent", "deferred", "bounced"):
@@ -198,6 +204,15 @@ class DatabaseCollector(Collector):
         for (tenant, mailbox), ts in sorted(d.upstream.items()):
             upstream.add_metric([tenant, mailbox], ts)
         yield upstream
+        deferred = GaugeMetricFamily(
+            "mailgate_quota_deferred_messages",
+            "Mail waiting because it does not fit the quota: upstream messages (imap),"
+            " relay-in refusals since the deferral began (smtp)",
+            labels=["tenant", "source"],
+        )
+        for (tenant, source), n in sorted(d.deferred.items()):
+            deferred.add_metric([tenant, source], n)
+        yield deferred
         snap = GaugeMetricFamily(
             "mailgate_snapshot_last_success_timestamp_seconds", "When the newest snapshot was taken"
         )

@@ -1,8 +1,12 @@
-"""Jobs the daemon runs on its own: quota warnings, the spam purge, the daily snapshot.
+"""Jobs the daemon runs on its own: quota notices, the spam purge, the daily snapshot.
 
 Each job runs on a timer in one task; a failing job is logged and tried
 again at its next time, never taking the daemon down. Nothing depends on
-anyone logging in.
+anyone logging in. The quota job (every minute, and at once when the
+pipeline reports mail waiting for room) sends threshold warnings, ends
+relay-in deferrals that have room again, and announces each deferral
+episode once with a "mail is waiting" notice (its dedupe key is the
+episode's start, so a restart or a second instance never sends it twice).
 """
 
 from __future__ import annotations
@@ -36,23 +40,72 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def quota_notice(hostname: str, warning: quotas.QuotaWarning, now: datetime) -> bytes:
-    """The message telling a tenant it is filling up."""
-    u = warning.usage
-    what = f"folder {u.folder}" if u.folder else "mailbox"
-    again = " (still)" if warning.repeated else ""
-    subject = f"Quota warning: {what} {u.percent:.0f}% full{again}"
-    body = f"The {what} uses {_human(u.used)} of {_human(u.limit)} ({u.percent:.0f}%).\r\n\r\n" + (
-        "It is full: new mail is deferred (senders retry) and upstream mail\r\n"
-        "waits upstream until space is freed.\r\n"
-        if u.level >= 100
-        else "When it is full, new mail will be deferred until space is freed. Spam does not count.\r\n"
-    )
+FREEING = (
+    "To free space: delete mail you no longer need (and expunge it), or move\r\n"
+    "it to Spam (Spam does not count), or ask for a higher quota.\r\n"
+)
+
+
+def _notice(hostname: str, tenant_id: str, subject: str, body: str, now: datetime) -> bytes:
     return (
-        f"From: mailgate <mailgate@{hostname}>\r\nTo: {u.tenant_id}\r\nSubject: {subject}\r\n"
+        f"From: mailgate <mailgate@{hostname}>\r\nTo: {tenant_id}\r\nSubject: {subject}\r\n"
         f"Date: {format_datetime(now)}\r\nMessage-ID: {make_msgid(domain=hostname)}\r\n"
         "Auto-Submitted: auto-generated\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + body
     ).encode("utf-8")
+
+
+def quota_notice(hostname: str, warning: quotas.QuotaWarning, now: datetime) -> bytes:
+    """The message telling a tenant it crossed a threshold (80, 95 or 100 %)."""
+    u = warning.usage
+    what = f"folder {u.folder}" if u.folder else "mailbox"
+    again = " (still)" if warning.repeated else ""
+    subject = f"Quota warning: the {what} has passed {warning.threshold}% of its quota{again}"
+    free = max(u.limit - u.used, 0)
+    body = (
+        f"The {what} has passed {warning.threshold}% of its quota: it uses {_human(u.used)}"
+        f" of {_human(u.limit)} ({u.percent:.0f}%), {_human(free)} left.\r\n\r\n"
+        "A message bigger than the space left is not stored but deferred: relay-in\r\n"
+        "senders are asked to retry, upstream mail waits on the upstream server.\r\n"
+        "Spam does not count.\r\n\r\n" + FREEING
+    )
+    return _notice(hostname, u.tenant_id, subject, body, now)
+
+
+def waiting_notice(
+    hostname: str, episode: quotas.Episode, usage: quotas.Usage | None, now: datetime
+) -> bytes:
+    """The one message telling a tenant that mail now waits for room: how much, from where, what frees it."""
+    lines = []
+    if "imap" in episode.waiting:
+        n, size = episode.waiting["imap"]
+        lines.append(
+            f"- from the upstream mailboxes: {n} message(s), {_human(size)}, left untouched on\r\n"
+            "  the upstream server; each is pulled as soon as it fits.\r\n"
+        )
+    if "smtp" in episode.waiting:
+        n, size = episode.waiting["smtp"]
+        lines.append(
+            f"- from other mail servers (SMTP): {n} delivery attempt(s), {_human(size)}, refused\r\n"
+            '  with "452 mailbox full"; the senders\' servers retry them, usually for a few\r\n'
+            "  days, before they give up and tell the sender. A retry counts again.\r\n"
+        )
+    full = (
+        f"The mailbox uses {_human(usage.used)} of {_human(usage.limit)} ({usage.percent:.0f}%); the mail\r\n"
+        "waiting does not fit in what is left.\r\n\r\n"
+        if usage is not None
+        else ""
+    )
+    body = (
+        f"Since {episode.since:%Y-%m-%d %H:%M} UTC new mail for this mailbox is waiting because\r\n"
+        "it does not fit in the quota. Nothing is lost yet.\r\n\r\n"
+        + full
+        + "Waiting now:\r\n"
+        + "".join(lines)
+        + "\r\n"
+        + FREEING
+        + "The waiting mail arrives by itself once there is room.\r\n"
+    )
+    return _notice(hostname, episode.tenant_id, "Mail is waiting: the mailbox is full", body, now)
 
 
 class Scheduler:
@@ -75,19 +128,56 @@ class Scheduler:
         self._rescheduled = asyncio.Event()
 
     async def quota_warnings(self) -> int:
-        """Deliver due quota warnings; how many."""
+        """Deliver due quota warnings, one per threshold crossed; how many."""
         now = self.clock()
         async with self.db.write() as s:
             due = await quotas.warnings(s, now)
         config = self.config()
         for warning in due:
             u = warning.usage
-            log.warning("quota.warning", tenant=u.tenant_id, folder=u.folder, percent=round(u.percent, 1))
+            log.warning(
+                "quota.warning",
+                tenant=u.tenant_id,
+                folder=u.folder,
+                threshold=warning.threshold,
+                percent=round(u.percent, 1),
+            )
             with contextlib.suppress(KeyError):
                 tenant = config.tenant(u.tenant_id)
                 message = quota_notice(config.gateway.hostname, warning, now)
                 await self.pipeline.deliver(tenant, message, Delivery(source="notice", system=True))
         return len(due)
+
+    async def quota_deferrals(self) -> int:
+        """End relay-in deferrals that have room again; announce new episodes; how many announced."""
+        now = self.clock()
+        async with self.db.write() as s:
+            for tenant_id, source in await quotas.end_with_room(s):
+                log.info("quota.deferral_ended", tenant=tenant_id, source=source)
+            episodes = await quotas.unannounced(s)
+            usage = {u.tenant_id: u for u in await quotas.usages(s) if u.folder is None}
+        config = self.config()
+        announced = 0
+        for episode in episodes:
+            log.warning("quota.mail_waiting", tenant=episode.tenant_id, waiting=episode.waiting)
+            with contextlib.suppress(KeyError):
+                tenant = config.tenant(episode.tenant_id)
+                message = waiting_notice(config.gateway.hostname, episode, usage.get(episode.tenant_id), now)
+                delivery = Delivery(source="notice", system=True, dedupe_key=episode.key)
+                announced += not (await self.pipeline.deliver(tenant, message, delivery)).duplicate
+        return announced
+
+    async def quota_jobs(self) -> None:
+        """Warnings and deferrals, every minute and whenever mail starts waiting."""
+        while True:
+            self.pipeline.deferrals.clear()
+            for job in (self.quota_deferrals, self.quota_warnings):
+                try:
+                    await job()
+                except Exception:
+                    log.exception("scheduler.job_failed", job=job.__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.pipeline.deferrals.wait(), QUOTA_EVERY)
 
     async def purge_spam(self, *, dry_run: bool = False) -> retention.PurgeReport:
         """Delete spam older than ``retention.spam_days``."""
@@ -124,7 +214,7 @@ class Scheduler:
     async def run(self) -> None:
         """Run every job on its timer."""
         await asyncio.gather(
-            self._every(QUOTA_EVERY, self.quota_warnings),
+            self.quota_jobs(),
             self._every(PURGE_EVERY, self.purge_spam),
             self._daily_snapshots(),
         )

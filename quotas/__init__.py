@@ -5,7 +5,35 @@ as the messages (``tenants.used_bytes`` already excludes the ``\\Junk``
 folder), so a check is two row reads. Every entry path uses :func:`check`:
 relay-in answers ``452 4.2.2`` (the sender retries later), pull leaves the
 upstream message where it is, IMAP APPEND/COPY/MOVE answer
-``NO [OVERQUOTA]``. Only the copy of a sent message is stored regardless.
+``NO [OVERQUOTA]``. Only the copy of a sent message and our own notices are
+stored regardless.
+
+Deferrals
+---------
+Mail that waits because it does not fit is recorded in the database, per
+tenant and source (``quota_deferrals``), so the gauge
+``mailgate_quota_deferred_messages`` survives restarts and agrees between
+instances:
+
+* ``imap``: the upstream messages waiting (``upstream_waiting``, one row per
+  upstream UID, kept by the puller in the transactions that add and store
+  them); the row is their count and size, and goes with the last of them.
+* ``smtp``: relay-in refusals (``452``) since the deferral began. A sender's
+  retry of the same message counts again (nothing identifies it before it is
+  accepted). It ends when a relay-in message at least as large as the
+  average refused one is stored for the tenant, or when the tenant has room
+  for that much again (looked at every minute).
+
+All of a tenant's rows share the ``since`` of the first: one *episode*,
+announced once by a "mail is waiting" notice in the tenant's INBOX, whose
+dedupe key is the episode's start.
+
+Warnings
+--------
+Each crossing of 80, 95 and 100 % upwards gets its own notice naming that
+threshold, however many are crossed between two looks; a root that falls
+back below a threshold is re-armed for it. At or above 95 % the notice is
+repeated daily.
 """
 
 from __future__ import annotations
@@ -14,11 +42,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.errors import StoreError
-from storage.models import Folder, QuotaNotice, Tenant
+from storage.models import Folder, IngestKey, QuotaDeferral, QuotaNotice, Tenant, UpstreamWaiting
 
 JUNK = "\\Junk"
 LEVELS = (80, 95, 100)  # warning thresholds, percent
@@ -127,17 +156,18 @@ async def usages(s: AsyncSession) -> Sequence[Usage]:
 
 @dataclass(frozen=True, slots=True)
 class QuotaWarning:
-    """A quota root that crossed a threshold (or is still above 95 % a day later)."""
+    """A quota root that crossed ``threshold`` (or is still above 95 % a day later)."""
 
     usage: Usage
+    threshold: int  # 80, 95 or 100
     repeated: bool
 
 
 async def warnings(s: AsyncSession, now: datetime) -> list[QuotaWarning]:
     """Warnings to send now, recording them; a root back below a threshold is re-armed.
 
-    Each root warns once per crossing of 80, 95 and 100 %, and again daily
-    while at or above 95 %.
+    One warning per threshold crossed upwards since the last look (0 to 100 %
+    gives three), and one daily while at or above 95 %.
     """
     out = []
     for usage in await usages(s):
@@ -148,10 +178,120 @@ async def warnings(s: AsyncSession, now: datetime) -> list[QuotaWarning]:
             s.add(state)
         level = usage.level
         if level > state.level:
-            out.append(QuotaWarning(usage, repeated=False))
+            out += [QuotaWarning(usage, lvl, repeated=False) for lvl in LEVELS if state.level < lvl <= level]
         elif level >= 95 and level == state.level and now - state.notified_at >= timedelta(days=1):
-            out.append(QuotaWarning(usage, repeated=True))
+            out.append(QuotaWarning(usage, level, repeated=True))
         elif level == state.level:
             continue
         state.level, state.notified_at = level, now
+    return out
+
+
+SOURCES = ("smtp", "imap")  # where deferred mail comes from: relay-in, upstream pull
+
+
+async def _insert(s: AsyncSession) -> type[postgresql.Insert] | type[sqlite.Insert]:
+    return postgresql.Insert if (await s.connection()).dialect.name == "postgresql" else sqlite.Insert
+
+
+async def _episode_start(s: AsyncSession, tenant_id: str, now: datetime) -> datetime:
+    """The ``since`` of the tenant's open deferral episode, or ``now`` for a new one."""
+    since = await s.scalar(select(func.min(QuotaDeferral.since)).where(QuotaDeferral.tenant_id == tenant_id))
+    return since or now
+
+
+async def record_refusal(s: AsyncSession, tenant_id: str, source: str, size: int, now: datetime) -> bool:
+    """Count one message refused for quota (e.g. relay-in ``452``); True if it began the episode."""
+    since = await _episode_start(s, tenant_id, now)
+    stmt = (await _insert(s))(QuotaDeferral).values(
+        tenant_id=tenant_id, source=source, messages=1, bytes=size, since=since, last_at=now
+    )
+    await s.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["tenant_id", "source"],
+            set_={
+                "messages": QuotaDeferral.messages + 1,
+                "bytes": QuotaDeferral.bytes + size,
+                "last_at": now,
+            },
+        )
+    )
+    return since == now
+
+
+async def delivered(s: AsyncSession, tenant_id: str, source: str, size: int) -> None:
+    """A message of ``size`` bytes from ``source`` was stored: a deferral of that size is over."""
+    row = await s.get(QuotaDeferral, (tenant_id, source))
+    if row is not None and size * row.messages >= row.bytes:
+        await s.delete(row)
+
+
+async def sync_waiting(s: AsyncSession, tenant_id: str, now: datetime) -> bool:
+    """Make the tenant's ``imap`` deferral match its waiting upstream messages.
+
+    Call in the transaction that adds or removes ``upstream_waiting`` rows.
+    True if this began the tenant's deferral episode.
+    """
+    count, size = (
+        await s.execute(
+            select(func.count(), func.coalesce(func.sum(UpstreamWaiting.size), 0)).where(
+                UpstreamWaiting.tenant_id == tenant_id
+            )
+        )
+    ).one()
+    row = await s.get(QuotaDeferral, (tenant_id, "imap"))
+    if count == 0:
+        if row is not None:
+            await s.delete(row)
+        return False
+    if row is None:
+        since = await _episode_start(s, tenant_id, now)
+        s.add(
+            QuotaDeferral(
+                tenant_id=tenant_id, source="imap", messages=count, bytes=size, since=since, last_at=now
+            )
+        )
+        return since == now
+    if count > row.messages:
+        row.last_at = now
+    row.messages, row.bytes = count, size
+    return False
+
+
+async def end_with_room(s: AsyncSession) -> list[tuple[str, str]]:
+    """End relay-in deferrals whose tenant has room again for the average refused message."""
+    ended = []
+    for row in (await s.scalars(select(QuotaDeferral).where(QuotaDeferral.source == "smtp"))).all():
+        left = await room(s, row.tenant_id, None)
+        if left is None or left * row.messages >= row.bytes:
+            await s.delete(row)
+            ended.append((row.tenant_id, row.source))
+    return ended
+
+
+@dataclass(frozen=True, slots=True)
+class Episode:
+    """A tenant's mail waiting for room: since when, and how much from each source."""
+
+    tenant_id: str
+    since: datetime
+    waiting: dict[str, tuple[int, int]]  # source: (messages, bytes)
+
+    @property
+    def key(self) -> str:
+        """The dedupe key of its one notice."""
+        return f"notice:waiting/{self.since.strftime('%Y%m%dT%H%M%S.%f')}"
+
+
+async def unannounced(s: AsyncSession) -> list[Episode]:
+    """Open deferral episodes whose notice is not stored yet."""
+    episodes: dict[str, Episode] = {}
+    for row in (await s.scalars(select(QuotaDeferral).order_by(QuotaDeferral.tenant_id))).all():
+        episode = episodes.setdefault(row.tenant_id, Episode(row.tenant_id, row.since, {}))
+        episode.waiting[row.source] = (row.messages, row.bytes)
+    out = []
+    for episode in episodes.values():
+        key = IngestKey.tenant_id == episode.tenant_id, IngestKey.key == episode.key
+        if await s.scalar(select(func.count()).select_from(IngestKey).where(*key)) == 0:
+            out.append(episode)
     return out

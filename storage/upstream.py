@@ -1,14 +1,14 @@
-"""State of upstream IMAP pulls: per-folder progress and per-mailbox health."""
+"""State of upstream IMAP pulls: per-folder progress, waiting lists and per-mailbox health."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import UpstreamFolder, UpstreamMailbox
+from storage.models import UpstreamFolder, UpstreamMailbox, UpstreamWaiting
 
 
 async def folder_state(s: AsyncSession, tenant_id: str, mailbox: str, folder: str) -> UpstreamFolder | None:
@@ -51,13 +51,14 @@ async def record_success(
     """A folder of the mailbox was reached and synchronised.
 
     The row shows the mailbox's worst folder: while another folder's error
-    waits for its next attempt, that error and its state stay.
+    waits for its next attempt, that error and its state stay, and so does
+    ``last_success_at`` (one stuck folder is a mailbox not being pulled).
     """
     row = await _row(s, tenant_id, mailbox)
-    row.last_success_at = at
     pending = row.next_attempt_at is not None and row.next_attempt_at > at
     if not pending or (row.last_error or "").startswith(f"{folder}: "):
         row.state, row.next_attempt_at = state, None
+        row.last_success_at = at
 
 
 async def record_pulled(s: AsyncSession, tenant_id: str, mailbox: str, count: int) -> None:
@@ -95,3 +96,68 @@ async def mailboxes(s: AsyncSession, tenant_id: str | None = None) -> Sequence[U
     if tenant_id is not None:
         query = query.where(UpstreamMailbox.tenant_id == tenant_id)
     return (await s.scalars(query)).all()
+
+
+async def add_waiting(
+    s: AsyncSession,
+    tenant_id: str,
+    mailbox: str,
+    folder: str,
+    uidvalidity: int,
+    uid: int,
+    size: int,
+    at: datetime,
+) -> None:
+    """An upstream message that does not fit now; call in the transaction that advances past it."""
+    if await s.get(UpstreamWaiting, (tenant_id, mailbox, folder, uid)) is None:
+        s.add(
+            UpstreamWaiting(
+                tenant_id=tenant_id,
+                mailbox=mailbox,
+                folder=folder,
+                uid=uid,
+                uidvalidity=uidvalidity,
+                size=size,
+                since=at,
+            )
+        )
+        await s.flush()
+
+
+async def waiting(s: AsyncSession, tenant_id: str, mailbox: str, folder: str) -> Sequence[UpstreamWaiting]:
+    """The folder's messages waiting for room, in UID order."""
+    return (
+        await s.scalars(
+            select(UpstreamWaiting)
+            .where(
+                UpstreamWaiting.tenant_id == tenant_id,
+                UpstreamWaiting.mailbox == mailbox,
+                UpstreamWaiting.folder == folder,
+            )
+            .order_by(UpstreamWaiting.uid)
+        )
+    ).all()
+
+
+async def drop_waiting(
+    s: AsyncSession,
+    tenant_id: str,
+    mailbox: str,
+    folder: str,
+    uids: Sequence[int] | None = None,
+    *,
+    except_uidvalidity: int | None = None,
+) -> int:
+    """Remove waiting rows: these UIDs (stored, or gone upstream), or all of the folder's
+    (of another UIDVALIDITY than ``except_uidvalidity``); how many."""
+    query = delete(UpstreamWaiting).where(
+        UpstreamWaiting.tenant_id == tenant_id,
+        UpstreamWaiting.mailbox == mailbox,
+        UpstreamWaiting.folder == folder,
+    )
+    if uids is not None:
+        query = query.where(UpstreamWaiting.uid.in_(uids))
+    if except_uidvalidity is not None:
+        query = query.where(UpstreamWaiting.uidvalidity != except_uidvalidity)
+    result = await s.execute(query)
+    return int(getattr(result, "rowcount", 0) or 0)

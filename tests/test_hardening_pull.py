@@ -288,3 +288,34 @@ async def test_quota_change_wakes_waiting_folder(gate: Any, dovecot: Dovecot, ch
     finally:
         await manager.stop()
         await imap.stop()
+
+
+async def test_partly_waiting_folder_keeps_polling_and_wakes_on_room(gate: Any, dovecot: Dovecot) -> None:
+    """Issue #11: a pass that stored some mail while a bigger message waits is a success, not a backoff."""
+    big = corpus.normal(1, size=200_000, seed=7)
+    dovecot.deliver_files("biuro", "INBOX", big + corpus.normal(3, size=10_000, seed=8))
+    g = await gate(tenant=AGENT_TOML, after_fetch="delete")
+    filler = b"Subject: filler\r\nMessage-ID: <filler@x>\r\n\r\n" + b"y" * 76 * 3000 + b"\r\n"
+    await g.pipeline.deliver(g.config.tenant("acme"), filler, Delivery(source="smtp"))
+    time = FakeTime()
+    auth = Authenticator(lambda: g.config, g.db, failure_delay=0.05)
+    imap = IMAPServer(lambda: g.config, g.db, g.blobs, auth, g.changes)
+    await imap.start("127.0.0.1", 0)
+    manager = PullManager(lambda: g.config, g.pipeline, g.db, sleep=time.sleep)
+    try:
+        manager.apply(g.config)
+        await time.run_until(0)  # the three small ones are in; the big one waits
+        assert await g.count() == 4
+        assert dovecot.exists("biuro") == 1
+        row = g.mailboxes()["biuro"]
+        assert (row["state"], row["next_attempt"]) == ("ok", None)
+        assert time.sleeps[-1] == g.config.tenant("acme").mailboxes[0].poll_interval.total_seconds()
+        seen = time.parks
+        await asyncio.to_thread(expunge_everything, imap.port)
+        await time.parked_again(seen)
+        assert time.now == 0  # woken by the room, not by the poll interval
+        assert dovecot.exists("biuro") == 0
+        assert await g.count() == 1
+    finally:
+        await manager.stop()
+        await imap.stop()

@@ -50,6 +50,7 @@ ALERT_NAMES = {
     "RelayQueueOld",
     "RelayFailureRatio",
     "UpstreamNotPulling",
+    "QuotaDeferring",
     "QuotaAbove95",
     "SnapshotTooOld",
 }

@@ -140,9 +140,12 @@ async def test_warnings_once_per_crossing_and_again_after_rearming(env: Env) -> 
         big = [r.uid for r in await env.rows("INBOX") if r.size > 500_000]
         await mailstore.expunge(s, inbox, big)
     assert await env.scheduler.quota_warnings() == 0
-    await env.deliver(mail(3, 850_000))
-    assert await env.scheduler.quota_warnings() == 1
-    assert (await notices())[-1] == "Quota warning: mailbox 99% full"  # 14 % + 85 %
+    await env.deliver(mail(3, 850_000))  # 14 % + 85 %: past 80 and 95 again, one notice each
+    assert await env.scheduler.quota_warnings() == 2
+    assert (await notices())[-2:] == [
+        "Quota warning: the mailbox has passed 80% of its quota",
+        "Quota warning: the mailbox has passed 95% of its quota",
+    ]
 
 
 async def test_spam_purge_by_received_date_with_a_moved_clock(env: Env) -> None:

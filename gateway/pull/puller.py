@@ -20,6 +20,18 @@ two), over one connection. A *pass*:
    delete, move). A crash in between leaves stored messages upstream at UIDs
    up to the last stored one; the next pass finds them there and applies the
    policy again. It never fetches them again.
+5. A message that does not fit the quota *waits*: its UID, size and
+   UIDVALIDITY go into the folder's waiting list (``upstream_waiting``) in the
+   transaction that advances the last UID past it, and the pass goes on with
+   the later messages, so one big message never holds back smaller ones.
+   Each pass first retries, in UID order, the waiting messages that may fit
+   now (no bigger than the tenant's room); storing one deletes its row in the
+   storing transaction. So every message is stored exactly once: above the
+   last UID, or from the waiting list. A waiting message stays upstream
+   untouched (the after-fetch policy is for stored mail only); a UIDVALIDITY
+   change drops the list (the pass starts from UID 1, and dedupe keeps out
+   what is stored). The list is the ``imap`` source of the tenant's quota
+   deferral (:mod:`quotas`).
 
 Between passes the task IDLEs (re-issued every :data:`IDLE_SECONDS`) when the
 server offers it and the mailbox allows it, or sleeps ``poll_interval``.
@@ -29,13 +41,16 @@ as SELECT of a missing folder, a message that cannot be stored now) backs
 that folder off, with jitter, from :data:`BACKOFF_FIRST` doubling up to
 :data:`BACKOFF_MAX`; only a pass that completes resets it, never a mere
 login. A refused login waits the cap at once (providers lock accounts that
-retry). So does a tenant over quota: the pass stops at the first message
-that does not fit (the rest waits upstream), and the folder tries again when
-the cap elapses or, sooner, when that message's quota root has room for it;
-room is looked at (locally, no login) when one of the tenant's folders
-changes in this process or the configuration is reloaded. The reason and the
-next attempt are recorded for ``mailgate mailboxes``; a refused login is
-logged once per change, not on every retry.
+retry). So does a folder whose pass stored nothing while mail waits for room
+(all of it is too big for the quota): it tries again when the cap elapses or,
+sooner, when the quota root that refused has room for the smallest waiting
+message; room is looked at (locally, no login) when one of the tenant's
+folders changes in this process or the configuration is reloaded. A pass that
+stored something while other mail waits is a success; the folder then polls
+every ``poll_interval`` (instead of IDLE, which room cannot interrupt) and
+looks again at once when room appears. The reason and the next attempt are
+recorded for ``mailgate mailboxes``; a refused login is logged once per
+change, not on every retry.
 
 Two caps protect upstream servers: at most :data:`LOGINS_PER_HOST`
 connections being opened to one server at a time (hundreds of tenants on one
@@ -52,7 +67,7 @@ import random
 import ssl
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -67,6 +82,7 @@ from quotas import QuotaExceeded
 from storage import mailstore, upstream
 from storage.db import Database
 from storage.errors import StoreError
+from storage.models import Tenant
 
 log = structlog.get_logger(__name__)
 
@@ -114,6 +130,30 @@ def batches(uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
         total += size
     if batch:
         yield batch
+
+
+class MailWaits(Exception):
+    """A pass stored nothing while mail waits for room: the folder backs off until there is some."""
+
+    def __init__(self, reason: str, folder_id: int | None, size: int) -> None:
+        super().__init__(reason)
+        self.folder_id = folder_id  # the quota root to wait on (None: the tenant)
+        self.size = size  # bytes that must fit there
+
+
+@dataclass(slots=True)
+class Pass:
+    """What one pass over a folder did."""
+
+    stored: int = 0
+    waiting: dict[int, int] = field(default_factory=dict)  # UID: size, waiting for room after the pass
+    full: QuotaExceeded | None = None  # the last refusal of the pass
+
+    def room_wanted(self) -> tuple[int | None, int]:
+        """The quota root and bytes to wait for: the last refusal's, else the smallest waiting message's."""
+        if self.full is not None:
+            return self.full.folder_id, self.full.adding
+        return None, min(self.waiting.values())
 
 
 class HostLimits:
@@ -177,9 +217,11 @@ class FolderPuller:
                 await self._back_off("auth_failed", str(exc), BACKOFF_MAX)
             except UpstreamError as exc:
                 await self._back_off("error", str(exc))
-            except QuotaExceeded as exc:
+            except MailWaits as exc:
                 # Upstream mail stays where it is until there is room for it.
-                await self._back_off("over_quota", f"over quota ({exc})", BACKOFF_MAX, exc)
+                await self._back_off(
+                    "over_quota", f"over quota ({exc})", BACKOFF_MAX, (exc.folder_id, exc.size)
+                )
             except (StoreError, SQLAlchemyError, OSError) as exc:  # e.g. a conflict, a full disk
                 await self._back_off("store_failed", f"cannot store now ({exc})")
 
@@ -208,59 +250,124 @@ class FolderPuller:
     async def _watch(self, client: UpstreamIMAP) -> None:
         use_idle = self.job.mailbox.idle and "IDLE" in client.capabilities
         while True:
-            await self.sync(client)
+            done = await self._pass(client)
+            if done.waiting and not done.stored:
+                raise MailWaits(self._waits(done), *done.room_wanted())
             await self._succeeded("idle" if use_idle else "ok")
-            if use_idle:
+            poll = self.job.mailbox.poll_interval.total_seconds()
+            if done.waiting:
+                await self._wait_for_room(poll, *done.room_wanted())
+            elif use_idle:
                 await client.idle(IDLE_SECONDS)
             else:
-                await self.sleep(self.job.mailbox.poll_interval.total_seconds())
+                await self.sleep(poll)
+
+    @staticmethod
+    def _waits(done: Pass) -> str:
+        n = len(done.waiting)
+        what = f"{n} message{'s' if n != 1 else ''} waiting"
+        return f"{done.full}; {what}" if done.full is not None else what
 
     async def sync(self, client: UpstreamIMAP) -> int:
         """One pass over the folder; returns how many messages were stored."""
+        return (await self._pass(client)).stored
+
+    async def _pass(self, client: UpstreamIMAP) -> Pass:
+        """One pass over the folder: waiting messages that fit now, then new ones."""
         job = self.job
         selected = await client.select(job.folder)
         async with self.db.read() as s:
             state = await upstream.folder_state(s, job.tenant_id, job.mailbox.name, job.folder)
             junk = await mailstore.special_folder(s, job.tenant_id, mailstore.JUNK)
+            rows = await upstream.waiting(s, job.tenant_id, job.mailbox.name, job.folder)
+            tenant = await s.get(Tenant, job.tenant_id)
         last_uid = 0
         if state is not None and state.uidvalidity == selected.uidvalidity:
             last_uid = state.last_uid
         elif state is not None:
             self.log.warning("pull.uidvalidity_changed", old=state.uidvalidity, new=selected.uidvalidity)
+        if any(r.uidvalidity != selected.uidvalidity for r in rows):
+            async with self.db.write() as s:  # those UIDs mean nothing now; the pass starts over
+                await upstream.drop_waiting(
+                    s, job.tenant_id, job.mailbox.name, job.folder, except_uidvalidity=selected.uidvalidity
+                )
+                await quotas.sync_waiting(s, job.tenant_id, self.clock())
+        done = Pass(waiting={r.uid: r.size for r in rows if r.uidvalidity == selected.uidvalidity})
         spam = junk is not None and mailstore.canonical_name(job.target) == junk.name
         if last_uid:
-            await self._reapply_policy(client, last_uid)
+            await self._reapply_policy(client, last_uid, done.waiting)
+        # Only what may fit the tenant now is fetched again (a folder's quota is known after routing).
+        limit = None if tenant is None else tenant.quota_bytes
+        used = 0 if tenant is None else tenant.used_bytes
+        retry = [uid for uid, size in done.waiting.items() if limit is None or used + size <= limit]
+        if done.waiting and not retry and limit is not None:
+            smallest = min(done.waiting.values())
+            done.full = QuotaExceeded(f"tenant {job.tenant_id!r}", used, limit, smallest, folder_id=None)
+        for batch in batches(retry, done.waiting):
+            await self._pull_batch(client, batch, selected.uidvalidity, spam, done, retry=True)
         new = [u for u in await client.search(f"UID {last_uid + 1}:*") if u > last_uid]
-        stored = 0
         for chunk_start in range(0, len(new), SEARCH_SIZES_CHUNK):
             chunk = new[chunk_start : chunk_start + SEARCH_SIZES_CHUNK]
             sizes = await client.sizes(chunk)
             for batch in batches(chunk, sizes):
-                stored += await self._pull_batch(client, batch, selected.uidvalidity, spam)
-        return stored
+                await self._pull_batch(client, batch, selected.uidvalidity, spam, done, retry=False)
+        return done
 
-    async def _pull_batch(self, client: UpstreamIMAP, uids: list[int], uidvalidity: int, spam: bool) -> int:
+    async def _pull_batch(
+        self, client: UpstreamIMAP, uids: list[int], uidvalidity: int, spam: bool, done: Pass, *, retry: bool
+    ) -> None:
+        """Fetch and store a batch (new UIDs, or ``retry`` ones from the waiting list)."""
         bodies = await client.fetch(uids)
         present = [u for u in uids if u in bodies]  # one expunged upstream meanwhile is simply gone
+        if retry and len(present) < len(uids):
+            await self._forget([u for u in uids if u not in bodies], done)
         try:
-            stored = await self._store(bodies, present, max(uids), uidvalidity, spam)
+            done.stored += await self._store(bodies, present, None if retry else max(uids), uidvalidity, spam)
+            stored = present
         except QuotaExceeded:
-            if len(present) < 2:
-                raise
-            # All of the batch does not fit: store what does, in order, up to the
-            # first message that does not; the rest waits upstream.
-            stored = 0
+            # Not all of the batch fits: store what does, in order; the rest waits.
+            stored = []
             for uid in present:
-                stored += await self._store(bodies, [uid], uid, uidvalidity, spam)
-                await self._apply_policy(client, [uid])
-            return stored
-        await self._apply_policy(client, uids)
-        return stored
+                try:
+                    done.stored += await self._store(bodies, [uid], None if retry else uid, uidvalidity, spam)
+                except QuotaExceeded as exc:
+                    done.full = exc
+                    if not retry:
+                        await self._wait(uid, len(bodies[uid]), uidvalidity, exc)
+                    done.waiting[uid] = len(bodies[uid])
+                else:
+                    stored.append(uid)
+        for uid in stored:
+            done.waiting.pop(uid, None)
+        if stored:
+            await self._apply_policy(client, stored)
+
+    async def _wait(self, uid: int, size: int, uidvalidity: int, exc: QuotaExceeded) -> None:
+        """Put a new message that does not fit on the waiting list, advancing past it."""
+        job, now = self.job, self.clock()
+        async with self.db.write() as s:
+            await upstream.advance(s, job.tenant_id, job.mailbox.name, job.folder, uidvalidity, uid)
+            await upstream.add_waiting(
+                s, job.tenant_id, job.mailbox.name, job.folder, uidvalidity, uid, size, now
+            )
+            began = await quotas.sync_waiting(s, job.tenant_id, now)
+        self.log.info("pull.waiting", uid=uid, size=size, reason=str(exc), deferral_began=began)
+        self.pipeline.deferrals.set()
+
+    async def _forget(self, uids: list[int], done: Pass) -> None:
+        """Waiting messages that are gone upstream (expunged by someone) wait no more."""
+        job = self.job
+        async with self.db.write() as s:
+            await upstream.drop_waiting(s, job.tenant_id, job.mailbox.name, job.folder, uids)
+            await quotas.sync_waiting(s, job.tenant_id, self.clock())
+        for uid in uids:
+            done.waiting.pop(uid, None)
 
     async def _store(
-        self, bodies: dict[int, bytes], uids: list[int], last_uid: int, uidvalidity: int, spam: bool
+        self, bodies: dict[int, bytes], uids: list[int], last_uid: int | None, uidvalidity: int, spam: bool
     ) -> int:
-        """Deliver these UIDs in one transaction that also records ``last_uid``."""
+        """Deliver these UIDs in one transaction that also records ``last_uid`` (new UIDs)
+        or takes them off the waiting list (``last_uid`` None)."""
         job = self.job
         tenant = self.config().tenant(job.tenant_id)
         items = [
@@ -277,7 +384,11 @@ class FolderPuller:
         ]
 
         async def within(s: AsyncSession, outcomes: list[Outcome]) -> None:
-            await upstream.advance(s, job.tenant_id, job.mailbox.name, job.folder, uidvalidity, last_uid)
+            if last_uid is None:
+                await upstream.drop_waiting(s, job.tenant_id, job.mailbox.name, job.folder, uids)
+                await quotas.sync_waiting(s, job.tenant_id, self.clock())
+            else:
+                await upstream.advance(s, job.tenant_id, job.mailbox.name, job.folder, uidvalidity, last_uid)
             await upstream.record_pulled(
                 s, job.tenant_id, job.mailbox.name, sum(not o.duplicate for o in outcomes)
             )
@@ -294,13 +405,13 @@ class FolderPuller:
         elif policy.startswith("move:"):
             await client.move(uids, policy.removeprefix("move:"))
 
-    async def _reapply_policy(self, client: UpstreamIMAP, last_uid: int) -> None:
-        """Apply the policy to stored messages still upstream (after a crash)."""
+    async def _reapply_policy(self, client: UpstreamIMAP, last_uid: int, waiting: dict[int, int]) -> None:
+        """Apply the policy to stored messages still upstream (after a crash); never to waiting ones."""
         policy = self.job.mailbox.after_fetch
         if policy == "keep":
             return
         criteria = ("UNSEEN", f"UID 1:{last_uid}") if policy == "seen" else (f"UID 1:{last_uid}",)
-        left = [u for u in await client.search(*criteria) if u <= last_uid]
+        left = [u for u in await client.search(*criteria) if u <= last_uid and u not in waiting]
         for start in range(0, len(left), SEARCH_SIZES_CHUNK):
             await self._apply_policy(client, left[start : start + SEARCH_SIZES_CHUNK])
 
@@ -315,11 +426,11 @@ class FolderPuller:
             await upstream.record_success(s, job.tenant_id, job.mailbox.name, job.folder, state, self.clock())
 
     async def _back_off(
-        self, state: str, error: str, backoff: float | None = None, full: QuotaExceeded | None = None
+        self, state: str, error: str, backoff: float | None = None, full: tuple[int | None, int] | None = None
     ) -> None:
         """Record the failure, then wait a jittered ``backoff`` (default: the next step).
 
-        With ``full``, the wait ends early once its quota root has room for the message.
+        With ``full`` (a quota root and a size), the wait ends early once that root has room for it.
         """
         backoff = backoff or self._backoff
         self._backoff = min(backoff * 2, BACKOFF_MAX)
@@ -337,17 +448,13 @@ class FolderPuller:
         if full is None:
             await self.sleep(delay)
         else:
-            await self._wait_for_room(delay, full)
+            await self._wait_for_room(delay, *full)
 
-    async def _wait_for_room(self, delay: float, full: QuotaExceeded) -> None:
-        """Sleep ``delay``, or less: until the quota root that refused has room for that message."""
+    async def _wait_for_room(self, delay: float, root: int | None, size: int) -> None:
+        """Sleep ``delay``, or less: until ``root`` (a folder; None: the tenant) has room for ``size``."""
         tenant_id = self.job.tenant_id
         async with self.db.read() as s:
-            folders = (
-                [f.id for f in await mailstore.list_folders(s, tenant_id)]
-                if full.folder_id is None
-                else [full.folder_id]
-            )
+            folders = [f.id for f in await mailstore.list_folders(s, tenant_id)] if root is None else [root]
         sleeping = asyncio.ensure_future(self.sleep(delay))
         try:
             with self.pipeline.changes.watch(*folders) as changed:
@@ -356,8 +463,8 @@ class FolderPuller:
                     # Looked at after the watch began: space freed meanwhile is not missed.
                     changed.clear()
                     async with self.db.read() as s:
-                        room = await quotas.room(s, tenant_id, full.folder_id)
-                    if room is None or room >= full.adding:
+                        room = await quotas.room(s, tenant_id, root)
+                    if room is None or room >= size:
                         self.log.info("pull.room_for_more", room=room)
                         return
                     woken = asyncio.ensure_future(changed.wait())
