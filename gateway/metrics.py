@@ -155,7 +155,11 @@ class DatabaseCollector(Collector):
         for name, doc, values in (
             ("mailgate_agent_messages_read", "Customer messages an agent read (first read)", d.reads),
             ("mailgate_agent_replies", "Replies an agent sent to customer messages", d.replies),
-            ("mailgate_agent_collisions", "Replies to messages a colleague had answered", d.collisions),
+            (
+                "mailgate_agent_collisions",
+                "Customer messages an agent replied to (sent or held) after a colleague",
+                d.collisions,
+            ),
         ):
             counter = CounterMetricFamily(name, doc, labels=["tenant", "agent"])
             for (tenant, agent), n in sorted(values.items()):

@@ -1,4 +1,4 @@
-"""Agent activity events: ``read`` (once per agent and message), ``answered``, ``collision``."""
+"""Agent activity events: ``read`` and ``collision`` (once per agent and message), ``answered``."""
 
 from __future__ import annotations
 
@@ -30,6 +30,27 @@ async def record_reads(
         index_elements=["agent_id", "message_id"], index_where=text("kind = 'read'")
     )
     await s.execute(stmt, rows)
+
+
+async def record_collision(
+    s: AsyncSession, tenant_id: str, agent_id: int, message_id: int, at: datetime
+) -> bool:
+    """Record that an agent's reply collided on a customer message; False if it was counted already.
+
+    A collision is counted once per agent and customer message, whether the
+    reply was held (and perhaps submitted again) or sent. Call it with the
+    customer message's row locked, so two submissions cannot both count.
+    """
+    counted = await s.scalar(
+        select(Event.id)
+        .where(Event.agent_id == agent_id, Event.message_id == message_id, Event.kind == "collision")
+        .limit(1)
+    )
+    if counted is not None:
+        return False
+    s.add(Event(tenant_id=tenant_id, agent_id=agent_id, message_id=message_id, kind="collision", at=at))
+    await s.flush()
+    return True
 
 
 @dataclass(frozen=True, slots=True)

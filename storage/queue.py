@@ -13,26 +13,67 @@ it. :func:`record` ends the claim with the attempt's results. A claim whose
 holder died runs out and the message is due again for anyone; an instance
 that restarts releases its own old claims at once (:func:`release`). The
 holder must finish an attempt before its claim runs out.
+
+Identity and history: each message gets its ``queue_id`` when queued (12
+random hex digits, checked against every id ever used, so never reused): the
+one id the submitting client, ``mailgate queue``, the logs and the DSN show.
+Every change of state writes an ``outbound_log`` row in the same
+transaction: ``queued`` (its ``reply`` holds a JSON summary: sender, agent,
+Message-ID, size, recipients), one row per recipient and attempt (``sent``,
+``deferred``, ``failed``, ``expired``, with the attempt number, smarthost
+and reply), ``retry`` and ``dropped`` by the operator, and ``notified`` for
+each DSN; the rows outlive the message (``mailgate queue show``). A message
+queued without an id (before migration 0008) gets one at the relay
+worker's next pass (:func:`due`); its history starts there.
 """
 
 from __future__ import annotations
 
+import json
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import Outbound, OutboundRecipient
+from storage.models import Agent, Outbound, OutboundLog, OutboundRecipient
+
+# What an attempt's outcome for a recipient (the ``outbound_log`` event) leaves as its state.
+OUTCOMES = {"sent": "sent", "deferred": "pending", "failed": "failed", "expired": "failed"}
 
 
 @dataclass(frozen=True, slots=True)
 class Queued:
-    """A queued message and its recipients still to deliver."""
+    """A queued message, its recipients still to deliver and the login of the agent who sent it."""
 
     row: Outbound
     pending: tuple[str, ...]
+    agent: str | None = None
+
+
+def new_id() -> str:
+    """A fresh random queue id (12 lowercase hex digits); :func:`enqueue` makes sure it is unused."""
+    return secrets.token_hex(6)
+
+
+async def _unused_id(s: AsyncSession, wanted: str | None = None) -> str:
+    """``wanted`` (or a fresh id) unless a message, present or past, has it; then a fresh one."""
+    candidate = wanted or new_id()
+    while await s.scalar(
+        select(
+            exists().where(Outbound.queue_id == candidate) | exists().where(OutboundLog.queue_id == candidate)
+        )
+    ):
+        candidate = new_id()
+    return candidate
+
+
+def _log(row: Outbound, at: datetime, event: str, **fields: object) -> OutboundLog:
+    if row.queue_id is None:  # every path here named the message first
+        raise ValueError(f"outbound message {row.id} has no queue id")
+    return OutboundLog(queue_id=row.queue_id, tenant_id=row.tenant_id, at=at, event=event, **fields)
 
 
 async def enqueue(
@@ -46,9 +87,17 @@ async def enqueue(
     now: datetime,
     agent_id: int | None = None,
     original_id: int | None = None,
+    message_id: str | None = None,
+    queue_id: str | None = None,
 ) -> Outbound:
-    """Queue a message for the tenant's relay, due now."""
+    """Queue a message for the tenant's relay, due now; the row has its ``queue_id`` set.
+
+    ``queue_id`` is the id to give it if no message ever had it (the SMTP
+    transaction's own), else a fresh one is chosen.
+    """
     row = Outbound(
+        queue_id=await _unused_id(s, queue_id),
+        message_id=message_id,
         tenant_id=tenant_id,
         agent_id=agent_id,
         mail_from=mail_from,
@@ -62,9 +111,17 @@ async def enqueue(
     )
     s.add(row)
     await s.flush()
-    s.add_all(
-        OutboundRecipient(outbound_id=row.id, address=a, state="pending") for a in dict.fromkeys(recipients)
-    )
+    addresses = list(dict.fromkeys(recipients))
+    s.add_all(OutboundRecipient(outbound_id=row.id, address=a, state="pending") for a in addresses)
+    agent = await s.scalar(select(Agent.login).where(Agent.id == agent_id)) if agent_id is not None else None
+    summary = {
+        "mail_from": mail_from,
+        "agent": agent,
+        "message_id": message_id,
+        "size": size,
+        "recipients": addresses,
+    }
+    s.add(_log(row, now, "queued", reply=json.dumps(summary, ensure_ascii=False)))
     await s.flush()
     return row
 
@@ -84,8 +141,16 @@ async def due(
     tenant are claimed (tenants not in ``room`` get none); a message claimed by
     another instance is skipped until its claim runs out at ``claimed_until``.
     """
+    # Messages queued before ids existed get one now, claimable or not, so `queue` commands can name them.
+    for unnamed in (
+        await s.scalars(
+            select(Outbound).where(Outbound.queue_id.is_(None)).limit(limit).with_for_update(skip_locked=True)
+        )
+    ).all():
+        unnamed.queue_id = await _unused_id(s)
     tenants = [t for t, n in room.items() if n > 0]
     if not tenants:
+        await s.flush()
         return []
     candidates = (
         await s.scalars(
@@ -107,9 +172,9 @@ async def due(
             left[row.tenant_id] -= 1
             row.claimed_by, row.claimed_until = instance, now + claim_for
             rows.append(row)
+    await s.flush()
     if not rows:
         return []
-    await s.flush()
     pending: dict[int, list[str]] = {}
     for outbound_id, address in await s.execute(
         select(OutboundRecipient.outbound_id, OutboundRecipient.address).where(
@@ -117,7 +182,12 @@ async def due(
         )
     ):
         pending.setdefault(outbound_id, []).append(address)
-    return [Queued(r, tuple(pending.get(r.id, ()))) for r in rows]
+    agent_ids = {r.agent_id for r in rows if r.agent_id is not None}
+    logins = dict((await s.execute(select(Agent.id, Agent.login).where(Agent.id.in_(agent_ids)))).all())
+    return [
+        Queued(r, tuple(pending.get(r.id, ())), logins.get(r.agent_id) if r.agent_id is not None else None)
+        for r in rows
+    ]
 
 
 async def release(s: AsyncSession, instance: str) -> int:
@@ -133,33 +203,42 @@ async def release(s: AsyncSession, instance: str) -> int:
 
 async def record(
     s: AsyncSession,
-    outbound_id: int,
+    row: Outbound,
     results: Mapping[str, tuple[str, str]],
     *,
     error: str | None,
     next_attempt_at: datetime,
+    at: datetime,
+    smarthost: str | None,
 ) -> bool:
-    """Record an attempt and end its claim: each recipient's new state and reply; True when done.
+    """Record attempt ``row.attempts + 1`` of a claimed message and end its claim; True when done.
 
-    A message with no pending recipient left is removed from the queue.
+    ``results`` maps each attempted recipient to its outcome (a key of
+    :data:`OUTCOMES`) and the reply; each is logged with the attempt number
+    and ``smarthost``. A message with no pending recipient left is removed
+    from the queue (its log stays).
     """
-    for address, (state, reply) in results.items():
+    attempt = row.attempts + 1
+    for address, (outcome, reply) in results.items():
         await s.execute(
             update(OutboundRecipient)
-            .where(OutboundRecipient.outbound_id == outbound_id, OutboundRecipient.address == address)
-            .values(state=state, last_reply=reply[:500])
+            .where(OutboundRecipient.outbound_id == row.id, OutboundRecipient.address == address)
+            .values(state=OUTCOMES[outcome], last_reply=reply[:500])
+        )
+        s.add(
+            _log(row, at, outcome, attempt=attempt, recipient=address, smarthost=smarthost, reply=reply[:500])
         )
     left = await s.scalar(
         select(func.count()).where(
-            OutboundRecipient.outbound_id == outbound_id, OutboundRecipient.state == "pending"
+            OutboundRecipient.outbound_id == row.id, OutboundRecipient.state == "pending"
         )
     )
     if not left:
-        await s.execute(delete(Outbound).where(Outbound.id == outbound_id))
+        await s.execute(delete(Outbound).where(Outbound.id == row.id))
         return True
     await s.execute(
         update(Outbound)
-        .where(Outbound.id == outbound_id)
+        .where(Outbound.id == row.id)
         .values(
             attempts=Outbound.attempts + 1,
             last_error=error,
@@ -169,6 +248,11 @@ async def record(
         )
     )
     return False
+
+
+async def notified(s: AsyncSession, row: Outbound, at: datetime, what: str) -> None:
+    """Log that a DSN about the message went to its sender (``what`` names it)."""
+    s.add(_log(row, at, "notified", reply=what))
 
 
 async def listing(
@@ -190,13 +274,98 @@ async def listing(
     return [(row, by_id.get(row.id, [])) for row in rows]
 
 
-async def retry_now(s: AsyncSession, outbound_id: int, now: datetime) -> bool:
-    """Make a queued message due now; False if there is no such message."""
-    result = await s.execute(update(Outbound).where(Outbound.id == outbound_id).values(next_attempt_at=now))
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+async def _by_queue_id(s: AsyncSession, queue_id: str) -> Outbound | None:
+    return await s.scalar(select(Outbound).where(Outbound.queue_id == queue_id).with_for_update())
 
 
-async def drop(s: AsyncSession, outbound_id: int) -> bool:
+async def retry_now(s: AsyncSession, queue_id: str, now: datetime) -> bool:
+    """Make a queued message due now (the operator's retry); False if there is no such message."""
+    row = await _by_queue_id(s, queue_id)
+    if row is None:
+        return False
+    row.next_attempt_at = now
+    s.add(_log(row, now, "retry"))
+    await s.flush()
+    return True
+
+
+async def drop(s: AsyncSession, queue_id: str, now: datetime) -> bool:
     """Remove a message from the queue without sending it; False if there is none."""
-    result = await s.execute(delete(Outbound).where(Outbound.id == outbound_id))
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    row = await _by_queue_id(s, queue_id)
+    if row is None:
+        return False
+    pending = (
+        await s.scalars(
+            select(OutboundRecipient.address).where(
+                OutboundRecipient.outbound_id == row.id, OutboundRecipient.state == "pending"
+            )
+        )
+    ).all()
+    s.add(_log(row, now, "dropped", reply=" ".join(pending) or None))
+    await s.execute(delete(Outbound).where(Outbound.id == row.id))
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A message's history (oldest first) and, while it is queued, its row and recipients."""
+
+    queue_id: str
+    tenant_id: str
+    log: tuple[OutboundLog, ...]
+    row: Outbound | None
+    recipients: tuple[OutboundRecipient, ...]
+
+
+async def history(s: AsyncSession, queue_id: str) -> History | None:
+    """Everything known about a message, queued or gone; None if no message ever had ``queue_id``."""
+    log = (
+        await s.scalars(
+            select(OutboundLog)
+            .where(OutboundLog.queue_id == queue_id)
+            .order_by(OutboundLog.at, OutboundLog.id)
+        )
+    ).all()
+    row = await s.scalar(select(Outbound).where(Outbound.queue_id == queue_id))
+    if row is None and not log:
+        return None
+    recipients = (
+        (await s.scalars(select(OutboundRecipient).where(OutboundRecipient.outbound_id == row.id))).all()
+        if row is not None
+        else []
+    )
+    tenant_id = row.tenant_id if row is not None else log[0].tenant_id
+    return History(queue_id, tenant_id, tuple(log), row, tuple(recipients))
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What was queued: from the ``queued`` log row, or (queued before ids existed) the queue row."""
+
+    mail_from: str | None
+    agent: str | None
+    message_id: str | None
+    size: int | None
+    recipients: tuple[str, ...]
+
+
+def summary(h: History) -> Summary:
+    """The message's summary as queued."""
+    queued = next((e for e in h.log if e.event == "queued" and e.reply), None)
+    if queued is not None and queued.reply is not None:
+        data = json.loads(queued.reply)
+        return Summary(
+            data.get("mail_from"),
+            data.get("agent"),
+            data.get("message_id"),
+            data.get("size"),
+            tuple(data.get("recipients", ())),
+        )
+    row = h.row
+    return Summary(
+        row.mail_from if row else None,
+        None,
+        row.message_id if row else None,
+        row.size if row else None,
+        tuple(r.address for r in h.recipients),
+    )

@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import tempfile
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from email import message_from_bytes
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +116,62 @@ async def store(config: Config) -> AsyncIterator[tuple[Database, BlobStore]]:
     db, blobs = await open_store(config)
     yield db, blobs
     await db.close()
+
+
+# --------------------------------------------------------------------------- smtp-sink
+
+
+class Sink:
+    """Postfix smtp-sink on 127.0.0.1:``port``, each message captured to a file in ``dump``."""
+
+    def __init__(self, port: int, dump: Path) -> None:
+        self.port, self.dump = port, dump
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *options: str) -> None:
+        cmd = [peer("smtp-sink")]
+        if os.geteuid() == 0:
+            cmd += ["-u", "nobody"]  # smtp-sink refuses to run as root without it
+        cmd += ["-d", f"{self.dump}/msg.", *options, f"127.0.0.1:{self.port}", "64"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"smtp-sink exited with {self.proc.returncode}"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            except OSError:
+                time.sleep(0.05)
+            else:
+                return
+        pytest.fail(f"smtp-sink did not listen on {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def captured(self) -> list[bytes]:
+        return [p.read_bytes() for p in sorted(self.dump.iterdir())]
+
+    def message_ids(self) -> Counter[str]:
+        ids: Counter[str] = Counter()
+        for raw in self.captured():
+            ids[str(message_from_bytes(raw).get("Message-ID", "")).strip()] += 1
+        return ids
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    peer("smtp-sink")
+    # smtp-sink drops to "nobody" (as root), which cannot enter pytest's private tmp_path.
+    dump = Path(tempfile.mkdtemp(prefix="mailgate-sink-"))
+    dump.chmod(0o777)
+    s = Sink(free_port(), dump)
+    yield s
+    s.stop()
+    shutil.rmtree(dump, ignore_errors=True)

@@ -255,7 +255,13 @@ async def test_an_expired_claim_is_taken_over(tmp_path: Path, db_url: str) -> No
         assert again.row.claimed_by == "live"
         async with db.write() as s:
             await queue.record(
-                s, row.id, {CUSTOMER: ("pending", "451 later")}, error="451 later", next_attempt_at=now
+                s,
+                again.row,
+                {CUSTOMER: ("deferred", "451 later")},
+                error="451 later",
+                next_attempt_at=now,
+                at=now,
+                smarthost="127.0.0.1:25",
             )
         async with db.write() as s:  # recorded: the claim ended and the message is anyone's
             (third,) = await queue.due(s, now, instance="dead", **claim)

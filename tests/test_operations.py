@@ -112,10 +112,10 @@ def test_systemd_readiness_watchdog_stopping_and_socket_activation(tmp_path: Pat
 
 
 class Daemon:
-    def __init__(self, tmp_path: Path, db_url: str) -> None:
+    def __init__(self, tmp_path: Path, db_url: str, collision: str = "warn") -> None:
         self.ports = {k: free_port() for k in ("smtp", "submission", "imap", "metrics")}
         self.config = tmp_path / "mailgate.toml"
-        self.config.write_text(config_text(tmp_path, db_url, self.ports), encoding="utf-8")
+        self.config.write_text(config_text(tmp_path, db_url, self.ports, collision), encoding="utf-8")
         self.tmp = tmp_path
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -164,8 +164,10 @@ def value(metrics: str, name: str, agent: str) -> float:
     return 0.0
 
 
-def test_agent_statistics_scenario_survives_a_restart(tmp_path: Path, db_url: str) -> None:
-    d = Daemon(tmp_path, db_url)
+@pytest.mark.parametrize("collision", ["warn", "hold"])
+def test_agent_statistics_scenario_survives_a_restart(tmp_path: Path, db_url: str, collision: str) -> None:
+    """B's reply to a customer A answered counts one collision for B, whether it is sent or held."""
+    d = Daemon(tmp_path, db_url, collision)
     d.start()
     try:
         with smtplib.SMTP("127.0.0.1", d.ports["smtp"], timeout=10) as c:
@@ -184,27 +186,31 @@ def test_agent_statistics_scenario_survives_a_restart(tmp_path: Path, db_url: st
             client.fetch(numbers, "(BODY[])")
             client.logout()
 
-        def reply(login: str, n: int) -> None:
+        def reply(login: str, n: int) -> int:
+            """The reply's SMTP code at the end of DATA."""
             with smtplib.SMTP("127.0.0.1", d.ports["submission"], timeout=10) as c:
                 c.login(login, PASSWORD)
-                c.sendmail(
-                    "biuro@acme.test",
-                    [f"klient{n}@example.org"],
+                assert c.mail("biuro@acme.test")[0] == 250
+                assert c.rcpt(f"klient{n}@example.org")[0] == 250
+                code, _ = c.data(
                     f"From: biuro@acme.test\r\nSubject: Re: pytanie {n}\r\n"
                     f"In-Reply-To: <c{n}@example.org>\r\n"
-                    f"Message-ID: <r{n}.{login}@acme.test>\r\n\r\nOdpowiedz.\r\n",
+                    f"Message-ID: <r{n}.{login}@acme.test>\r\n\r\nOdpowiedz.\r\n"
                 )
+                return code
 
         read("anna@acme.test", "1:3")
         read("bartek@acme.test", "4")
-        reply("anna@acme.test", 1)
-        reply("anna@acme.test", 2)
-        reply("bartek@acme.test", 1)  # anna answered it: a collision (recorded under "warn")
+        assert reply("anna@acme.test", 1) == 250
+        assert reply("anna@acme.test", 2) == 250
+        # anna answered it: a collision, sent under "warn", held under "hold", counted in both
+        assert reply("bartek@acme.test", 1) == {"warn": 250, "hold": 450}[collision]
+        bartek_replies = {"warn": 1, "hold": 0}[collision]
         expected = {
             ("mailgate_agent_messages_read_total", "anna@acme.test"): 3,
             ("mailgate_agent_messages_read_total", "bartek@acme.test"): 1,
             ("mailgate_agent_replies_total", "anna@acme.test"): 2,
-            ("mailgate_agent_replies_total", "bartek@acme.test"): 1,
+            ("mailgate_agent_replies_total", "bartek@acme.test"): bartek_replies,
             ("mailgate_agent_collisions_total", "anna@acme.test"): 0,
             ("mailgate_agent_collisions_total", "bartek@acme.test"): 1,
             ("mailgate_agent_first_response_seconds_count", "anna@acme.test"): 2,
@@ -217,7 +223,8 @@ def test_agent_statistics_scenario_survives_a_restart(tmp_path: Path, db_url: st
             assert {key: value(scrape, *key) for key in expected} == expected
         stats = d.stats()
         assert (stats["anna@acme.test"]["read"], stats["anna@acme.test"]["replies"]) == (3, 2)
-        assert (stats["bartek@acme.test"]["read"], stats["bartek@acme.test"]["collisions"]) == (1, 1)
+        bartek = stats["bartek@acme.test"]
+        assert (bartek["read"], bartek["replies"], bartek["collisions"]) == (1, bartek_replies, 1)
         assert stats["anna@acme.test"]["median_first_response_seconds"] is not None
     finally:
         d.stop()

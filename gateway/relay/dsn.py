@@ -1,4 +1,9 @@
-"""RFC 3464 delivery status notifications (pure: bytes in, bytes out)."""
+"""RFC 3464 delivery status notifications (pure: bytes in, bytes out).
+
+A notice names the message's queue id (the one its sender got in ``250 ...
+queued as ID``) in its text, in an ``X-Mailgate-Queue-ID`` header and in
+the per-message fields of the delivery-status part.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ def build(
     recipients: Sequence[RecipientStatus],
     arrival: datetime,
     now: datetime,
+    queue_id: str | None,
 ) -> bytes:
     """A multipart/report message telling ``to`` what happened to ``original``."""
     boundary = f"mailgate-dsn-{secrets.token_hex(8)}"
@@ -49,7 +55,9 @@ def build(
         "",
         *(f"  <{r.address}>: {_clean(r.diagnostic)}" for r in recipients),
         "",
+        *([f"Queue ID: {_clean(queue_id)} (mailgate queue show {_clean(queue_id)})", ""] if queue_id else []),
     ]
+    queue_field = f"X-Mailgate-Queue-ID: {_clean(queue_id)}\r\n" if queue_id else ""
     per_recipient = "".join(
         f"\r\nFinal-Recipient: rfc822; {_clean(r.address)}\r\n"
         f"Action: {r.action}\r\nStatus: {r.status}\r\n"
@@ -63,8 +71,7 @@ def build(
             f"Subject: {subject}\r\n"
             f"Date: {format_datetime(now)}\r\n"
             f"Message-ID: {make_msgid(domain=reporting_mta)}\r\n"
-            "Auto-Submitted: auto-replied\r\n"
-            "MIME-Version: 1.0\r\n"
+            "Auto-Submitted: auto-replied\r\n" + queue_field + "MIME-Version: 1.0\r\n"
             f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
             "\r\n"
             f"--{boundary}\r\n"
@@ -72,7 +79,10 @@ def build(
             f"--{boundary}\r\n"
             "Content-Type: message/delivery-status\r\n\r\n"
             f"Reporting-MTA: dns; {reporting_mta}\r\n"
-            f"Arrival-Date: {format_datetime(arrival)}\r\n" + per_recipient + "\r\n"
+            + queue_field
+            + f"Arrival-Date: {format_datetime(arrival)}\r\n"
+            + per_recipient
+            + "\r\n"
             f"--{boundary}\r\n"
             "Content-Type: text/rfc822-headers\r\n\r\n"
         ).encode("utf-8")

@@ -31,6 +31,12 @@ notification delivered to the sender's tenant INBOX; a message still
 undelivered after ``queue.delay_notice`` gets one delay notice. An attempt's
 results are committed right after the server's answer, so a restart resends
 only what was never accepted.
+
+Tracing: each attempt's results are committed with one ``outbound_log`` row
+per recipient (outcome, attempt number, smarthost, reply), and logged as one
+``relay.attempt`` line with the tenant, agent, queue id, Message-ID and, per
+recipient, its domain, outcome and the server's reply. A DSN names the queue
+id and is logged (``notified``) in the transaction that delivers it.
 """
 
 from __future__ import annotations
@@ -48,10 +54,11 @@ from datetime import UTC, datetime, timedelta
 
 import aiosmtplib
 import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import metrics
 from gateway.config import Config, SMTPRelaySection, TenantSection
-from gateway.ingest import Delivery, Pipeline
+from gateway.ingest import Delivery, Outcome, Pipeline
 from gateway.relay import dsn
 from storage import queue
 from storage.blobs import BlobStore
@@ -281,7 +288,13 @@ class RelayWorker:
             await self._attempt(config, config.tenant(row.tenant_id), item)
         except Exception:
             # Not recorded: the claim runs out and the message is attempted again then.
-            log.exception("relay.attempt_failed", tenant=row.tenant_id, queue_id=row.id)
+            log.exception(
+                "relay.attempt_failed",
+                tenant=row.tenant_id,
+                agent=item.agent,
+                queue_id=row.queue_id,
+                message_id=row.message_id,
+            )
         finally:
             self._busy[row.tenant_id] -= 1
             self.wake.set()  # a slot is free: more of this tenant's mail may be due
@@ -290,6 +303,10 @@ class RelayWorker:
         row = item.row
         now = self.clock()
         data = await self.blobs.get(row.blob)
+        smarthost = None
+        if tenant.smtp is not None:
+            host, port, _ = tenant.smtp.effective
+            smarthost = f"{host}:{port}"
         if tenant.smtp is None:
             reply = "554 5.3.5 the tenant has no outbound SMTP settings"
             attempt = Attempt.of(item.pending, {}, reply, completed=False, error=reply)
@@ -304,16 +321,16 @@ class RelayWorker:
         failures = [
             dsn.RecipientStatus(r, "failed", _status(reply), reply) for r, reply in attempt.failed.items()
         ]
+        for status in failures:
+            results[status.address] = ("failed", status.diagnostic)
         delayed: list[dsn.RecipientStatus] = []
         for rcpt, reply in attempt.pending.items():
             if expired:
                 failures.append(dsn.RecipientStatus(rcpt, "failed", "4.4.7", reply))
+                results[rcpt] = ("expired", reply)
             else:
                 delayed.append(dsn.RecipientStatus(rcpt, "delayed", _status(reply), reply))
-        for status in failures:
-            results[status.address] = ("failed", status.diagnostic)
-        for status in delayed:
-            results[status.address] = ("pending", status.diagnostic)
+                results[rcpt] = ("deferred", reply)
         schedule = config.queue.retry
         wait = schedule[min(row.attempts, len(schedule) - 1)]
         notify_delay = (
@@ -322,22 +339,34 @@ class RelayWorker:
         async with self.db.write() as s:
             done = await queue.record(
                 s,
-                row.id,
+                row,
                 results,
-                error=attempt.error or next((r for state, r in results.values() if state != "sent"), None),
+                error=attempt.error
+                or next((r for outcome, r in results.values() if outcome != "sent"), None),
                 next_attempt_at=now + wait,
+                at=now,
+                smarthost=smarthost,
             )
             if notify_delay and not done:
                 stored = await s.get(Outbound, row.id)
                 if stored is not None:
                     stored.delay_notified = True
-        for state, _ in results.values():
-            result = {"sent": "sent", "failed": "bounced"}.get(state, "deferred")
+        for outcome, _ in results.values():
+            result = {"sent": "sent", "deferred": "deferred"}.get(outcome, "bounced")
             metrics.RELAY_MESSAGES.labels(tenant.id, result).inc()
         log.info(
             "relay.attempt",
             tenant=tenant.id,
-            queue_id=row.id,
+            agent=item.agent,
+            queue_id=row.queue_id,
+            message_id=row.message_id,
+            attempt=row.attempts + 1,
+            smarthost=smarthost,
+            # Each recipient by its domain only; the reply is the server's, verbatim.
+            recipients=[
+                {"domain": address.rpartition("@")[2], "result": outcome, "reply": reply[:500]}
+                for address, (outcome, reply) in results.items()
+            ],
             sent=len(attempt.sent),
             failed=len(failures),
             deferred=len(delayed),
@@ -345,14 +374,20 @@ class RelayWorker:
             error=attempt.error,
         )
         if failures:
-            await self._notify(config, row, data, failures, now)
+            await self._notify(config, item, data, failures, now)
         if notify_delay:
-            await self._notify(config, row, data, delayed, now)
+            await self._notify(config, item, data, delayed, now)
 
     async def _notify(
-        self, config: Config, row: Outbound, data: bytes, recipients: list[dsn.RecipientStatus], now: datetime
+        self,
+        config: Config,
+        item: queue.Queued,
+        data: bytes,
+        recipients: list[dsn.RecipientStatus],
+        now: datetime,
     ) -> None:
         """Deliver a DSN to the sender's tenant INBOX (never for a null sender)."""
+        row = item.row
         mail_from = row.mail_from
         tenant = config.tenant_for_address(mail_from) if mail_from else None
         if tenant is None:
@@ -364,7 +399,25 @@ class RelayWorker:
             recipients=recipients,
             arrival=row.created_at,
             now=now,
+            queue_id=row.queue_id,
         )
-        await self.pipeline.deliver(
-            tenant, message, Delivery(source="dsn", recipients=(mail_from,), system=True)
+        failed = any(r.action == "failed" for r in recipients)
+        what = f"{'failure' if failed else 'delay'} notice to {mail_from} about " + " ".join(
+            r.address for r in recipients
+        )
+
+        async def logged(s: AsyncSession, _: list[Outcome]) -> None:
+            await queue.notified(s, row, now, what)
+
+        await self.pipeline.deliver_many(
+            tenant, [(message, Delivery(source="dsn", recipients=(mail_from,), system=True))], within=logged
+        )
+        log.info(
+            "relay.notified",
+            tenant=row.tenant_id,
+            agent=item.agent,
+            queue_id=row.queue_id,
+            message_id=row.message_id,
+            failed=failed,
+            rcpts=len(recipients),
         )

@@ -9,13 +9,17 @@ message's row locked, so two simultaneous replies cannot both pass), queues
 it for the tenant's relay, files a copy in the tenant's ``\\Sent`` folder and, when it
 answers a stored customer message, records an ``answered`` event with the
 response time and sets ``\\Answered`` on that message. Only after that commit
-does the client get ``250``.
+does the client get ``250``, naming the message's queue id: the id the SMTP
+transaction's log lines already carry, unless (very rarely) another message
+once had it.
 
 The customer message a reply answers is the most recent stored message of
 the tenant (outside ``\\Sent``) named in its In-Reply-To or References. It is
 a collision when another agent answered that very message first, or has the
 first reply to it in the queue: a newer customer message in the thread is a
-new message to answer, so replying to it never collides.
+new message to answer, so replying to it never collides. A collision
+counts (a ``collision`` event) once per agent and customer message, whether
+the reply is held (``450``, committed before the reply) or sent.
 """
 
 from __future__ import annotations
@@ -36,12 +40,20 @@ from gateway.ingest import describe
 from gateway.message import Headers, parse_headers
 from gateway.notify import Changes
 from gateway.smtp import policy
-from storage import mailstore, queue
+from storage import events, mailstore, queue
 from storage.blobs import BlobStore
 from storage.db import Database
 from storage.models import Agent, Event, Folder, Message, Outbound
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """The SMTP reply to give, and the queue id when the message was queued."""
+
+    reply: str
+    queue_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,18 +90,28 @@ class Outbox:
         mail_from: str,
         recipients: Sequence[str],
         data: bytes,
-    ) -> str:
-        """Check, queue and file one message; the SMTP reply to give."""
+        queue_id: str | None = None,
+    ) -> Submitted:
+        """Check, queue and file one message, as ``queue_id`` if that id is unused (else a fresh one)."""
+        queue_id = queue_id or queue.new_id()
         if len(data) > tenant.max_message_size:
-            return policy.TOO_BIG.format(limit=tenant.max_message_size)
+            return Submitted(policy.too_big(tenant.max_message_size))
         attachments = await asyncio.to_thread(policy.count_attachments, data)
         if attachments > tenant.max_attachments:
-            return policy.TOO_MANY_ATTACHMENTS.format(count=attachments, limit=tenant.max_attachments)
+            return Submitted(
+                policy.TOO_MANY_ATTACHMENTS.format(count=attachments, limit=tenant.max_attachments)
+            )
         headers = parse_headers(data)
+        logger = log.bind(
+            tenant=tenant.id,
+            agent=identity.login if identity else None,
+            queue_id=queue_id,
+            message_id=headers.message_id,
+        )
         refused = policy.foreign_header_sender(tenant, headers)
         if refused is not None:
-            log.info("outbox.header_sender_refused", tenant=tenant.id, reply=refused)
-            return refused
+            logger.info("outbox.header_sender_refused", reply=refused)
+            return Submitted(refused)
         now = self.clock()
         original = await self._original(tenant.id, headers)
         digest = await self.blobs.put(data)
@@ -102,10 +124,15 @@ class Outbox:
                 # at the same moment cannot both pass.
                 await s.execute(select(Message.id).where(Message.id == original.id).with_for_update())
                 collision = await self._collision(s, identity, original)
-                if collision is not None and tenant.collision == "hold":
-                    who, when = collision
-                    log.info("outbox.collision_held", tenant=tenant.id, agent=identity.login, answered_by=who)
-                    return policy.COLLISION.format(who=who, when=when.strftime("%Y-%m-%d %H:%M UTC"))
+                if collision is not None:
+                    counted = await events.record_collision(s, tenant.id, identity.agent_id, original.id, now)
+                    if tenant.collision == "hold":
+                        who, when = collision
+                        # Returning commits the collision event before the client hears 450.
+                        logger.info("outbox.collision_held", answered_by=who, counted=counted)
+                        return Submitted(
+                            policy.COLLISION.format(who=who, when=when.strftime("%Y-%m-%d %H:%M UTC"))
+                        )
             row = await queue.enqueue(
                 s,
                 tenant_id=tenant.id,
@@ -116,23 +143,32 @@ class Outbox:
                 now=now,
                 agent_id=identity.agent_id if identity else None,
                 original_id=original.id if original else None,
+                message_id=headers.message_id,
+                queue_id=queue_id,
             )
+            logger = logger.bind(queue_id=row.queue_id)
             sent = await mailstore.special_folder(s, tenant.id, "\\Sent")
             if sent is not None:
                 # Refusing to send would be worse than going over quota: the copy is kept.
                 try:
                     await quotas.check(s, sent, len(data))
                 except quotas.QuotaExceeded as exc:
-                    log.warning("outbox.sent_copy_over_quota", tenant=tenant.id, reason=str(exc))
+                    logger.warning("outbox.sent_copy_over_quota", reason=str(exc))
                 await mailstore.append(s, sent, [sent_copy])
             if identity is not None and original is not None:
-                await self._answered(s, tenant.id, identity, original, now, collision is not None)
+                await self._answered(s, tenant.id, identity, original, now)
         self.changes.publish(
             [f for f in (sent.id if sent else None, original.folder_id if original else None) if f]
         )
         self.wake()
-        log.info("outbox.queued", tenant=tenant.id, queue_id=row.id, rcpts=len(recipients), size=len(data))
-        return f"{policy.OK} queued as {row.id}"
+        logger.info(
+            "outbox.queued",
+            rcpts=len(recipients),
+            domains=sorted({r.rpartition("@")[2] for r in recipients}),
+            size=len(data),
+            collision=collision is not None,
+        )
+        return Submitted(f"{policy.OK} queued as {row.queue_id}", row.queue_id)
 
     async def _original(self, tenant_id: str, headers: Headers) -> Original | None:
         ids = [*headers.in_reply_to, *headers.references]
@@ -194,7 +230,6 @@ class Outbox:
         identity: Identity,
         original: Original,
         now: datetime,
-        collided: bool,
     ) -> None:
         s.add(
             Event(
@@ -206,16 +241,6 @@ class Outbox:
                 response_seconds=max(0.0, (now - original.received_at).total_seconds()),
             )
         )
-        if collided:
-            s.add(
-                Event(
-                    tenant_id=tenant_id,
-                    agent_id=identity.agent_id,
-                    message_id=original.id,
-                    kind="collision",
-                    at=now,
-                )
-            )
         folder = await s.get(Folder, original.folder_id)
         if folder is not None:
             await mailstore.store_flags(s, folder, [original.uid], ["\\Answered"], "add")
