@@ -10,13 +10,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import logs
 from gateway.config import Config, ConfigError, default_config_path, load_config
 from storage.db import Database
+
+if TYPE_CHECKING:
+    from storage import queue
 
 UMASK = 0o027
 
@@ -73,6 +76,10 @@ def secret_errors(config: Config) -> list[str]:
                     section.token()
             except ConfigError as exc:
                 errors += [f"{path}.{e}" for e in exc.errors]
+    try:
+        config.srs.secret()
+    except ConfigError as exc:
+        errors += exc.errors
     return errors
 
 
@@ -250,6 +257,62 @@ def cmd_mailboxes(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_queue_history(h: queue.History, fmt: str) -> None:
+    """``queue show``: the message's summary, its recipients' states and its whole history."""
+    from storage import queue
+
+    summary = queue.summary(h)
+    state = "queued" if h.row is not None else "dropped" if h.log[-1].event == "dropped" else "done"
+    last: dict[str, tuple[str, str | None]] = {}
+    for e in h.log:
+        if e.recipient is not None:
+            last[e.recipient] = ({"deferred": "pending"}.get(e.event, e.event), e.reply)
+    if h.row is not None:
+        last.update({r.address: (r.state, r.last_reply) for r in h.recipients})
+    recipients = [
+        {"address": a, "state": last.get(a, ("pending", None))[0], "last_reply": last.get(a, (None, None))[1]}
+        for a in dict.fromkeys([*summary.recipients, *last])
+    ]
+    history = [
+        {
+            "at": e.at.isoformat(timespec="seconds"),
+            "event": e.event,
+            "attempt": e.attempt,
+            "recipient": e.recipient,
+            "smarthost": e.smarthost,
+            "reply": None if e.event == "queued" else e.reply,
+        }
+        for e in h.log
+    ]
+    row = h.row
+    out: dict[str, Any] = {
+        "id": h.queue_id,
+        "tenant": h.tenant_id,
+        "state": state,
+        "mail_from": summary.mail_from,
+        "agent": summary.agent,
+        "message_id": summary.message_id,
+        "size": summary.size,
+        "attempts": row.attempts if row else None,
+        "next_attempt": row.next_attempt_at.isoformat(timespec="seconds") if row else None,
+        "last_error": row.last_error if row else None,
+        "claimed_by": row.claimed_by if row else None,
+        "recipients": recipients,
+        "history": history,
+    }
+    if fmt == "json":
+        print(json.dumps(out, ensure_ascii=False, indent=2))
+        return
+    fields = [k for k in out if k not in ("recipients", "history")]
+    width = max(map(len, fields))
+    for key in fields:
+        print(f"{key + ':':<{width + 1}} {'-' if out[key] is None else out[key]}")
+    print()
+    print_rows(recipients, ["address", "state", "last_reply"], "table")
+    print()
+    print_rows(history, ["at", "event", "attempt", "recipient", "smarthost", "reply"], "table")
+
+
 def cmd_queue(config: Config, args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
@@ -263,7 +326,7 @@ def cmd_queue(config: Config, args: argparse.Namespace) -> int:
                     rows = await queue.listing(s, args.tenant)
                 out = [
                     {
-                        "id": row.id,
+                        "id": row.queue_id,  # None until the daemon names a message queued before ids
                         "tenant": row.tenant_id,
                         "mail_from": row.mail_from,
                         "recipients": " ".join(f"{r.address}({r.state})" for r in rcpts),
@@ -279,15 +342,23 @@ def cmd_queue(config: Config, args: argparse.Namespace) -> int:
                 columns = ["id", "tenant", "mail_from", "recipients", "size", "created", "attempts"]
                 print_rows(out, [*columns, "next_attempt", "last_error", "claimed_by"], args.format)
                 return EXIT_OK
+            if args.queue_command == "show":
+                async with db.read() as s:
+                    history = await queue.history(s, args.id)
+                if history is None:
+                    print(f"error: no message {args.id} was ever queued", file=sys.stderr)
+                    return EXIT_ERROR
+                _print_queue_history(history, args.format)
+                return EXIT_OK
             async with db.write() as s:
                 if args.queue_command == "retry":
                     found = await queue.retry_now(s, args.id, datetime.now(UTC))
                 else:
-                    found = await queue.drop(s, args.id)
+                    found = await queue.drop(s, args.id, datetime.now(UTC))
         finally:
             await db.close()
         if not found:
-            print(f"error: no queued message {args.id}", file=sys.stderr)
+            print(f"error: no queued message {args.id} (see mailgate queue show {args.id})", file=sys.stderr)
             return EXIT_ERROR
         verb = (
             "due now (the running daemon sends it within seconds)"
@@ -318,11 +389,12 @@ def _progress(label: str) -> Any:
 async def _maintenance(config: Config) -> Any:
     """Database (migrated), blobs and a scheduler, for maintenance commands."""
     from gateway.daemon import open_store
+    from gateway.forward import load_signer
     from gateway.ingest import Pipeline
     from gateway.scheduler import Scheduler
 
     db, blobs = await open_store(config)
-    return db, Scheduler(lambda: config, db, blobs, Pipeline(db, blobs))
+    return db, Scheduler(lambda: config, db, blobs, Pipeline(db, blobs, srs_signer=load_signer(config)))
 
 
 def cmd_purge_spam(config: Config, args: argparse.Namespace) -> int:
@@ -516,9 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
     ql.add_argument("--tenant")
     ql.add_argument("--format", choices=["table", "json"], default="table")
     ql.set_defaults(func=cmd_queue)
-    for verb, text in (("retry", "make a message due now"), ("drop", "remove a message without sending it")):
+    for verb, text in (
+        ("retry", "make a message due now"),
+        ("drop", "remove a message without sending it"),
+        ("show", "a message's summary and whole history, also after it left the queue"),
+    ):
         qv = q.add_parser(verb, help=text)
-        qv.add_argument("id", type=int)
+        qv.add_argument("id", type=str.lower, help="its queue id (as in 250 ... queued as ID)")
+        if verb == "show":
+            qv.add_argument("--format", choices=["table", "json"], default="table")
         qv.set_defaults(func=cmd_queue)
     ps = sub.add_parser("purge-spam", help="delete spam older than retention.spam_days now")
     ps.add_argument("--dry-run", action="store_true", help="report what would be deleted")

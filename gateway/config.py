@@ -367,9 +367,14 @@ class ConditionSection(_Model):
 
 
 def _action(item: object) -> Action:
-    if not isinstance(item, Mapping) or len(item) != 1:
-        raise ValueError('an action is a table with exactly one key, e.g. { folder = "Orders" }')
-    ((key, value),) = item.items()
+    options = dict(item) if isinstance(item, Mapping) else {}
+    rewrite_from = options.pop("rewrite_from", True)
+    if len(options) != 1:
+        raise ValueError(
+            'an action is a table with exactly one key, e.g. { folder = "Orders" }'
+            " (a forward may add rewrite_from = false)"
+        )
+    ((key, value),) = options.items()
     try:
         kind = ActionKind(key)
     except ValueError:
@@ -381,7 +386,11 @@ def _action(item: object) -> Action:
         return Action(kind)
     if not isinstance(value, str):
         raise ValueError(f"action {key!r} takes a string")
-    return Action(kind, value)
+    if not isinstance(rewrite_from, bool):
+        raise ValueError("rewrite_from takes true or false")
+    if not rewrite_from and kind is not ActionKind.FORWARD:
+        raise ValueError("rewrite_from applies to forward actions only")
+    return Action(kind, value, rewrite_from)
 
 
 class RuleSection(_Model):
@@ -492,6 +501,34 @@ class QueueSection(_Model):
         return v
 
 
+class SRSSection(SecretRef):
+    """Sender Rewriting Scheme keys and lifetime for forwarded mail (:mod:`gateway.srs`).
+
+    The secret holds one key per line: the first signs, every one verifies
+    (rotate by putting the new key first). Without ``secret_file`` or
+    ``secret_env`` a random key is made once in ``data_dir/srs.secret``.
+    """
+
+    secret_file: Path | None = None
+    secret_env: str | None = None
+    max_age: Duration = Field(timedelta(days=21), ge=timedelta(days=1), le=timedelta(days=1000))
+
+    @field_validator("secret_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> SRSSection:
+        if self.secret_file is not None and self.secret_env is not None:
+            raise ValueError("give secret_file or secret_env, not both")
+        return self
+
+    def secret(self) -> SecretStr | None:
+        """Read the keys from their file or environment variable; None when neither is set."""
+        return self._read(self.secret_file, self.secret_env, "srs.secret")
+
+
 class ListenerLimits(_Model):
     """Connection caps and idle timeouts of one kind of listener (each listener has its own count).
 
@@ -565,6 +602,7 @@ class Config(_Model):
     snapshots: SnapshotsSection = SnapshotsSection()
     queue: QueueSection = QueueSection()
     limits: LimitsSection = LimitsSection()
+    srs: SRSSection = SRSSection()
     tenants: tuple[TenantSection, ...] = ()
 
     @model_validator(mode="after")

@@ -27,6 +27,7 @@ from gateway import systemd
 from gateway.auth import Authenticator
 from gateway.config import Config, ConfigError, load_config
 from gateway.connections import ConnectionGate
+from gateway.forward import load_signer
 from gateway.imap.server import IMAPServer
 from gateway.ingest import Pipeline
 from gateway.metrics import DatabaseCollector, MetricsServer, refresh_forever
@@ -126,7 +127,7 @@ class Daemon:
             released = await queue.release(s, instance)
         log.info("instance.registered", instance=instance, pid=os.getpid(), released_claims=released)
         changes = Changes()
-        pipeline = Pipeline(self.db, blobs, changes=changes)
+        pipeline = Pipeline(self.db, blobs, changes=changes, srs_signer=load_signer(self.config))
         auth = Authenticator(self.current_config, self.db)
         tls = self.tls = server_context(self.config.tls)
         self.pull = PullManager(self.current_config, pipeline, self.db)

@@ -8,7 +8,9 @@ Theory of operation
    so ``mailgate rules test`` shows exactly what delivery would do.
 3. Commit: the blob is written and fsynced first, then one transaction
    records the dedupe key, creates the folder if needed, appends the message
-   (UID, MODSEQ and usage counters) and queues any forwards.
+   (UID, MODSEQ and usage counters) and queues any forwards. A forwarded
+   copy (From rewritten, see :mod:`gateway.forward`) is its own blob, written
+   with the message's before the transaction; its envelope sender is SRS.
 4. Only when :meth:`Pipeline.deliver` returns may the source acknowledge
    (SMTP ``250``, upstream delete). A crash before that loses nothing: the
    source retries, and the dedupe key turns the retry into a no-op.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,16 +48,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import quotas
 import rules
-from gateway import metrics
+from gateway import forward, metrics, srs
 from gateway.config import TenantSection
 from gateway.imap import mime
 from gateway.message import Headers, parse_headers
 from gateway.notify import Changes
-from storage import mailstore
+from storage import mailstore, queue
 from storage.blobs import BlobStore
 from storage.db import Database
 from storage.errors import StoreError
-from storage.models import Folder, IngestKey, Outbound, OutboundRecipient
+from storage.models import Folder, IngestKey
 
 log = structlog.get_logger(__name__)
 
@@ -215,8 +218,18 @@ def fallback_key(headers: Headers, raw: bytes) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class _Forward:
+    """A forwarded copy to queue with the message: envelope, recipients, its durable blob."""
+
+    mail_from: str
+    recipients: tuple[str, ...]
+    blob: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class _Prepared:
-    """A message ready to commit: parsed, decided, its blob durable."""
+    """A message ready to commit: parsed, decided, its blob (and its forwards' blobs) durable."""
 
     raw_size: int
     headers: Headers
@@ -225,6 +238,7 @@ class _Prepared:
     keys: tuple[str, ...]
     digest: str
     message: mailstore.NewMessage
+    forwards: tuple[_Forward, ...] = ()
 
 
 GROUP_MAX = 500  # messages per group-commit transaction
@@ -259,9 +273,14 @@ class Pipeline:
         blobs: BlobStore,
         clock: Callable[[], datetime] | None = None,
         changes: Changes | None = None,
+        srs_signer: srs.Signer | None = None,
     ) -> None:
+        """``srs_signer`` signs forwards' envelope senders (the daemon's persistent keys,
+        :func:`gateway.forward.load_signer`); without one, a random key of this process.
+        """
         self.db = db
         self.blobs = blobs
+        self.srs = srs_signer or srs.Signer((secrets.token_bytes(32),))
         self.clock = clock or (lambda: datetime.now(UTC))
         self.changes = changes or Changes()
         self._pending: deque[_Job] = deque()
@@ -372,7 +391,49 @@ class Pipeline:
         digest = await self.blobs.put(raw)
         received_at = delivery.received_at or self.clock()
         message = await asyncio.to_thread(describe, raw, headers, digest, received_at, verdict.flags)
-        return _Prepared(len(raw), headers, delivery, verdict, keys, digest, message)
+        forwards = await self._forwards(tenant, raw, headers, delivery, verdict, digest)
+        return _Prepared(len(raw), headers, delivery, verdict, keys, digest, message, forwards)
+
+    async def _forwards(
+        self,
+        tenant: TenantSection,
+        raw: bytes,
+        headers: Headers,
+        delivery: Delivery,
+        verdict: Verdict,
+        digest: str,
+    ) -> tuple[_Forward, ...]:
+        """The forwarded copies the rules ask for (none for spam), their blobs written."""
+        decision = verdict.decision
+        if not decision.forwards or verdict.spam:
+            return ()
+        address = tenant.smtp.from_ if tenant.smtp else None
+        if address is None:
+            log.warning(
+                "ingest.forward_skipped", tenant=tenant.id, reason="the tenant has no [tenants.smtp] from"
+            )
+            return ()
+        # SMTP tells the envelope sender ("" for a bounce: forwarded as one); our own
+        # notices are bounces too; pulled mail has none, so its From stands in.
+        if delivery.source == "smtp" or delivery.system:
+            original: str | None = "" if delivery.mail_from == "<>" else delivery.mail_from
+        else:
+            original = headers.from_addrs[0] if headers.from_addrs else None
+        try:
+            mail_from = (
+                address
+                if original is None
+                else self.srs.forward(original, forward.srs_domain(tenant), self.clock())
+            )
+        except srs.Malformed:  # no address to return bounces to: they go to the tenant
+            mail_from = address
+        kept = tuple(a for a in decision.forwards if a in decision.keep_from)
+        rewritten = tuple(a for a in decision.forwards if a not in decision.keep_from)
+        out = [_Forward(mail_from, kept, digest, len(raw))] if kept else []
+        if rewritten:
+            data = forward.rewrite_from(raw, address=address, via=tenant.name or tenant.id)
+            out.append(_Forward(mail_from, rewritten, await self.blobs.put(data), len(data)))
+        return tuple(out)
 
     async def _commit(self, jobs: Sequence[_Job]) -> list[list[Outcome]]:
         """One transaction for all ``jobs``; their outcomes, in order."""
@@ -446,27 +507,15 @@ class Pipeline:
         folder = await mailstore.get_folder(s, tenant_id, name)
         return folder or await mailstore.create_folder(s, tenant_id, name)
 
-    async def _queue_forwards(
-        self, s: AsyncSession, tenant: TenantSection, p: _Prepared, now: datetime
-    ) -> None:
-        forwards = p.verdict.decision.forwards
-        if not forwards or p.verdict.spam:
-            return
-        sender = tenant.smtp.from_ if tenant.smtp else None
-        if sender is None:
-            log.warning(
-                "ingest.forward_skipped", tenant=tenant.id, reason="the tenant has no [tenants.smtp] from"
+    @staticmethod
+    async def _queue_forwards(s: AsyncSession, tenant: TenantSection, p: _Prepared, now: datetime) -> None:
+        for f in p.forwards:
+            await queue.enqueue(
+                s,
+                tenant_id=tenant.id,
+                mail_from=f.mail_from,
+                recipients=f.recipients,
+                blob=f.blob,
+                size=f.size,
+                now=now,
             )
-            return
-        out = Outbound(
-            tenant_id=tenant.id,
-            mail_from=sender,
-            blob=p.digest,
-            size=p.raw_size,
-            created_at=now,
-            next_attempt_at=now,
-            attempts=0,
-        )
-        s.add(out)
-        await s.flush()
-        s.add_all(OutboundRecipient(outbound_id=out.id, address=a, state="pending") for a in forwards)

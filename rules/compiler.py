@@ -108,6 +108,8 @@ def _check_action(rule: str, action: Action) -> None:
     except ValueError:
         raise RuleError(rule, f"unknown action {action.kind!r}") from None
     value = action.value
+    if not action.rewrite_from and kind is not ActionKind.FORWARD:
+        raise RuleError(rule, f"rewrite_from applies to forward actions only, not {kind.value!r}")
     if kind in _VALUELESS_ACTIONS:
         if value:
             raise RuleError(rule, f"action {kind.value!r} takes no value, got {value!r}")

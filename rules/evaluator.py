@@ -39,7 +39,9 @@ Rules
 Actions of matching rules
     The first ``folder`` action wins; later ones are skipped and left out of the rule's
     ``applied`` actions. Labels and forward addresses accumulate, de-duplicated in
-    first-seen order. ``spam``, ``seen`` and ``flag`` set their flag.
+    first-seen order (a forward's ``rewrite_from`` is the one of its first action:
+    an address forwarded with ``rewrite_from = false`` is in ``keep_from``).
+    ``spam``, ``seen`` and ``flag`` set their flag.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class Decision:
     flagged: bool
     forwards: tuple[str, ...]
     trace: tuple[RuleTrace, ...]
+    keep_from: frozenset[str] = frozenset()  # forwards sent with the original From:
 
     def explain(self) -> str:
         """Describe, line by line, every evaluated rule and the final decision."""
@@ -93,7 +96,8 @@ class Decision:
         states = (("spam", self.spam), ("seen", self.seen), ("flagged", self.flagged))
         flags = [name for name, on in states if on]
         lines.append(f"  flags: {', '.join(flags) or 'none'}")
-        lines.append(f"  forwards: {', '.join(self.forwards) or 'none'}")
+        forwards = [f"{a} (From kept)" if a in self.keep_from else a for a in self.forwards]
+        lines.append(f"  forwards: {', '.join(forwards) or 'none'}")
         return "\n".join(lines)
 
     def _folder_text(self) -> str:
@@ -107,7 +111,7 @@ def evaluate(ruleset: RuleSet, message: MessageView) -> Decision:
     """Run ``ruleset`` over ``message`` and return the resulting :class:`Decision`."""
     folder: str | None = None
     labels: dict[str, None] = {}
-    forwards: dict[str, None] = {}
+    forwards: dict[str, bool] = {}  # address: rewrite_from
     spam = seen = flagged = False
     traces: list[RuleTrace] = []
     for compiled in ruleset.compiled:
@@ -129,7 +133,7 @@ def evaluate(ruleset: RuleSet, message: MessageView) -> Decision:
             elif kind is ActionKind.LABEL:
                 labels.setdefault(action.value)
             elif kind is ActionKind.FORWARD:
-                forwards.setdefault(action.value)
+                forwards.setdefault(action.value, action.rewrite_from)
             elif kind is ActionKind.SPAM:
                 spam = True
             elif kind is ActionKind.SEEN:
@@ -149,6 +153,7 @@ def evaluate(ruleset: RuleSet, message: MessageView) -> Decision:
         flagged=flagged,
         forwards=tuple(forwards),
         trace=tuple(traces),
+        keep_from=frozenset(a for a, rewrite in forwards.items() if not rewrite),
     )
 
 
@@ -171,4 +176,5 @@ def _explain_rule(trace: RuleTrace) -> list[str]:
 
 def _action_text(action: Action) -> str:
     kind = ActionKind(action.kind)
-    return f"{kind.value} {action.value!r}" if action.value else kind.value
+    text = f"{kind.value} {action.value!r}" if action.value else kind.value
+    return text if action.rewrite_from else text + " (From kept)"

@@ -75,10 +75,15 @@ class Condition:
 
 @dataclass(frozen=True, slots=True)
 class Action:
-    """One effect; ``value`` is the folder, label or forward address, ``""`` for flags."""
+    """One effect; ``value`` is the folder, label or forward address, ``""`` for flags.
+
+    ``rewrite_from`` applies to ``forward`` only: False sends the copy with its
+    original ``From:`` (its envelope sender is rewritten by SRS either way).
+    """
 
     kind: ActionKind
     value: str = ""
+    rewrite_from: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -111,7 +112,9 @@ async def test_rule_creates_a_missing_folder_and_queues_forwards(tmp_path: objec
     try:
         pipeline = Pipeline(db, blobs)
         out = await pipeline.deliver(
-            config.tenant("acme"), mail().replace(b"c@example.org", b"ceo@vip.test"), SMTP
+            config.tenant("acme"),
+            mail().replace(b"c@example.org", b"ceo@vip.test"),
+            Delivery(source="smtp", mail_from="ceo@vip.test", recipients=("biuro@acme.test",)),
         )
         assert out.folder == "Clients/VIP"
         _, flags = await stored(pipeline, out)
@@ -119,7 +122,10 @@ async def test_rule_creates_a_missing_folder_and_queues_forwards(tmp_path: objec
         async with db.read() as s:
             queued = (await s.scalars(select(Outbound))).all()
             rcpts = (await s.scalars(select(OutboundRecipient.address))).all()
-        assert [q.mail_from for q in queued] == ["b@acme.test"]
+        # SRS at the tenant's domain (tests/test_forwarding.py has the rest of forwarding).
+        (q,) = queued
+        assert q.mail_from.endswith("=vip.test=ceo@acme.test")
+        assert pipeline.srs.reverse(q.mail_from, datetime.now(UTC)) == "ceo@vip.test"
         assert rcpts == ["boss@else.test"]
     finally:
         await db.close()

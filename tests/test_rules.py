@@ -317,6 +317,55 @@ def test_labels_forwards_and_flags_accumulate() -> None:
     assert decision.folder is None
 
 
+def test_forward_rewrite_from_option_first_action_wins() -> None:
+    keep = Action(ActionKind.FORWARD, "x@y.test", rewrite_from=False)
+    decision = run(
+        rule("a", actions=(keep, Action(ActionKind.FORWARD, "z@y.test"))),
+        rule(
+            "b",
+            actions=(Action(ActionKind.FORWARD, "x@y.test"), Action(ActionKind.FORWARD, "w@y.test", False)),
+        ),
+    )
+    assert decision.forwards == ("x@y.test", "z@y.test", "w@y.test")
+    assert decision.keep_from == frozenset({"x@y.test", "w@y.test"})
+    text = decision.explain()
+    assert "applied: forward 'x@y.test' (From kept), forward 'z@y.test'" in text
+    assert "  forwards: x@y.test (From kept), z@y.test, w@y.test (From kept)" in text
+
+
+def test_rewrite_from_applies_to_forward_only() -> None:
+    with pytest.raises(RuleError, match="rewrite_from applies to forward actions only"):
+        compile_rules([rule("bad", actions=(Action(ActionKind.FOLDER, "X", rewrite_from=False),))])
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [
+        ({"forward": "boss@else.test"}, Action(ActionKind.FORWARD, "boss@else.test")),
+        (
+            {"forward": "boss@else.test", "rewrite_from": False},
+            Action(ActionKind.FORWARD, "boss@else.test", rewrite_from=False),
+        ),
+        ({"forward": "boss@else.test", "rewrite_from": True}, Action(ActionKind.FORWARD, "boss@else.test")),
+        ({"folder": "X", "rewrite_from": False}, "rewrite_from applies to forward actions only"),
+        ({"forward": "boss@else.test", "rewrite_from": "no"}, "rewrite_from takes true or false"),
+        ({"forward": "a@b.test", "label": "X"}, "exactly one key"),
+        ({"rewrite_from": False}, "exactly one key"),
+    ],
+)
+def test_forward_rewrite_from_in_the_configuration(action: dict[str, Any], expected: Action | str) -> None:
+    from gateway.config import ConfigError, parse_config
+
+    data = {"tenants": [{"id": "t", "domains": ["t.test"], "rules": [{"name": "r", "actions": [action]}]}]}
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError) as exc:
+            parse_config(data)
+        assert exc.value.errors[0].startswith("tenants[0].rules[0].actions[0]: ")
+        assert expected in exc.value.errors[0]
+    else:
+        assert parse_config(data).tenants[0].rules[0].actions == (expected,)
+
+
 @pytest.mark.parametrize(
     ("kind", "attribute"),
     [(ActionKind.SPAM, "spam"), (ActionKind.SEEN, "seen"), (ActionKind.FLAG, "flagged")],

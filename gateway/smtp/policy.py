@@ -21,7 +21,7 @@ NO_SUCH_USER = "550 5.1.1 <{addr}>: Recipient address rejected: no such user her
 BAD_ADDRESS = "501 5.1.3 Bad recipient address syntax"
 BAD_SENDER = "501 5.1.7 Bad sender address syntax"
 AUTH_BUSY = "454 4.7.0 Temporary authentication failure: too many logins at once, try again later"
-TOO_BIG = "552 5.3.4 Message size exceeds fixed limit of {limit} bytes"
+TOO_BIG = "552 5.3.4 Message size exceeds fixed limit of {limit} bytes ({human})"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 BARE_NEWLINE = "550 5.5.2 Message contains a bare CR or LF; refused"
 TEMPFAIL = "451 4.3.0 Temporary failure, please try again later"
@@ -42,8 +42,24 @@ def route_recipient(config: Config, address: str, declared_size: int | None) -> 
     if not tenant.accepts(address):
         return NO_SUCH_USER.format(addr=address)
     if declared_size is not None and declared_size > tenant.max_message_size:
-        return TOO_BIG.format(limit=tenant.max_message_size)
+        return too_big(tenant.max_message_size)
     return tenant
+
+
+_SIZE_UNITS = (("GB", 10**9), ("GiB", 2**30), ("MB", 10**6), ("MiB", 2**20), ("KB", 10**3), ("KiB", 2**10))
+
+
+def human_size(n: int) -> str:
+    """A size as the configuration would write it: ``"20 MB"``, ``"1.5 GiB"``, else ``"N bytes"``."""
+    for unit, factor in _SIZE_UNITS:
+        if n >= factor and n * 100 % factor == 0:
+            return f"{n / factor:g} {unit}"
+    return f"{n} bytes"
+
+
+def too_big(limit: int) -> str:
+    """The refusal of a message over ``limit`` bytes, naming the limit in bytes and for humans."""
+    return TOO_BIG.format(limit=limit, human=human_size(limit))
 
 
 def declared_size(mail_options: list[str]) -> int | None:
@@ -94,6 +110,7 @@ HEADER_SENDER_NOT_OWNED = "553 5.7.1 {field}: <{addr}> is not an address of your
 NO_HEADER_FROM = "553 5.7.1 The message has no From: address; it must name an address of your account"
 TOO_MANY_ATTACHMENTS = "552 5.3.4 Too many attachments: {count}, the limit is {limit}"
 COLLISION = "450 4.7.1 Collision: {who} already answered this customer at {when}; your reply was not sent"
+INVALID_SRS = "550 5.1.1 <{addr}>: invalid or expired SRS address"
 
 
 def count_attachments(raw: bytes) -> int:

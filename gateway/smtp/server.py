@@ -15,7 +15,6 @@ import asyncio
 import base64
 import binascii
 import ipaddress
-import secrets
 import socket
 import ssl
 import weakref
@@ -26,21 +25,23 @@ from typing import Any, AnyStr
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
-from gateway import metrics
+from gateway import metrics, srs
 from gateway.auth import Authenticator, AuthUnavailable, Identity
 from gateway.config import Config, TenantSection
 from gateway.connections import ConnectionGate
 from gateway.ingest import Delivery, Pipeline
+from gateway.message import parse_headers
 from gateway.smtp import policy
 from gateway.smtp.outbox import Outbox
+from storage import queue
 from storage.errors import StoreError
 
 log = structlog.get_logger(__name__)
 
+# aiosmtpd's size refusals (SIZE= at MAIL, too much DATA): replaced by ours, naming the limit.
+_TOO_BIG = ("552 Error: Too much mail data", "552 Error: message size exceeds")
 # aiosmtpd replies that lack enhanced status codes, by prefix.
 _TRANSLATE = (
-    ("552 Error: Too much mail data", "552 5.3.4 Message size exceeds fixed limit"),
-    ("552 Error: message size exceeds", "552 5.3.4 Message size exceeds fixed limit"),
     ("500 Line too long", "500 5.5.2 Line too long"),
     ("500 Command line too long", "500 5.5.2 Command line too long"),
     ("500 Error: (", policy.TEMPFAIL),  # an exception's text: never shown to clients
@@ -133,6 +134,13 @@ class MailgateSMTP(SMTP):
             transport.write(policy.TOO_MANY_CONNECTIONS.format(host=self.hostname).encode() + b"\r\n")
         transport.close()
 
+    def _size_limit(self) -> int:
+        """The limit a size refusal names: the tenant's the client relays for, else the listener's."""
+        tenant = None
+        if isinstance(self.event_handler, RelayHandler) and self.session is not None:
+            tenant = self.event_handler.relay_tenant(self.session)
+        return tenant.max_message_size if tenant is not None else self.data_size_limit or 0
+
     def connection_lost(self, error: Exception | None) -> None:
         if self._admitted:
             self._gate.release(self)
@@ -141,6 +149,8 @@ class MailgateSMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
+        if text.startswith(_TOO_BIG):
+            text = policy.too_big(self._size_limit())
         for prefix, replacement in _TRANSLATE:
             if text.startswith(prefix):
                 text = replacement
@@ -183,6 +193,10 @@ class RelayHandler:
         self.inflight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        # Per transaction: each accepted SRS recipient, with its tenant and the address it reverses to.
+        self._bounces: weakref.WeakKeyDictionary[Envelope, dict[str, tuple[str, str]]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # ------------------------------------------------------------------ AUTH
 
@@ -275,6 +289,8 @@ class RelayHandler:
         if len(envelope.rcpt_tos) >= self.limits.recipients:
             return policy.TOO_MANY_RECIPIENTS
         if not self.submission:
+            if (bounce := self._srs_rcpt(envelope, address, rcpt_options)) is not None:
+                return bounce
             routed = policy.route_recipient(
                 self.config(), address, policy.declared_size(envelope.mail_options)
             )
@@ -296,29 +312,39 @@ class RelayHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.inflight += 1
         self.idle.clear()
+        # One id per transaction, on every log line about it, in its Received: header and its reply;
+        # mail relayed outward keeps it as its queue id.
+        queue_id = queue.new_id()
+        identity = session.auth_data if isinstance(session.auth_data, Identity) else None
+        logger = log.bind(
+            listener="submission" if self.submission else "smtp",
+            peer=_peer(session),
+            agent=identity.login if identity else None,
+            queue_id=queue_id,
+        )
         try:
-            return await self._data(session, envelope)
+            return await self._data(session, envelope, logger, queue_id)
         except StoreError as exc:
-            log.warning("smtp.store_error", peer=_peer(session), error=str(exc))
+            logger.warning("smtp.store_error", error=str(exc))
             return exc.smtp_reply
         except Exception:
-            log.exception("smtp.data_failed", peer=_peer(session))
+            logger.exception("smtp.data_failed")
             return policy.TEMPFAIL
         finally:
             self.inflight -= 1
             if self.inflight == 0:
                 self.idle.set()
 
-    async def _data(self, session: Session, envelope: Envelope) -> str:
+    async def _data(self, session: Session, envelope: Envelope, logger: Any, queue_id: str) -> str:
         data: bytes = envelope.original_content or b""
-        queue_id = secrets.token_hex(6)
         if policy.has_bare_newline(data):
-            log.warning("smtp.bare_newline", peer=_peer(session), queue_id=queue_id)
+            logger.warning("smtp.bare_newline")
             return policy.BARE_NEWLINE
         config = self.config()
         local: dict[str, tuple[TenantSection, list[str]]] = {}
         foreign: list[str] = []
-        for rcpt in envelope.rcpt_tos:
+        bounces = self._bounces.pop(envelope, {})
+        for rcpt in (r for r in envelope.rcpt_tos if r not in bounces):
             routed = None if self.submission else policy.route_recipient(config, rcpt, None)
             if isinstance(routed, TenantSection):
                 local.setdefault(routed.id, (routed, []))[1].append(rcpt)
@@ -329,16 +355,21 @@ class RelayHandler:
             return policy.TEMPFAIL  # the configuration changed since RCPT
         for tenant, _ in local.values():
             if len(data) > tenant.max_message_size:
-                return policy.TOO_BIG.format(limit=tenant.max_message_size)
+                return policy.too_big(tenant.max_message_size)
         if relaying is not None and self.outbox is not None:
             identity = session.auth_data if isinstance(session.auth_data, Identity) else None
-            reply = await self.outbox.submit(relaying, identity, envelope.mail_from or "", foreign, data)
-            if not reply.startswith("250"):
-                return reply
+            submitted = await self.outbox.submit(
+                relaying, identity, envelope.mail_from or "", foreign, data, queue_id
+            )
+            if submitted.queue_id is None:
+                return submitted.reply
+            queue_id = submitted.queue_id
+        if bounces:
+            await self._relay_bounces(envelope.mail_from, bounces, data)
         now = datetime.now(UTC)
         protocol = "ESMTP" + ("S" if session.ssl else "") + ("A" if session.authenticated else "")
         for tenant, rcpts in local.values():
-            trace = policy.received_header(
+            received = policy.received_header(
                 helo=session.host_name,
                 peer_ip=_peer(session),
                 hostname=config.gateway.hostname,
@@ -348,18 +379,72 @@ class RelayHandler:
                 now=now,
             )
             delivery = Delivery(source="smtp", mail_from=envelope.mail_from or "", recipients=tuple(rcpts))
-            await self.pipeline.deliver(tenant, trace + data, delivery)
-        log.info(
+            await self.pipeline.deliver(tenant, received + data, delivery)
+        tenants = sorted({*local, *([relaying.id] if relaying is not None else [])})
+        logger.info(
             "smtp.transaction",
-            peer=_peer(session),
             queue_id=queue_id,
+            tenant=tenants[0] if len(tenants) == 1 else None,
+            tenants=tenants,
+            message_id=parse_headers(data).message_id,
             mail_from=envelope.mail_from,
             rcpts=len(envelope.rcpt_tos),
             relayed=len(foreign),
             size=len(data),
-            tenants=sorted(local),
         )
         return f"{policy.OK} queued as {queue_id}"
+
+    # ------------------------------------------------------------------ bounces to SRS addresses
+
+    def _srs_rcpt(self, envelope: Envelope, address: str, rcpt_options: list[str]) -> str | None:
+        """RCPT to an SRS0 address at a tenant's domain: accepted only if we signed it and it is
+        not expired (the bounce is then relayed to the original sender); None for any other address.
+        """
+        if self.outbox is None or not srs.is_srs(address):
+            return None
+        tenant = self.config().tenant_for_domain(address.rpartition("@")[2].lower())
+        if tenant is None:
+            return None
+        try:
+            original = self.pipeline.srs.reverse(address, datetime.now(UTC))
+        except srs.SRSError as exc:
+            log.info("smtp.srs_refused", tenant=tenant.id, reason=exc.reason)
+            return policy.INVALID_SRS.format(addr=address)
+        self._bounces.setdefault(envelope, {})[address.lower()] = (tenant.id, original)
+        envelope.rcpt_tos.append(address.lower())
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def _relay_bounces(
+        self, mail_from: str | None, bounces: dict[str, tuple[str, str]], data: bytes
+    ) -> None:
+        """Queue a message to SRS addresses for the original senders, through each tenant's relay.
+
+        A system relay with the envelope sender as given (a bounce's is null): no
+        agent, no Sent copy, and no From:/Sender: check (a bounce is from the
+        remote server that made it, never from the tenant).
+        """
+        sender = "" if mail_from in (None, "<>") else mail_from
+        if self.outbox is None:
+            raise RuntimeError("SRS recipients are accepted only with an outbox")
+        by_tenant: dict[str, list[str]] = {}
+        for tenant_id, original in bounces.values():
+            by_tenant.setdefault(tenant_id, []).append(original)
+        digest = await self.outbox.blobs.put(data)
+        now = datetime.now(UTC)
+        async with self.outbox.db.write() as s:
+            for tenant_id, originals in by_tenant.items():
+                await queue.enqueue(
+                    s,
+                    tenant_id=tenant_id,
+                    mail_from=sender,
+                    recipients=originals,
+                    blob=digest,
+                    size=len(data),
+                    now=now,
+                )
+        self.outbox.wake()
+        log.info("smtp.srs_bounce_queued", tenants=sorted(by_tenant), rcpts=len(bounces), size=len(data))
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("smtp.protocol_error", error_type=type(error).__name__)
