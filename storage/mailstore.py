@@ -16,6 +16,8 @@ Theory of operation
   is a single row read.
 * Expunged UIDs are recorded with the MODSEQ of their removal, so IMAP
   sessions can learn what vanished since a given MODSEQ.
+* ``folders.recent_uid`` is the first UID no IMAP session has taken
+  ``\\Recent`` for; :func:`claim_recent` advances it by compare-and-set.
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ async def create_folder(
         used_bytes=0,
         used_messages=0,
         subscribed=True,
+        recent_uid=1,
     )
     s.add(folder)
     await s.flush()
@@ -353,6 +356,27 @@ async def expunge(s: AsyncSession, folder: Folder, uids: Iterable[int] | None = 
     await s.execute(insert(Expunge), [{"folder_id": folder.id, "uid": u, "modseq": modseq} for u in removed])
     await _account(s, folder, -sum(size for _, size in rows), -len(rows))
     return removed
+
+
+async def claim_recent(s: AsyncSession, folder_id: int, upto: int) -> int:
+    """Take ``\\Recent`` for the folder's UIDs below ``upto`` that no session took yet.
+
+    Returns the first UID taken: the caller holds ``\\Recent`` for the UIDs in
+    ``[returned, upto)`` (none if it returns ``upto``). ``folders.recent_uid``
+    only grows, by a compare-and-set, so two sessions never take the same UID.
+    """
+    conn = await s.connection()
+    while True:
+        first = await conn.scalar(select(_folders.c.recent_uid).where(_folders.c.id == folder_id))
+        if first is None or first >= upto:
+            return upto
+        taken = await conn.execute(
+            update(_folders)
+            .where(_folders.c.id == folder_id, _folders.c.recent_uid == first)
+            .values(recent_uid=upto)
+        )
+        if taken.rowcount == 1:
+            return int(first)
 
 
 # --------------------------------------------------------------------------- internals

@@ -114,6 +114,8 @@ class Folder(Base):
     used_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     used_messages: Mapped[int] = mapped_column(BigInteger, default=0)
     subscribed: Mapped[bool] = mapped_column(Boolean, default=True)
+    # The first UID no IMAP session has taken \Recent for (RFC 3501 2.3.2).
+    recent_uid: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
 
 
 class Message(Base):
