@@ -72,7 +72,7 @@ async def search(
         query = query.where(clause)
     rows = (await s.execute(query.order_by(Message.uid))).all()
     key = _folded(key)
-    needs_text = _uses(key, _TEXT_KEYS)
+    needs_text = uses(key, _TEXT_KEYS)
     out: list[int] = []
     batch: list[_Candidate] = []
     size = 0
@@ -109,8 +109,9 @@ def _matching(key: SearchKey, batch: list[_Candidate]) -> list[int]:
     return [m.row.uid for m in batch if _match(key, m)]
 
 
-def _uses(key: SearchKey, ops: set[str]) -> bool:
-    return key.op in ops or any(isinstance(a, SearchKey) and _uses(a, ops) for a in key.args)
+def uses(key: SearchKey, ops: set[str]) -> bool:
+    """Whether ``key`` or any key nested in it is one of ``ops``."""
+    return key.op in ops or any(isinstance(a, SearchKey) and uses(a, ops) for a in key.args)
 
 
 # ---------------------------------------------------------------------- SQL
@@ -222,10 +223,11 @@ def _match(key: SearchKey, m: _Candidate) -> bool:
         return any(_match(a, m) for a in args if isinstance(a, SearchKey))
     if op == "NOT":
         return not _match(args[0], m) if isinstance(args[0], SearchKey) else True
-    if op in ("ALL", "OLD"):
+    if op == "ALL":
         return True
-    if op in ("NEW", "RECENT"):
-        return False  # \Recent is not kept: no session ever sees a message first
+    if op in ("NEW", "OLD", "RECENT"):  # \Recent is the session's: the view knows
+        recent = row.uid in m.view.recent
+        return not recent if op == "OLD" else recent and (op == "RECENT" or not row.sysflags & SEEN)
     if op in _FLAG_KEYS:
         bit, present = _FLAG_KEYS[op]
         return bool(row.sysflags & bit) is present

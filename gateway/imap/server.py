@@ -350,11 +350,13 @@ class IMAPServer:
         framer: Framer,
     ) -> None:
         writer.write(b"+ idling\r\n")
-        await writer.drain()
         folder_id = session.view.folder_id if session.view is not None else -1
         read = asyncio.ensure_future(reader.read(65536))
         try:
             with self.changes.watch(folder_id) as changed:
+                # What was pending comes after the continuation (as Dovecot sends it), and is
+                # looked up once the watch is set, so a change made meanwhile is not missed.
+                await self._idle_sync(session, writer)
                 deadline = time.monotonic() + AUTHENTICATED_TIMEOUT
                 while True:
                     wake = asyncio.ensure_future(changed.wait())
@@ -369,6 +371,7 @@ class IMAPServer:
                         framer.feed(data)
                         event = framer.next_event()
                         if isinstance(event, FramedLine) and is_done(event):
+                            await self._idle_sync(session, writer)
                             writer.write(tag.encode() + b" OK IDLE terminated\r\n")
                             return
                         if event is not None:
@@ -376,13 +379,18 @@ class IMAPServer:
                             return
                         read = asyncio.ensure_future(reader.read(65536))
                     changed.clear()
-                    if session.view is not None:
-                        await session.sync(allow_expunge=True)
-                        writer.write(session.take())
-                        await writer.drain()
+                    await self._idle_sync(session, writer)
                     if time.monotonic() > deadline:
                         writer.write(b"* BYE idled too long\r\n")
                         raise _Closed
         finally:
             if not read.done():
                 read.cancel()
+
+    @staticmethod
+    async def _idle_sync(session: Session, writer: asyncio.StreamWriter) -> None:
+        """Send what changed in the selected folder (untagged EXPUNGE is allowed during IDLE)."""
+        if session.view is not None:
+            await session.sync(allow_expunge=True)
+            writer.write(session.take())
+        await writer.drain()

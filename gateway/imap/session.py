@@ -8,12 +8,17 @@ The state machine is the table :data:`ALLOWED`: which commands each state
 :attr:`Session.out`; the I/O class sends the buffer once per command, so a
 FETCH over a folder is a few large writes, not one per line.
 
-Before the tagged reply of every command, :meth:`Session.sync` reports what
-changed in the selected folder since the session last looked (new messages as
-EXISTS, flag changes as FETCH, expunges as EXPUNGE), except that EXPUNGE is
-held back during FETCH, STORE and SEARCH by sequence number (RFC 3501 7.4.1,
-RFC 2180). The cheap check is one row (the folder's HIGHESTMODSEQ and
-UIDNEXT); only when it moved does the session query the changes.
+Before the tagged reply of every command (and of IDLE after its ``+``),
+:meth:`Session.sync` reads what changed in the selected folder since the
+session last looked and :meth:`View.report <gateway.imap.view.View.report>`,
+the one owner of the session's view, decides what to tell (new keywords as
+FLAGS, flag changes as FETCH, expunges as EXPUNGE, new messages as EXISTS,
+RECENT), holding EXPUNGE back during FETCH, STORE and SEARCH (RFC 3501 7.4.1,
+RFC 2180). Commands that show flags themselves (STORE, a FETCH that sets
+``\\Seen``) tell the view, so the report does not repeat them; nothing else
+moves the view's MODSEQ. The cheap check is one row (the folder's
+HIGHESTMODSEQ and UIDNEXT); only when it moved does the session query the
+changes.
 
 Domain errors carry their wire reply (``StoreError.imap_code``); this module
 is the one place where they become ``NO [CODE] text``.
@@ -35,8 +40,8 @@ from gateway.auth import Authenticator, AuthUnavailable, Identity
 from gateway.config import Config
 from gateway.imap import commands as c
 from gateway.imap import mime, wire
-from gateway.imap.search import search
-from gateway.imap.view import View
+from gateway.imap.search import search, uses
+from gateway.imap.view import FlagRow, FolderChanges, View, keywords_of
 from gateway.imap.wildcard import Matcher
 from gateway.ingest import describe
 from gateway.message import parse_headers
@@ -45,7 +50,7 @@ from storage import events, mailstore
 from storage.blobs import BlobStore
 from storage.db import Database
 from storage.errors import StoreError
-from storage.flags import DELETED, SEEN, join_flags
+from storage.flags import DELETED, SEEN
 from storage.models import Expunge, Folder, Message, Tenant
 
 log = structlog.get_logger(__name__)
@@ -70,8 +75,10 @@ ALLOWED: dict[State, set[str]] = {
     State.SELECTED: _ANY | _AUTH | _SELECTED,
     State.LOGOUT: set(),
 }
-# Commands during which EXPUNGE responses must not be sent (by sequence number).
+# Commands during which EXPUNGE responses must not be sent (by sequence number; RFC 3501 7.4.1).
 _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
+# SEARCH sends none by UID either (RFC 2180 4.3 allows it; Dovecot does not).
+_NO_UID_EXPUNGE = {"SEARCH"}
 _SPECIAL_USE_ATTRS = {"\\Archive", "\\Drafts", "\\Junk", "\\Sent", "\\Trash"}
 CHUNK = 1000
 APPEND_LIMIT = 50 * 10**6
@@ -171,17 +178,24 @@ class Session:
             text = await getattr(self, "cmd_" + name.lower().replace(" ", "_"))(cmd)
         except No as exc:
             if self.view is not None:
-                await self.sync(allow_expunge=name not in _NO_EXPUNGE or getattr(cmd, "uid", False))
+                await self._sync_after(cmd)
             code = f"[{exc.code}] " if exc.code else ""
             self.tagged(cmd.tag, "NO", code + str(exc))
             return
         except StoreError as exc:
             self.tagged(cmd.tag, "NO", f"[{exc.imap_code}] {exc}")
             return
-        if self.view is not None and name != "LOGOUT":
-            await self.sync(allow_expunge=name not in _NO_EXPUNGE or getattr(cmd, "uid", False))
+        # IDLE reports after its continuation (the I/O class syncs then, as Dovecot does).
+        if self.view is not None and name not in ("LOGOUT", "IDLE"):
+            await self._sync_after(cmd)
         if text is not None:
             self.tagged(cmd.tag, "OK", text)
+
+    async def _sync_after(self, cmd: c.Command) -> None:
+        """The report before a command's tagged reply, under RFC 3501 7.4.1's rules for EXPUNGE."""
+        uid = bool(getattr(cmd, "uid", False))
+        allow = cmd.name not in _NO_EXPUNGE or (uid and cmd.name not in _NO_UID_EXPUNGE)
+        await self.sync(allow_expunge=allow, send_uid=uid and cmd.name == "STORE")
 
     # ------------------------------------------------------------------ any state
 
@@ -266,13 +280,19 @@ class Session:
         return folder
 
     async def cmd_select(self, cmd: c.Select) -> str:
+        if self.view is not None:  # RFC 7162 3.2.11, RFC 9051 7.1 (Dovecot sends it too)
+            self.untagged(b"OK [CLOSED] previous folder closed")
         self.view = None
         self.state = State.AUTHENTICATED
         readonly = cmd.name == "EXAMINE"
         if cmd.condstore:
             self.condstore = True
-        async with self.db.read() as s:
+        async with self.db.write() if not readonly else self.db.read() as s:
             folder = await self.folder(s, cmd.mailbox)
+            # The first session to see a message holds its \Recent (RFC 3501 2.3.2); EXAMINE claims none.
+            first_recent = (
+                folder.recent_uid if readonly else await mailstore.claim_recent(s, folder.id, folder.uidnext)
+            )
             uids = list(
                 (
                     await s.scalars(
@@ -288,17 +308,17 @@ class Session:
             keywords = (
                 await s.scalars(select(Message.keywords).where(Message.folder_id == folder.id).distinct())
             ).all()
-        self.view = View(folder.id, folder.name, readonly, folder.uidvalidity, uids, folder.highestmodseq)
-        kw = sorted({k for text in keywords for k in text.split(" ") if k})
-        flags = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft", *kw]
-        self.untagged(b"FLAGS " + wire.flags(flags))
-        self.untagged(
-            b"OK [PERMANENTFLAGS " + wire.flags([*flags, "\\*"] if not readonly else []) + b"] flags"
-        )
+        view = View(folder.id, folder.name, readonly, folder.uidvalidity, uids, folder.highestmodseq)
+        view.keywords = {k for text in keywords for k in keywords_of(text)}
+        view.recent = {u for u in uids if first_recent <= u < folder.uidnext}
+        self.view = view
+        for line in view.flags_responses():
+            self.untagged(line)
         self.untagged(b"%d EXISTS" % len(uids))
-        self.untagged(b"0 RECENT")
+        for line in view.recent_changed() or [b"0 RECENT"]:
+            self.untagged(line)
         if unseen is not None:
-            self.untagged(b"OK [UNSEEN %d] first unseen" % (self.view.seq(unseen) or 1))
+            self.untagged(b"OK [UNSEEN %d] first unseen" % (view.seq(unseen) or 1))
         self.untagged(b"OK [UIDVALIDITY %d] UIDs valid" % folder.uidvalidity)
         self.untagged(b"OK [UIDNEXT %d] predicted next UID" % folder.uidnext)
         self.untagged(b"OK [HIGHESTMODSEQ %d] highest" % folder.highestmodseq)
@@ -402,14 +422,29 @@ class Session:
     async def cmd_enable(self, cmd: c.Enable) -> str:
         enabled = [cap for cap in cmd.capabilities if cap == "CONDSTORE"]
         if enabled:
-            self.condstore = True
+            self._enable_condstore()
         self.untagged(b"ENABLED" + b"".join(b" " + e.encode() for e in enabled))
         return "ENABLE completed"
+
+    def _enable_condstore(self) -> None:
+        """CONDSTORE from now on; in a selected folder, say how far the session is (RFC 7162 3.1)."""
+        if not self.condstore and self.view is not None:
+            self.untagged(b"OK [HIGHESTMODSEQ %d] highest" % self.view.modseq)
+        self.condstore = True
 
     async def cmd_status(self, cmd: c.Status) -> str:
         async with self.db.read() as s:
             folder = await self.folder(s, cmd.mailbox)
             unseen: int | None = 0
+            recent = (
+                await s.scalar(
+                    select(func.count()).where(
+                        Message.folder_id == folder.id, Message.uid >= folder.recent_uid
+                    )
+                )
+                if "RECENT" in cmd.items
+                else 0
+            )
             if "UNSEEN" in cmd.items:
                 unseen = await s.scalar(
                     select(func.count()).where(
@@ -418,7 +453,7 @@ class Session:
                 )
         values = {
             "MESSAGES": folder.used_messages,
-            "RECENT": 0,
+            "RECENT": recent or 0,
             "UIDNEXT": folder.uidnext,
             "UIDVALIDITY": folder.uidvalidity,
             "UNSEEN": unseen or 0,
@@ -482,6 +517,7 @@ class Session:
                 raise No(f"no folder {cmd.mailbox}", "TRYCREATE")
             await quotas.check(s, folder, len(raw))
             (stored,) = await mailstore.append(s, folder, [message])
+            await self._claim_recent(s, folder.id, stored.uid + 1)
         self.changes.publish([folder.id])
         return f"[APPENDUID {folder.uidvalidity} {stored.uid}] APPEND completed"
 
@@ -543,12 +579,18 @@ class Session:
 
     async def cmd_search(self, cmd: c.Search) -> str:
         view = self.selected
+        by_modseq = uses(cmd.key, {"MODSEQ"})
+        if by_modseq:
+            self._enable_condstore()
         async with self.db.read() as s:
             uids = await search(s, self.blobs, view, cmd.key, self.saved)
-        uids = [u for u in uids if u not in view.gone]
+            uids = [u for u in uids if u not in view.gone]
+            # RFC 7162 3.1.5: a search by MODSEQ also answers the highest MODSEQ it found.
+            highest = await self._highest_modseq(s, uids) if by_modseq and uids else None
         numbers = uids if cmd.uid else [view.seq(u) or 0 for u in uids]
         if cmd.returns is None:
-            self.untagged(b"SEARCH" + b"".join(b" %d" % n for n in numbers))
+            modseq = b" (MODSEQ %d)" % highest if highest is not None else b""
+            self.untagged(b"SEARCH" + b"".join(b" %d" % n for n in numbers) + modseq)
             return "SEARCH completed"
         returns = cmd.returns or ("ALL",)
         if "SAVE" in returns:
@@ -562,18 +604,44 @@ class Session:
             parts.append(b"COUNT %d" % len(numbers))
         if numbers and "ALL" in returns:
             parts.append(b"ALL " + _seqset(numbers))
+        if highest is not None and returns != ("SAVE",):
+            parts.append(b"MODSEQ %d" % highest)
         if returns != ("SAVE",):
             self.untagged(b"ESEARCH " + b" ".join(parts))
         return "SEARCH completed"
 
+    async def _claim_recent(self, s: AsyncSession, folder_id: int, upto: int) -> None:
+        """Messages this session adds to its own selected folder are its \\Recent ones (as in Dovecot):
+        taken in the transaction that adds them, before another session can see them."""
+        view = self.view
+        if view is not None and view.folder_id == folder_id and not view.readonly:
+            view.claimed.append((await mailstore.claim_recent(s, folder_id, upto), upto))
+
+    async def _highest_modseq(self, s: AsyncSession, uids: list[int]) -> int:
+        """The highest MODSEQ of these messages of the selected folder."""
+        highest = 0
+        for start in range(0, len(uids), CHUNK):
+            chunk = uids[start : start + CHUNK]
+            found = await s.scalar(
+                select(func.max(Message.modseq)).where(
+                    Message.folder_id == self.selected.folder_id, Message.uid.in_(chunk)
+                )
+            )
+            highest = max(highest, found or 0)
+        return highest
+
     async def cmd_fetch(self, cmd: c.Fetch) -> str:
         view = self.selected
         uids = view.resolve(cmd.sequence, uid=cmd.uid, saved=self.saved)
-        atts = list(cmd.atts)
+        atts = list(dict.fromkeys(cmd.atts))  # an item named twice is answered once
         names = {a.name for a in atts}
+        if "MODSEQ" in names or cmd.changed_since is not None:
+            self._enable_condstore()
+        if "FLAGS" in names:
+            await self._announce_keywords(view)
         if cmd.uid and "UID" not in names:
             atts.insert(0, c.FetchAtt("UID"))
-        if (self.condstore or cmd.changed_since is not None) and "MODSEQ" not in names:
+        if cmd.changed_since is not None and "MODSEQ" not in names:  # RFC 7162 3.1.4.1
             atts.append(c.FetchAtt("MODSEQ"))
         marks_seen = not view.readonly and any(
             a.name in ("RFC822", "RFC822.TEXT") or (a.section is not None and not a.peek) for a in atts
@@ -600,13 +668,15 @@ class Session:
     async def _mark_seen(self, uids: list[int]) -> None:
         async with self.db.write() as s:
             folder = await self._selected_folder(s)
-            await mailstore.store_flags(s, folder, uids, ["\\Seen"], "add")
+            changed = await mailstore.store_flags(s, folder, uids, ["\\Seen"], "add")
             ids = (
                 await s.scalars(
                     select(Message.id).where(Message.folder_id == folder.id, Message.uid.in_(uids))
                 )
             ).all()
             await events.record_reads(s, self.tenant_id, self.me.agent_id, ids, datetime.now(UTC))
+        for change in changed:  # the FETCH shows the new flags: the next report need not
+            self.selected.answered(change.uid, change.modseq)
         self.changes.publish([self.selected.folder_id])
 
     async def _fetch_one(self, view: View, row: Message, atts: Sequence[c.FetchAtt]) -> None:
@@ -620,7 +690,9 @@ class Session:
             if name == "UID":
                 items.append(b"UID %d" % row.uid)
             elif name == "FLAGS":
-                items.append(b"FLAGS " + _flag_list(row.sysflags, row.keywords))
+                for line in view.learn_keywords(await self._folder_keywords(view, keywords_of(row.keywords))):
+                    self.untagged(line)  # before the response that shows a new keyword
+                items.append(b"FLAGS " + view.flag_list(row.uid, row.sysflags, row.keywords))
             elif name == "INTERNALDATE":
                 items.append(b"INTERNALDATE " + wire.date_time(row.internal_date))
             elif name == "RFC822.SIZE":
@@ -646,6 +718,8 @@ class Session:
             raise No("the folder is read-only", "READ-ONLY")
         uids = view.resolve(cmd.sequence, uid=cmd.uid, saved=self.saved)
         modified: list[int] = []
+        if cmd.unchanged_since is not None:
+            self._enable_condstore()
         async with self.db.write() as s:
             folder = await self._selected_folder(s)
             if cmd.unchanged_since is not None and uids:
@@ -658,36 +732,71 @@ class Session:
                 )
                 modified = list(too_new.all())
                 uids = [u for u in uids if u not in set(modified)]
-            await mailstore.store_flags(s, folder, uids, cmd.flags, cmd.mode)
-            seen = cmd.mode != "remove" and any(f.lower() == "\\seen" for f in cmd.flags)
+            stored = await mailstore.store_flags(s, folder, uids, cmd.flags, cmd.mode)
             rows = (
                 await s.execute(
                     select(Message.id, Message.uid, Message.sysflags, Message.keywords, Message.modseq).where(
-                        Message.folder_id == folder.id, Message.uid.in_(uids)
+                        Message.folder_id == folder.id, Message.uid.in_([f.uid for f in stored])
                     )
                 )
             ).all()
+            seen = cmd.mode != "remove" and any(f.lower() == "\\seen" for f in cmd.flags)
             if seen and rows:
                 await events.record_reads(
                     s, self.tenant_id, self.me.agent_id, [r.id for r in rows], datetime.now(UTC)
                 )
-        self.changes.publish([view.folder_id])
-        if not cmd.silent or self.condstore:
-            for r in sorted(rows, key=lambda r: r.uid):
-                seq = view.seq(r.uid)
-                if seq is None:
-                    continue
-                parts = [b"UID %d" % r.uid] if cmd.uid else []
-                if not cmd.silent:
-                    parts.append(b"FLAGS " + _flag_list(r.sysflags, r.keywords))
-                if self.condstore:
-                    parts.append(b"MODSEQ (%d)" % r.modseq)
-                self.untagged(b"%d FETCH (" % seq + b" ".join(parts) + b")")
-        view.modseq = max(view.modseq, *(r.modseq for r in rows)) if rows else view.modseq
+        if stored:
+            self.changes.publish([view.folder_id])
+        await self._announce_keywords(view)
+        # Only messages whose flags changed are answered (as Dovecot does); the
+        # change is the session's own, so the next report does not tell it again.
+        for r in sorted(rows, key=lambda r: r.uid):
+            view.answered(r.uid, r.modseq)
+            seq = view.seq(r.uid)
+            if seq is None or (cmd.silent and not self.condstore):
+                continue
+            parts = [b"UID %d" % r.uid] if cmd.uid else []
+            if self.condstore:
+                parts.append(b"MODSEQ (%d)" % r.modseq)
+            if not cmd.silent:
+                parts.append(b"FLAGS " + view.flag_list(r.uid, r.sysflags, r.keywords))
+            self.untagged(b"%d FETCH (" % seq + b" ".join(parts) + b")")
         if modified:
             numbers = modified if cmd.uid else [view.seq(u) or 0 for u in modified]
             return f"[MODIFIED {_seqset(numbers).decode()}] conditional STORE failed for some"
         return "STORE completed"
+
+    async def _announce_keywords(self, view: View) -> None:
+        """FLAGS first if messages changed since the session last looked carry a new keyword
+        (its own STORE's included), as Dovecot announces them before a FETCH or STORE answers."""
+        async with self.db.read() as s:
+            texts = (
+                await s.scalars(
+                    select(Message.keywords)
+                    .where(Message.folder_id == view.folder_id, Message.modseq > view.modseq)
+                    .distinct()
+                )
+            ).all()
+        for line in view.learn_keywords(
+            await self._folder_keywords(view, [k for t in texts for k in keywords_of(t)])
+        ):
+            self.untagged(line)
+
+    async def _folder_keywords(self, view: View, keywords: Sequence[str]) -> frozenset[str]:
+        """Every keyword of the folder if ``keywords`` has one the session has not announced, else none.
+
+        Only then is the folder read: its FLAGS are announced again with every
+        keyword it holds, other sessions' new ones included (as Dovecot does).
+        """
+        if all(k in view.keywords for k in keywords):
+            return frozenset()
+        async with self.db.read() as s:
+            texts = (
+                await s.scalars(
+                    select(Message.keywords).where(Message.folder_id == view.folder_id).distinct()
+                )
+            ).all()
+        return frozenset({*keywords, *(k for text in texts for k in keywords_of(text))})
 
     async def cmd_copy(self, cmd: c.Copy) -> str:
         view = self.selected
@@ -712,6 +821,8 @@ class Session:
                 s, target, int(size or 0), tenant_adding=0 if counted_before else int(size or 0)
             )
             pairs = await (mailstore.move if move else mailstore.copy)(s, source, uids, target)
+            if pairs:
+                await self._claim_recent(s, target.id, max(st.uid for _, st in pairs) + 1)
         self.changes.publish([view.folder_id, target.id])
         if not pairs:
             return f"{cmd.name} completed (nothing matched)"
@@ -723,10 +834,8 @@ class Session:
         if not move:
             return f"[{code.decode()}] COPY completed"
         self.untagged(b"OK [" + code + b"] moved")
-        for src, _ in sorted(pairs, reverse=True):
-            n = view.remove(src)
-            if n is not None:
-                self.untagged(b"%d EXPUNGE" % n)
+        for line in view.expunged_now(src for src, _ in pairs):
+            self.untagged(line)
         return "MOVE completed"
 
     cmd_move = cmd_copy
@@ -737,39 +846,44 @@ class Session:
 
     # ------------------------------------------------------------------ changes
 
-    async def sync(self, *, allow_expunge: bool) -> None:
-        """Report what changed in the selected folder since the session last looked."""
+    async def sync(self, *, allow_expunge: bool, send_uid: bool = False) -> None:
+        """Report what changed in the selected folder since the session last looked (see :mod:`view`)."""
         view = self.selected
         async with self.db.read() as s:
             row = (
                 await s.execute(
-                    select(Folder.highestmodseq, Folder.uidnext).where(Folder.id == view.folder_id)
+                    select(Folder.highestmodseq, Folder.uidnext, Folder.recent_uid).where(
+                        Folder.id == view.folder_id
+                    )
                 )
             ).one_or_none()
             if row is None:
                 return
-            highest, uidnext = row
+            highest, uidnext, recent_uid = row
             if highest <= view.modseq and uidnext - 1 <= view.max_uid and not (allow_expunge and view.gone):
                 return
-            new = list(
-                (
-                    await s.scalars(
-                        select(Message.uid).where(
-                            Message.folder_id == view.folder_id, Message.uid > view.max_uid
-                        )
+            columns = (Message.uid, Message.sysflags, Message.keywords, Message.modseq)
+            new = [
+                FlagRow(*r)
+                for r in await s.execute(
+                    select(*columns).where(
+                        Message.folder_id == view.folder_id,
+                        Message.uid > view.max_uid,
+                        Message.modseq <= highest,
                     )
-                ).all()
-            )
-            changed = (
-                await s.execute(
-                    select(Message.uid, Message.sysflags, Message.keywords, Message.modseq).where(
+                )
+            ]
+            changed = [
+                FlagRow(*r)
+                for r in await s.execute(
+                    select(*columns).where(
                         Message.folder_id == view.folder_id,
                         Message.modseq > view.modseq,
                         Message.modseq <= highest,
                         Message.uid <= view.max_uid,
                     )
                 )
-            ).all()
+            ]
             expunged = (
                 await s.scalars(
                     select(Expunge.uid).where(
@@ -779,24 +893,21 @@ class Session:
                     )
                 )
             ).all()
-        view.gone.update(u for u in expunged if view.seq(u) is not None)
-        if allow_expunge:
-            for uid in sorted(view.gone, reverse=True):
-                n = view.remove(uid)
-                if n is not None:
-                    self.untagged(b"%d EXPUNGE" % n)
-        for r in sorted(changed, key=lambda r: r.uid):
-            seq = view.seq(r.uid)
-            if seq is None or r.uid in view.gone:
-                continue
-            parts = [b"UID %d" % r.uid, b"FLAGS " + _flag_list(r.sysflags, r.keywords)]
-            if self.condstore:
-                parts.append(b"MODSEQ (%d)" % r.modseq)
-            self.untagged(b"%d FETCH (" % seq + b" ".join(parts) + b")")
+        recent: frozenset[int] = frozenset()
         if new:
-            view.add(new)
-            self.untagged(b"%d EXISTS" % view.exists)
-        view.modseq = max(view.modseq, highest)
+            upto = max(r.uid for r in new) + 1
+            if not view.readonly:
+                async with self.db.write() as s:
+                    recent_uid = await mailstore.claim_recent(s, view.folder_id, upto)
+            recent = frozenset(r.uid for r in new if r.uid >= recent_uid)
+        keywords = await self._folder_keywords(
+            view, [k for r in (*new, *changed) for k in keywords_of(r.keywords)]
+        )
+        changes = FolderChanges(highest, new, changed, expunged, recent, keywords)
+        for line in view.report(
+            changes, allow_expunge=allow_expunge, condstore=self.condstore, send_uid=send_uid
+        ):
+            self.untagged(line)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -810,16 +921,6 @@ def _delimiters(name: str) -> list[int]:
         out.append(i)
         i = name.find(mailstore.DELIMITER, i + 1)
     return out
-
-
-# System flags in RFC 3501's order (Dovecot's too: FLAGS answers are diffed against it), then keywords.
-_FLAG_ORDER = {"\\Answered": 0, "\\Flagged": 1, "\\Deleted": 2, "\\Seen": 3, "\\Draft": 4}
-
-
-def _flag_list(sysflags: int, keywords: str) -> bytes:
-    """A stored message's FLAGS value (the sort is stable: keywords keep their order)."""
-    names = sorted(join_flags(sysflags, keywords), key=lambda n: _FLAG_ORDER.get(n, len(_FLAG_ORDER)))
-    return wire.flags(names)
 
 
 def _seqset(numbers: Sequence[int]) -> bytes:

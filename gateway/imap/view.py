@@ -1,25 +1,77 @@
-"""A session's view of its selected folder.
+"""A session's view of its selected folder: the one place that decides what the session is told.
 
 Theory of operation
 -------------------
 Message sequence numbers are per session: they are positions in the sorted
 list of UIDs this session has been told about. The folder itself changes
 under the session (other sessions, new mail); the view changes only when the
-session reports it:
+session reports it, and every report goes through :meth:`View.report`:
 
 * new messages are appended when the session says ``* n EXISTS``;
 * an expunge is removed when the session says ``* n EXPUNGE``. Until then the
-  UID keeps its sequence number (RFC 3501 7.4.1 forbids EXPUNGE responses
-  during FETCH, STORE and SEARCH), and commands skip it;
-* ``modseq`` is the highest MODSEQ whose changes the session has reported.
+  UID keeps its sequence number (RFC 3501 7.4.1 and RFC 2180 4.3 forbid
+  EXPUNGE responses during FETCH, STORE and SEARCH by sequence number), it is
+  *gone*: commands skip it, and it stays pending however far ``modseq``
+  moves on;
+* flag changes of other sessions are reported as ``* n FETCH (FLAGS ...)``;
+  the session's own (STORE, the ``\\Seen`` a FETCH sets) were answered by the
+  command itself and are remembered in ``own`` so they are not told twice;
+* ``modseq`` is the highest MODSEQ whose changes the session has looked at.
+  Only :meth:`report` raises it, after it has taken every change up to it
+  (pending expunges included), so nothing below it can be lost;
+* ``keywords`` are the keywords announced in ``* FLAGS``; a new one is
+  announced again, with ``PERMANENTFLAGS``, before the first response that
+  shows it;
+* ``recent`` are the messages this session holds ``\\Recent`` for (RFC 3501
+  2.3.2: the first session to see a message gets it; the folder's
+  ``recent_uid`` counter decides who is first; a session adding messages to
+  its own folder takes them when it adds them, in ``claimed``, as Dovecot's
+  appending session gets them). ``* n RECENT`` is sent when their number
+  changes.
+
+The order of one report is Dovecot's: FLAGS, flag FETCHes (numbered before
+the expunges), EXPUNGEs (highest first), EXISTS, RECENT.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from gateway.imap import wire
 from gateway.imap.commands import SeqSet
+from storage.flags import join_flags
+
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+# System flags in RFC 3501's order, then \Recent, then keywords (Dovecot's order).
+_FLAG_ORDER = {name: i for i, name in enumerate((*SYSTEM_FLAGS, "\\Recent"))}
+
+
+@dataclass(frozen=True, slots=True)
+class FlagRow:
+    """A message's flags as stored."""
+
+    uid: int
+    sysflags: int
+    keywords: str
+    modseq: int
+
+
+@dataclass(frozen=True, slots=True)
+class FolderChanges:
+    """What the folder holds beyond the view: read by the session in one transaction."""
+
+    highest: int  # the folder's HIGHESTMODSEQ when read
+    new: Sequence[FlagRow]  # messages above the view's largest UID
+    changed: Sequence[FlagRow]  # known messages with a MODSEQ above the view's
+    expunged: Sequence[int]  # UIDs expunged above the view's MODSEQ
+    recent: frozenset[int] = frozenset()  # which of ``new`` are this session's \Recent
+    keywords: frozenset[str] = frozenset()  # the folder's keywords, read when a new one shows up
+
+
+def keywords_of(text: str) -> list[str]:
+    return [k for k in text.split(" ") if k]
 
 
 @dataclass
@@ -32,7 +84,12 @@ class View:
     uidvalidity: int
     uids: list[int]
     modseq: int
+    keywords: set[str] = field(default_factory=set)
+    recent: set[int] = field(default_factory=set)
     gone: set[int] = field(default_factory=set)  # expunged, not yet reported
+    own: dict[int, int] = field(default_factory=dict)  # UID -> MODSEQ of own changes, already answered
+    claimed: list[tuple[int, int]] = field(default_factory=list)  # \Recent UID ranges taken, not yet seen
+    recent_told: int = 0
 
     @property
     def exists(self) -> int:
@@ -70,14 +127,96 @@ class View:
                 out.update(self.uids[a - 1 : b])
         return sorted(out - self.gone)
 
-    def add(self, uids: list[int]) -> None:
-        """New messages (UIDs above every known one), before ``* n EXISTS``."""
-        self.uids.extend(u for u in sorted(uids) if u > self.max_uid)
+    # ------------------------------------------------------------------ what the session says
 
-    def remove(self, uid: int) -> int | None:
-        """Drop an expunged UID; returns the sequence number to report."""
-        n = self.seq(uid)
-        if n is not None:
-            del self.uids[n - 1]
-        self.gone.discard(uid)
-        return n
+    def flag_list(self, uid: int, sysflags: int, keywords: str) -> bytes:
+        """A message's FLAGS value as this session sees it (with ``\\Recent`` if it holds it)."""
+        names = join_flags(sysflags, keywords)
+        if uid in self.recent:
+            names = (*names, "\\Recent")
+        return wire.flags(sorted(names, key=lambda n: _FLAG_ORDER.get(n, len(_FLAG_ORDER))))
+
+    def flags_responses(self) -> list[bytes]:
+        """``FLAGS`` and ``OK [PERMANENTFLAGS]``: the system flags and the known keywords."""
+        flags = [*SYSTEM_FLAGS, *sorted(self.keywords)]
+        permanent = wire.flags([*flags, "\\*"] if not self.readonly else [])
+        return [b"FLAGS " + wire.flags(flags), b"OK [PERMANENTFLAGS " + permanent + b"] flags"]
+
+    def learn_keywords(self, keywords: Iterable[str]) -> list[bytes]:
+        """FLAGS and PERMANENTFLAGS again if any of ``keywords`` is new to the session."""
+        new = set(keywords) - self.keywords
+        if not new:
+            return []
+        self.keywords |= new
+        return self.flags_responses()
+
+    def answered(self, uid: int, modseq: int) -> None:
+        """A change of the session's own that its command has already shown."""
+        self.own[uid] = max(modseq, self.own.get(uid, 0))
+
+    def report(
+        self, changes: FolderChanges, *, allow_expunge: bool, condstore: bool, send_uid: bool = False
+    ) -> list[bytes]:
+        """The untagged responses for ``changes``, the view updated to match them.
+
+        ``send_uid``: flag changes name their UID too (during UID STORE, as Dovecot does).
+        """
+        out: list[bytes] = []
+        self.gone.update(u for u in changes.expunged if self.seq(u) is not None)
+        rows = [r for r in changes.changed if r.uid not in self.gone and self.own.get(r.uid, 0) < r.modseq]
+        out += self.learn_keywords(
+            {*changes.keywords, *(k for r in (*rows, *changes.new) for k in keywords_of(r.keywords))}
+        )
+        for r in sorted(rows, key=lambda r: r.uid):
+            seq = self.seq(r.uid)
+            if seq is None:
+                continue
+            modseq = (b"UID %d " % r.uid if send_uid else b"") + (
+                b"MODSEQ (%d) " % r.modseq if condstore else b""
+            )
+            out.append(
+                b"%d FETCH (" % seq
+                + modseq
+                + b"FLAGS "
+                + self.flag_list(r.uid, r.sysflags, r.keywords)
+                + b")"
+            )
+        self.own = {u: m for u, m in self.own.items() if m > changes.highest}
+        if allow_expunge:
+            for uid in sorted(self.gone, reverse=True):
+                n = self.seq(uid)
+                if n is not None:
+                    del self.uids[n - 1]
+                    out.append(b"%d EXPUNGE" % n)
+                self.recent.discard(uid)
+            self.gone.clear()
+        new = sorted(r.uid for r in changes.new if r.uid > self.max_uid)
+        if new:
+            self.uids.extend(new)
+            self.recent |= changes.recent
+            self.recent.update(u for u in new for a, b in self.claimed if a <= u < b)
+            self.claimed = [(a, b) for a, b in self.claimed if b > self.max_uid + 1]
+            out.append(b"%d EXISTS" % self.exists)
+        out += self.recent_changed()
+        self.modseq = max(self.modseq, changes.highest)
+        return out
+
+    def expunged_now(self, uids: Iterable[int]) -> list[bytes]:
+        """EXPUNGE responses for UIDs the session's own MOVE removed (always allowed then)."""
+        out = []
+        for uid in sorted(uids, reverse=True):
+            n = self.seq(uid)
+            if n is not None:
+                del self.uids[n - 1]
+                out.append(b"%d EXPUNGE" % n)
+            self.gone.discard(uid)
+            self.recent.discard(uid)
+        return out
+
+    def recent_changed(self) -> list[bytes]:
+        """``* n RECENT`` if the number of messages the session holds \\Recent for changed."""
+        count = len(self.recent)
+        if count == self.recent_told:
+            return []
+        self.recent_told = count
+        return [b"%d RECENT" % count]
