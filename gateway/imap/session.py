@@ -896,7 +896,7 @@ class Session:
         recent: frozenset[int] = frozenset()
         if new:
             upto = max(r.uid for r in new) + 1
-            if not view.readonly:
+            if not view.readonly and recent_uid < upto:  # a write only if some are still unclaimed
                 async with self.db.write() as s:
                     recent_uid = await mailstore.claim_recent(s, view.folder_id, upto)
             recent = frozenset(r.uid for r in new if r.uid >= recent_uid)
