@@ -41,7 +41,7 @@ from gateway.tls import server_context
 from storage import instances, queue
 from storage.blobs import BlobStore
 from storage.catalog import AgentSpec, FolderSpec, TenantSpec, sync_tenants
-from storage.db import Database
+from storage.db import Database, uninterrupted
 from storage.migrate import migrate
 from storage.models import Heartbeat
 
@@ -198,7 +198,7 @@ class Daemon:
         # The heartbeat runs as its own task: a probe never waits for a write
         # stuck behind a lock, and a stuck one keeps the daemon not ready.
         if self._beat is None or self._beat.done():
-            self._beat = asyncio.create_task(self._heartbeat())
+            self._beat = asyncio.create_task(uninterrupted(self._heartbeat()))
         done, _ = await asyncio.wait({self._beat}, timeout=READY_TIMEOUT)
         if not done or self._beat.exception() is not None:
             log.warning("readiness.database_unwritable")
@@ -227,7 +227,7 @@ class Daemon:
         while True:
             await asyncio.sleep(instances.HEARTBEAT)
             try:
-                await lock.beat(datetime.now(UTC))
+                await uninterrupted(lock.beat(datetime.now(UTC)))
             except instances.LockLost as exc:
                 log.error("instance.lock_lost", error=str(exc))
                 self.exit_code = 1

@@ -25,7 +25,7 @@ from gateway.config import Config
 from gateway.ingest import Delivery, Pipeline
 from storage import retention, snapshots
 from storage.blobs import BlobStore
-from storage.db import Database
+from storage.db import Database, uninterrupted
 
 log = structlog.get_logger(__name__)
 
@@ -173,7 +173,7 @@ class Scheduler:
             self.pipeline.deferrals.clear()
             for job in (self.quota_deferrals, self.quota_warnings):
                 try:
-                    await job()
+                    await uninterrupted(job())
                 except Exception:
                     log.exception("scheduler.job_failed", job=job.__name__)
             with contextlib.suppress(TimeoutError):
@@ -222,7 +222,7 @@ class Scheduler:
     async def _every(self, seconds: float, job: Callable[[], Awaitable[object]]) -> None:
         while True:
             try:
-                await job()
+                await job()  # a job that writes keeps each transaction uninterrupted itself
             except Exception:
                 log.exception("scheduler.job_failed", job=getattr(job, "__name__", "job"))
             await asyncio.sleep(seconds)

@@ -5,20 +5,45 @@ open their transactions with ``BEGIN IMMEDIATE``, so two writers never both
 hold a read snapshot and then fail to upgrade; readers run in WAL mode beside
 them. Commits are durable (``synchronous=FULL``) before :meth:`Database.write`
 returns. PostgreSQL needs neither trick.
+
+Cancellation: a write transaction cut off by cancelling its task can, on
+SQLite (aiosqlite under SQLAlchemy), leave its connection orphaned and still
+holding the write lock, so every later writer waits out the busy timeout.
+Code that shutdown or a supervisor may cancel runs its write transactions
+through :meth:`Database.transaction` or a whole pass through
+:func:`uninterrupted`; ingest commits in a task of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 BUSY_TIMEOUT_MS = 30_000
+
+T = TypeVar("T")
+
+
+async def uninterrupted(work: Awaitable[T]) -> T:
+    """Await ``work`` to its end even if the caller is cancelled meanwhile; then re-raise the cancellation.
+
+    For a pass of a background loop that writes: the loop stops between
+    transactions, never inside one (see the module's docstring).
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            await asyncio.wait({task})
+        raise
 
 
 def _sqlite_engine(url: str, *, begin: str, pool_size: int) -> AsyncEngine:
@@ -82,6 +107,15 @@ class Database:
         """A write transaction, committed when the block exits without error."""
         async with self._write_sessions() as session, session.begin():
             yield session
+
+    async def transaction(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """``fn`` in a write transaction that cancelling the caller never cuts off (:func:`uninterrupted`)."""
+
+        async def run() -> T:
+            async with self.write() as s:
+                return await fn(s)
+
+        return await uninterrupted(run())
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:

@@ -19,7 +19,7 @@ from sqlalchemy import exists, select
 
 from storage import mailstore
 from storage.blobs import BlobStore
-from storage.db import Database
+from storage.db import Database, uninterrupted
 from storage.models import Folder, Message, Outbound
 
 BATCH = 500
@@ -54,7 +54,8 @@ async def purge_spam(
                 report.bytes[row.tenant_id] += row.size
         return report
     freed: set[str] = set()
-    while True:
+
+    async def batch() -> int:
         async with db.write() as s:
             rows = (await s.execute(expired.limit(BATCH))).all()
             by_folder: dict[int, list[int]] = {}
@@ -67,8 +68,10 @@ async def purge_spam(
                 folder = await s.get(Folder, folder_id)
                 if folder is not None:
                     await mailstore.expunge(s, folder, uids)
-        if len(rows) < BATCH:
-            break
+        return len(rows)
+
+    while await uninterrupted(batch()) == BATCH:  # shutdown stops it between batches
+        pass
     report.blobs_removed = await collect_blobs(db, blobs, freed, now.timestamp())
     return report
 

@@ -287,11 +287,14 @@ class FolderPuller:
         elif state is not None:
             self.log.warning("pull.uidvalidity_changed", old=state.uidvalidity, new=selected.uidvalidity)
         if any(r.uidvalidity != selected.uidvalidity for r in rows):
-            async with self.db.write() as s:  # those UIDs mean nothing now; the pass starts over
+
+            async def forget_all(s: AsyncSession) -> None:  # those UIDs mean nothing now; start over
                 await upstream.drop_waiting(
                     s, job.tenant_id, job.mailbox.name, job.folder, except_uidvalidity=selected.uidvalidity
                 )
                 await quotas.sync_waiting(s, job.tenant_id, self.clock())
+
+            await self.db.transaction(forget_all)
         done = Pass(waiting={r.uid: r.size for r in rows if r.uidvalidity == selected.uidvalidity})
         spam = junk is not None and mailstore.canonical_name(job.target) == junk.name
         if last_uid:
@@ -345,21 +348,27 @@ class FolderPuller:
     async def _wait(self, uid: int, size: int, uidvalidity: int, exc: QuotaExceeded) -> None:
         """Put a new message that does not fit on the waiting list, advancing past it."""
         job, now = self.job, self.clock()
-        async with self.db.write() as s:
+
+        async def wait(s: AsyncSession) -> bool:
             await upstream.advance(s, job.tenant_id, job.mailbox.name, job.folder, uidvalidity, uid)
             await upstream.add_waiting(
                 s, job.tenant_id, job.mailbox.name, job.folder, uidvalidity, uid, size, now
             )
-            began = await quotas.sync_waiting(s, job.tenant_id, now)
+            return await quotas.sync_waiting(s, job.tenant_id, now)
+
+        began = await self.db.transaction(wait)
         self.log.info("pull.waiting", uid=uid, size=size, reason=str(exc), deferral_began=began)
         self.pipeline.deferrals.set()
 
     async def _forget(self, uids: list[int], done: Pass) -> None:
         """Waiting messages that are gone upstream (expunged by someone) wait no more."""
         job = self.job
-        async with self.db.write() as s:
+
+        async def forget(s: AsyncSession) -> None:
             await upstream.drop_waiting(s, job.tenant_id, job.mailbox.name, job.folder, uids)
             await quotas.sync_waiting(s, job.tenant_id, self.clock())
+
+        await self.db.transaction(forget)
         for uid in uids:
             done.waiting.pop(uid, None)
 
@@ -422,8 +431,11 @@ class FolderPuller:
             self.log.info("pull.recovered")
             self._last_error = None
         job = self.job
-        async with self.db.write() as s:
-            await upstream.record_success(s, job.tenant_id, job.mailbox.name, job.folder, state, self.clock())
+        await self.db.transaction(
+            lambda s: upstream.record_success(
+                s, job.tenant_id, job.mailbox.name, job.folder, state, self.clock()
+            )
+        )
 
     async def _back_off(
         self, state: str, error: str, backoff: float | None = None, full: tuple[int | None, int] | None = None
@@ -439,12 +451,13 @@ class FolderPuller:
         if error != self._last_error:
             self.log.warning("pull.failed", state=state, error=error, retry_in=round(delay))
             self._last_error = error
-        async with self.db.write() as s:
-            at = self.clock()
-            retry_at = at + timedelta(seconds=delay)
-            await upstream.record_error(
+        at = self.clock()
+        retry_at = at + timedelta(seconds=delay)
+        await self.db.transaction(
+            lambda s: upstream.record_error(
                 s, job.tenant_id, job.mailbox.name, job.folder, state, error, at, retry_at
             )
+        )
         if full is None:
             await self.sleep(delay)
         else:

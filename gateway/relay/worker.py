@@ -62,7 +62,7 @@ from gateway.ingest import Delivery, Outcome, Pipeline
 from gateway.relay import dsn
 from storage import queue
 from storage.blobs import BlobStore
-from storage.db import Database
+from storage.db import Database, uninterrupted
 from storage.models import Outbound
 
 log = structlog.get_logger(__name__)
@@ -251,12 +251,17 @@ class RelayWorker:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
-        """Deliver what is due, then wait for more, until cancelled."""
+        """Deliver what is due, then wait for more, until cancelled.
+
+        Cancelling (shutdown) never cuts off a pass's claiming transaction
+        (:func:`storage.db.uninterrupted`); :meth:`drain` then waits for the
+        deliveries it started.
+        """
         while True:
             # Cleared before the pass: a wake-up that arrives during it starts the next one.
             self.wake.clear()
             try:
-                await self.run_once()
+                await uninterrupted(self.run_once())
             except Exception:
                 log.exception("relay.pass_failed")
             with contextlib.suppress(TimeoutError):

@@ -34,6 +34,7 @@ from gateway.message import parse_headers
 from gateway.smtp import policy
 from gateway.smtp.outbox import Outbox
 from storage import queue
+from storage.db import uninterrupted
 from storage.errors import StoreError
 
 log = structlog.get_logger(__name__)
@@ -323,7 +324,8 @@ class RelayHandler:
             queue_id=queue_id,
         )
         try:
-            return await self._data(session, envelope, logger, queue_id)
+            # A client that disconnects now cancels aiosmtpd's handler: the commit still ends cleanly.
+            return await uninterrupted(self._data(session, envelope, logger, queue_id))
         except StoreError as exc:
             logger.warning("smtp.store_error", error=str(exc))
             return exc.smtp_reply
