@@ -6,6 +6,7 @@ import asyncio
 import imaplib
 import socket
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -299,3 +300,136 @@ async def test_hostile_input_is_refused_and_others_are_served(
         c.logout()
 
     await run(still_serving)
+
+
+# --------------------------------------------------------------------------- COMPRESS=DEFLATE (RFC 4978)
+
+
+imaplib.Commands.setdefault("COMPRESS", ("AUTH", "SELECTED"))
+
+
+class DeflateIMAP4(imaplib.IMAP4):
+    """imaplib with COMPRESS DEFLATE: after :meth:`compress`, both directions go through raw deflate."""
+
+    deflating = False
+
+    def compress(self) -> tuple[str, list[Any]]:
+        typ, data = self._simple_command("COMPRESS", "DEFLATE")
+        if typ == "OK":
+            self.deflating = True
+            self._deflater = zlib.compressobj(6, zlib.DEFLATED, -15)
+            self._inflater = zlib.decompressobj(-15)
+            self._inbuf = b""
+        return typ, data
+
+    def send(self, data: bytes) -> None:
+        if self.deflating:
+            data = self._deflater.compress(data) + self._deflater.flush(zlib.Z_SYNC_FLUSH)
+        self.sock.sendall(data)
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise imaplib.IMAP4.abort("the server closed the connection")
+        self._inbuf += self._inflater.decompress(chunk)
+
+    def readline(self) -> bytes:
+        if not self.deflating:
+            return super().readline()
+        while b"\n" not in self._inbuf:
+            self._fill()
+        end = self._inbuf.index(b"\n") + 1
+        line, self._inbuf = self._inbuf[:end], self._inbuf[end:]
+        return line
+
+    def read(self, size: int) -> bytes:
+        if not self.deflating:
+            return super().read(size)
+        while len(self._inbuf) < size:
+            self._fill()
+        data, self._inbuf = self._inbuf[:size], self._inbuf[size:]
+        return data
+
+
+def _sync(c: imaplib.IMAP4) -> list[Any]:
+    ok(c.select("INBOX"))
+    return ok(c.fetch("1:*", "(UID BODY.PEEK[])"))  # FLAGS differ: the first session has \\Recent
+
+
+async def test_compress_deflate_syncs_a_folder_as_without(imap: Server) -> None:
+    def dialogue() -> tuple[list[Any], list[Any], bytes, tuple[str, list[Any]]]:
+        plain = imap.connect()
+        expected = _sync(plain)
+        plain.logout()
+        c = DeflateIMAP4("127.0.0.1", imap.server.port, timeout=10)
+        assert "COMPRESS=DEFLATE" not in c.capabilities  # only after login
+        c.login("anna@acme.test", PASSWORD)
+        assert ok(c.compress()) == [b"DEFLATE active"]
+        got = _sync(c)
+        ok(c.append("INBOX", None, None, message(7, "compressed")))  # a literal, compressed
+        ok(c.noop())
+        caps = ok(c.capability())[0]
+        again = c._simple_command("COMPRESS", "DEFLATE")
+        c.logout()
+        return expected, got, caps, again
+
+    expected, got, caps, (typ, data) = await run(dialogue)
+    assert got == expected
+    assert b"COMPRESS=DEFLATE" not in caps
+    assert (typ, data) == ("NO", [b"[COMPRESSIONACTIVE] DEFLATE is active already"])
+
+
+async def test_compress_is_refused_before_login_and_for_other_mechanisms(imap: Server) -> None:
+    def dialogue() -> tuple[bytes, bytes]:
+        with socket.create_connection(("127.0.0.1", imap.server.port), timeout=5) as sock:
+            sock.recv(4096)
+            sock.sendall(b"a COMPRESS DEFLATE\r\n")
+            before = sock.recv(4096)
+        c = imap.connect()
+        typ, data = c._simple_command("COMPRESS", "LZMA")
+        c.logout()
+        return before, typ.encode() + b" " + data[0]
+
+    before, other = await run(dialogue)
+    assert b"a BAD COMPRESS is not allowed" in before
+    assert other.startswith(b"NO unknown compression mechanism")
+
+
+async def test_compress_bomb_is_bounded_and_a_corrupt_stream_closes(imap: Server) -> None:
+    """20 KiB of deflate expanding to 20 MiB without a line end: a BAD, never 20 MiB buffered."""
+
+    def bomb() -> bytes:
+        c = imap.connect()
+        ok(c._simple_command("COMPRESS", "DEFLATE"))
+        deflater = zlib.compressobj(9, zlib.DEFLATED, -15)
+        payload = deflater.compress(b"a" * (20 << 20)) + deflater.flush(zlib.Z_SYNC_FLUSH)
+        assert len(payload) < 64 * 1024
+        c.sock.sendall(payload)
+        inflater = zlib.decompressobj(-15)
+        got = b""
+        c.sock.settimeout(10)
+        while b"too long" not in got and b"BYE" not in got:
+            chunk = c.sock.recv(65536)
+            if not chunk:
+                break
+            got += inflater.decompress(chunk)
+        c.sock.close()
+        return got
+
+    def corrupt() -> bytes:
+        c = imap.connect()
+        ok(c._simple_command("COMPRESS", "DEFLATE"))
+        c.sock.sendall(b"\xff" * 64)  # not a deflate stream
+        c.sock.settimeout(10)
+        return c.sock.recv(65536)
+
+    got = await run(bomb)
+    assert b"BAD request too long" in got or b"BYE" in got, got[:200]
+    assert await run(corrupt) == b""  # closed
+
+    def others() -> None:  # and everyone else is served
+        check = imap.connect()
+        ok(check.noop())
+        check.logout()
+
+    await run(others)

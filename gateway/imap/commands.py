@@ -112,6 +112,11 @@ class Authenticate(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class Compress(Command):
+    mechanism: str  # upper-case
+
+
+@dataclass(frozen=True, slots=True)
 class Enable(Command):
     capabilities: tuple[str, ...]  # upper-case
 

@@ -88,6 +88,7 @@ from gateway.imap.commands import (
     Append,
     Authenticate,
     Command,
+    Compress,
     Copy,
     Enable,
     Fetch,
@@ -955,6 +956,12 @@ class _Parser:
                 self.fail("too many capabilities")
         return Enable(tag, name, tuple(caps))
 
+    def cmd_compress(self, tag: str, name: str) -> Command:
+        self.sp()
+        mechanism = self.keyword("a compression mechanism")
+        self.end()
+        return Compress(tag, name, mechanism)
+
     def cmd_select(self, tag: str, name: str) -> Command:
         self.sp()
         mailbox = self.mailbox()
@@ -1348,6 +1355,7 @@ _COMMANDS: Final[dict[str, _Handler]] = {
     "LOGIN": _Parser.cmd_login,
     "AUTHENTICATE": _Parser.cmd_authenticate,
     "ENABLE": _Parser.cmd_enable,
+    "COMPRESS": _Parser.cmd_compress,
     "SELECT": _Parser.cmd_select,
     "EXAMINE": _Parser.cmd_select,
     **dict.fromkeys(_MAILBOX_COMMANDS, _Parser.cmd_mailbox),

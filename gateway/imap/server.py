@@ -6,7 +6,9 @@ command. A synchronising literal gets its ``+`` continuation here, and after
 a literal the socket gets ``TCP_QUICKACK`` (clients that send a literal and
 its CRLF separately, such as imaplib, otherwise wait 40 ms for a delayed ACK
 on every APPEND). IDLE runs here too, because it must read ``DONE`` while it
-waits for changes. Bounds: line and literal sizes (the framer; before login a
+waits for changes. After ``COMPRESS DEFLATE`` the session's reader and
+writer are swapped for inflating and deflating ones (:mod:`gateway.imap.deflate`),
+which the rest of this class cannot tell apart. Bounds: line and literal sizes (the framer; before login a
 literal may carry only ``[limits.imap] unauthenticated_literal`` bytes, so
 unauthenticated clients cannot make the daemon buffer APPEND-sized data), bad
 commands per connection, idle time, and connections per listener, client
@@ -26,6 +28,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import structlog
 
@@ -34,6 +37,7 @@ from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.connections import ConnectionGate
 from gateway.imap.commands import Authenticate
+from gateway.imap.deflate import Deflate, DeflateError
 from gateway.imap.parser import (
     MAX_COMMAND_TEXT,
     Framer,
@@ -68,11 +72,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _quickack(writer: asyncio.StreamWriter) -> None:
+def _quickack(writer: _Writer) -> None:
     sock = writer.get_extra_info("socket")
     if sock is not None and hasattr(socket, "TCP_QUICKACK"):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
+class _Reader(Protocol):
+    """What a session reads from: the socket's stream, or its inflated form after COMPRESS."""
+
+    async def read(self, n: int) -> bytes: ...
+
+
+class _Writer(Protocol):
+    """What a session writes to: the socket's stream, or its deflated form after COMPRESS."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
 
 
 class _Closed(Exception):
@@ -82,7 +106,7 @@ class _Closed(Exception):
 class _Client:
     """One connection as the listener's gate sees it (:class:`gateway.connections.Tracked`)."""
 
-    def __init__(self, ip: str, session: Session, writer: asyncio.StreamWriter, gate: ConnectionGate) -> None:
+    def __init__(self, ip: str, session: Session, writer: _Writer, gate: ConnectionGate) -> None:
         self.client_ip = ip
         self.session = session
         self.writer = writer
@@ -107,7 +131,7 @@ class _Client:
             loop_now, now = asyncio.get_running_loop().time(), time.monotonic()
             self.timer.reschedule(loop_now + self.last_active + self.gate.timeout(True) - now)
 
-    async def read(self, reader: asyncio.StreamReader) -> bytes:
+    async def read(self, reader: _Reader) -> bytes:
         """The client's next bytes; TimeoutError when it stays idle too long."""
         self.busy = False
         self.last_active = time.monotonic()
@@ -118,6 +142,48 @@ class _Client:
         finally:
             self.timer = None
             self.busy = True
+
+
+class _DeflateReader:
+    """The client's stream after COMPRESS DEFLATE: inflated, at most ``n`` bytes per read."""
+
+    def __init__(self, reader: _Reader, deflate: Deflate) -> None:
+        self._reader, self._deflate = reader, deflate
+
+    async def read(self, n: int) -> bytes:
+        while True:
+            if self._deflate.has_pending:
+                out = self._deflate.inflate(b"", n)
+            else:
+                data = await self._reader.read(n)
+                if not data:
+                    return b""
+                out = self._deflate.inflate(data, n)
+            if out:
+                return out
+
+
+class _DeflateWriter:
+    """The stream to the client after COMPRESS DEFLATE: each write compressed and flushed."""
+
+    def __init__(self, writer: _Writer, deflate: Deflate) -> None:
+        self._writer, self._deflate = writer, deflate
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._writer.write(self._deflate.deflate(data))
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    async def wait_closed(self) -> None:
+        await self._writer.wait_closed()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._writer.get_extra_info(name, default)
 
 
 class IMAPServer:
@@ -144,7 +210,7 @@ class IMAPServer:
         self.implicit_tls = implicit_tls
         self.name = name
         self._server: asyncio.Server | None = None
-        self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._clients: dict[asyncio.Task[None], _Writer] = {}
         self.gate = ConnectionGate(lambda: self.config().limits.imap, name)
 
     async def start(self, host: str, port: int) -> None:
@@ -212,7 +278,14 @@ class IMAPServer:
         commands = 0
         try:
             commands = await self._serve(session, client, reader, writer)
-        except (_Closed, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError):
+        except (
+            _Closed,
+            ConnectionError,
+            asyncio.IncompleteReadError,
+            ssl.SSLError,
+            TimeoutError,
+            DeflateError,
+        ):
             pass
         except Exception:
             log.exception("imap.session_failed", peer=host)
@@ -239,9 +312,7 @@ class IMAPServer:
         framer.max_literal = literal
         framer.max_command = literal + MAX_COMMAND_TEXT
 
-    async def _serve(
-        self, session: Session, client: _Client, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> int:
+    async def _serve(self, session: Session, client: _Client, reader: _Reader, writer: _Writer) -> int:
         framer = Framer(max_line=MAX_LINE)
         self._limit_literals(framer, session)
         session.greeting()
@@ -277,6 +348,16 @@ class IMAPServer:
                     commands += 1
                     bad += await self._command(session, event, reader, writer, framer)
                     self._limit_literals(framer, session)
+                    if session.compressed and not isinstance(writer, _DeflateWriter):
+                        # "OK DEFLATE active" went out in clear; everything after is compressed.
+                        await writer.drain()
+                        deflate = Deflate()
+                        reader, writer = _DeflateReader(reader, deflate), _DeflateWriter(writer, deflate)
+                        client.writer = writer
+                        task = asyncio.current_task()
+                        if task is not None and task in self._clients:
+                            self._clients[task] = writer
+                        framer.reset()  # the client sends nothing before it sees the OK
                     if session.closing:
                         break
                 if bad > MAX_BAD:
@@ -290,8 +371,8 @@ class IMAPServer:
         self,
         session: Session,
         line: FramedLine,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: _Reader,
+        writer: _Writer,
         framer: Framer,
     ) -> int:
         """Run one command; returns 1 if it was bad, else 0."""
@@ -320,14 +401,19 @@ class IMAPServer:
         writer.write(session.take())
         if cmd.name == "IDLE" and session.state in (State.AUTHENTICATED, State.SELECTED):
             await self._idle(session, cmd.tag, reader, writer, framer)
-        elif cmd.name == "STARTTLS" and self.tls is not None and not session.tls:
+        elif (
+            cmd.name == "STARTTLS"
+            and self.tls is not None
+            and not session.tls
+            and isinstance(writer, asyncio.StreamWriter)
+        ):
             await writer.drain()
             await writer.start_tls(self.tls)
             session.tls = True
             framer.reset()
         return 0
 
-    async def _read_line(self, reader: asyncio.StreamReader, framer: Framer) -> bytes | None:
+    async def _read_line(self, reader: _Reader, framer: Framer) -> bytes | None:
         """The next line from the client (a SASL response), None if it went away."""
         while True:
             event = framer.next_event()
@@ -345,8 +431,8 @@ class IMAPServer:
         self,
         session: Session,
         tag: str,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: _Reader,
+        writer: _Writer,
         framer: Framer,
     ) -> None:
         writer.write(b"+ idling\r\n")
@@ -388,7 +474,7 @@ class IMAPServer:
                 read.cancel()
 
     @staticmethod
-    async def _idle_sync(session: Session, writer: asyncio.StreamWriter) -> None:
+    async def _idle_sync(session: Session, writer: _Writer) -> None:
         """Send what changed in the selected folder (untagged EXPUNGE is allowed during IDLE)."""
         if session.view is not None:
             await session.sync(allow_expunge=True)

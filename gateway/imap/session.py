@@ -66,7 +66,7 @@ class State(Enum):
 _ANY = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
 _AUTH = {
     "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
-    "STATUS", "APPEND", "NAMESPACE", "ENABLE", "GETQUOTAROOT", "GETQUOTA", "IDLE",
+    "STATUS", "APPEND", "NAMESPACE", "ENABLE", "GETQUOTAROOT", "GETQUOTA", "IDLE", "COMPRESS",
 }  # fmt: skip
 _SELECTED = {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE"}
 ALLOWED: dict[State, set[str]] = {
@@ -124,6 +124,7 @@ class Session:
         self.identity: Identity | None = None
         self.view: View | None = None
         self.condstore = False
+        self.compressed = False  # COMPRESS DEFLATE is on: the I/O class switches after the OK
         self.saved: list[int] = []
         self.out = bytearray()
         self.log = log.bind(peer=peer)
@@ -164,6 +165,8 @@ class Session:
             "NAMESPACE", "UNSELECT", "UIDPLUS", "MOVE", "CHILDREN", "SPECIAL-USE", "CONDSTORE",
             "ESEARCH", "SEARCHRES", "QUOTA", "QUOTA=RES-STORAGE", f"APPENDLIMIT={APPEND_LIMIT}",
         ]  # fmt: skip
+        if not self.compressed:
+            caps.append("COMPRESS=DEFLATE")
         return " ".join(caps)
 
     # ------------------------------------------------------------------ dispatch
@@ -418,6 +421,15 @@ class Session:
     async def cmd_namespace(self, cmd: c.Command) -> str:
         self.untagged(b'NAMESPACE (("" "/")) NIL NIL')
         return "NAMESPACE completed"
+
+    async def cmd_compress(self, cmd: c.Compress) -> str:
+        """RFC 4978: the tagged OK goes out in clear, then the I/O class compresses both ways."""
+        if self.compressed:
+            raise No("DEFLATE is active already", "COMPRESSIONACTIVE")
+        if cmd.mechanism != "DEFLATE":
+            raise No(f"unknown compression mechanism {cmd.mechanism}")
+        self.compressed = True
+        return "DEFLATE active"
 
     async def cmd_enable(self, cmd: c.Enable) -> str:
         enabled = [cap for cap in cmd.capabilities if cap == "CONDSTORE"]
