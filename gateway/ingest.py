@@ -57,6 +57,7 @@ from storage import mailstore, queue
 from storage.blobs import BlobStore
 from storage.db import Database
 from storage.errors import StoreError
+from storage.flags import label_keyword
 from storage.models import Folder, IngestKey
 
 log = structlog.get_logger(__name__)
@@ -156,7 +157,7 @@ def decide(tenant: TenantSection, headers: Headers, size: int, delivery: Deliver
     reason = "the source says so" if delivery.spam else spam_verdict(headers)
     if reason is None and decision.spam:
         reason = "a rule says so"
-    flags = set(decision.labels)
+    flags = {label_keyword(label) for label in decision.labels}
     if decision.seen:
         flags.add("\\Seen")
     if decision.flagged:

@@ -14,7 +14,7 @@ from gateway.config import Config
 from gateway.daemon import open_store
 from gateway.ingest import Delivery, Outcome, Pipeline
 from storage import mailstore
-from storage.flags import join_flags
+from storage.flags import join_flags, label_keyword
 from storage.models import Message, Outbound, OutboundRecipient
 
 BASE = (
@@ -80,6 +80,29 @@ async def test_rule_folder_and_labels(config: Config, pipeline: Pipeline) -> Non
     raw, flags = await stored(pipeline, out)
     assert flags == ("Orders",)
     assert raw == mail(b"=?UTF-8?Q?Zam=C3=B3wienie?= nr 5")
+
+
+@pytest.mark.parametrize(
+    ("label", "keyword"),
+    [
+        ("Invoice", "Invoice"),  # already an atom: as written
+        ("R&D-2024", "R&D-2024"),
+        ("Pilne \u2013 księgowość", "pilne_&ibm-_ksi&ark-gowo&avsbbw-"),  # as Thunderbird keys the tag
+        ("VIP (ważne)", "vip__wa&axw-ne_"),
+        ("a]b c", "a_b_c"),
+        ("tab\there", "tab_here"),
+    ],
+)
+def test_non_ascii_labels_become_thunderbird_keywords(label: str, keyword: str) -> None:
+    assert label_keyword(label) == keyword
+
+
+@given(st.text(min_size=1, max_size=40))
+def test_every_label_becomes_an_imap_atom(label: str) -> None:
+    keyword = label_keyword(label)
+    assert keyword
+    assert keyword.isascii()
+    assert not any(c in ' (){%*"\\]' or not c.isprintable() for c in keyword)
 
 
 async def test_default_folder_of_the_source(config: Config, pipeline: Pipeline) -> None:
