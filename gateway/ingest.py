@@ -48,7 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import quotas
 import rules
-from gateway import forward, metrics, srs
+from gateway import forward, metrics, mutf7, srs
 from gateway.config import TenantSection
 from gateway.imap import mime
 from gateway.message import Headers, parse_headers
@@ -57,7 +57,6 @@ from storage import mailstore, queue
 from storage.blobs import BlobStore
 from storage.db import Database
 from storage.errors import StoreError
-from storage.flags import label_keyword
 from storage.models import Folder, IngestKey
 
 log = structlog.get_logger(__name__)
@@ -149,6 +148,28 @@ def message_view(headers: Headers, size: int, delivery: Delivery) -> rules.Messa
         headers=_HeaderMap(headers),
         size=size,
     )
+
+
+# Characters Thunderbird turns into "_" when it makes a tag's keyword, plus the rest of IMAP's
+# atom-specials (a keyword is an atom: RFC 3501 flag-keyword).
+_NOT_IN_KEYWORD = frozenset(' ()/{%*<>\\"]')
+
+
+def label_keyword(label: str) -> str:
+    """The IMAP keyword of a rule's label.
+
+    A label that is already an atom of printable ASCII is the keyword as
+    written (``Invoice``). Any other is mapped as Thunderbird makes a tag's
+    key from its name: characters an atom cannot hold (and ``/``) become
+    ``_``, the rest is modified UTF-7 (RFC 3501 5.1.3), then lower case:
+    ``"Księgowość (pilne)"`` is ``ksi&ark-gowo&avsbbw-__pilne_``, so a
+    Thunderbird user who makes a tag of that name sees it on the messages the
+    rule labelled.
+    """
+    if label.isascii() and label.isprintable() and not _NOT_IN_KEYWORD.intersection(label):
+        return label
+    cleaned = "".join("_" if c in _NOT_IN_KEYWORD or not c.isprintable() else c for c in label)
+    return mutf7.encode(cleaned).lower()
 
 
 def decide(tenant: TenantSection, headers: Headers, size: int, delivery: Delivery) -> Verdict:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gateway import mutf7
-
 SYSTEM_FLAGS = {"\\seen": 1, "\\answered": 2, "\\flagged": 4, "\\deleted": 8, "\\draft": 16}
 _CANONICAL = {
     "\\seen": "\\Seen",
@@ -44,25 +42,3 @@ def join_flags(bits: int, keywords: str) -> tuple[str, ...]:
 def keywords_text(keywords: Iterable[str]) -> str:
     """The stored form of a keyword set (sorted, space-separated)."""
     return " ".join(sorted(set(keywords)))
-
-
-# Characters Thunderbird turns into "_" when it makes a tag's keyword, plus the rest of IMAP's
-# atom-specials (a keyword is an atom: RFC 3501 flag-keyword).
-_NOT_IN_KEYWORD = frozenset(' ()/{%*<>\\"]')
-
-
-def label_keyword(label: str) -> str:
-    """The IMAP keyword of a rule's label.
-
-    A label that is already an atom of printable ASCII is the keyword as
-    written (``Invoice``). Any other is mapped as Thunderbird makes a tag's
-    key from its name: characters an atom cannot hold (and ``/``) become
-    ``_``, the rest is modified UTF-7 (RFC 3501 5.1.3), then lower case:
-    ``"Księgowość (pilne)"`` is ``ksi&ark-gowo&avsbbw-__pilne_``, so a
-    Thunderbird user who makes a tag of that name sees it on the messages the
-    rule labelled.
-    """
-    if label.isascii() and label.isprintable() and not _NOT_IN_KEYWORD.intersection(label):
-        return label
-    cleaned = "".join("_" if c in _NOT_IN_KEYWORD or not c.isprintable() else c for c in label)
-    return mutf7.encode(cleaned).lower()

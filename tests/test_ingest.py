@@ -12,9 +12,9 @@ from sqlalchemy import select
 
 from gateway.config import Config
 from gateway.daemon import open_store
-from gateway.ingest import Delivery, Outcome, Pipeline
+from gateway.ingest import Delivery, Outcome, Pipeline, label_keyword
 from storage import mailstore
-from storage.flags import join_flags, label_keyword
+from storage.flags import join_flags
 from storage.models import Message, Outbound, OutboundRecipient
 
 BASE = (
