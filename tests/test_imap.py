@@ -433,3 +433,37 @@ async def test_compress_bomb_is_bounded_and_a_corrupt_stream_closes(imap: Server
         check.logout()
 
     await run(others)
+
+
+# --------------------------------------------------------------------------- BINARY (RFC 3516)
+
+
+async def test_binary_append_literal8_and_unknown_encoding(imap: Server) -> None:
+    """Decoding against Dovecot is in tests/test_imap_differential.py; here what it cannot show."""
+    uuencoded = (
+        b"From: c@example.org\r\nSubject: old\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: x-uuencode\r\n\r\n"
+        b"begin 644 x\r\n#86)C\r\n`\r\nend\r\n"
+    )
+    with_nul = b"From: c@example.org\r\nSubject: nul\r\n\r\nA\x00B\r\n"
+
+    def dialogue() -> tuple[bytes, bytes, bytes]:
+        with socket.create_connection(("127.0.0.1", imap.server.port), timeout=10) as sock:
+            sock.recv(4096)
+            sock.sendall(b"a LOGIN anna@acme.test " + PASSWORD.encode() + b"\r\n")
+            appended = b""
+            for n, raw in enumerate((uuencoded, with_nul)):
+                sock.sendall(b"b%d APPEND INBOX ~{%d+}\r\n" % (n, len(raw)) + raw + b"\r\n")
+                while b"b%d " % n not in appended:
+                    appended += sock.recv(65536)
+            sock.sendall(b"c SELECT INBOX\r\nd FETCH 4 (BINARY.PEEK[1])\r\ne FETCH 5 (BINARY.PEEK[1])\r\n")
+            out = b""
+            while b"e OK" not in out and b"e NO" not in out:
+                out += sock.recv(65536)
+        return appended, out, out[out.index(b"* 5 FETCH") :]
+
+    appended, unknown, nul = await run(dialogue)
+    assert b"b0 OK [APPENDUID" in appended
+    assert b"b1 OK [APPENDUID" in appended
+    assert b"d NO [UNKNOWN-CTE]" in unknown
+    assert nul.startswith(b"* 5 FETCH (BINARY[1] {4}\r\nAB\r\n)")  # NUL dropped at APPEND, as Dovecot

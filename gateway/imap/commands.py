@@ -54,9 +54,10 @@ class FetchAtt:
 
     ``name`` is one of UID, FLAGS, INTERNALDATE, RFC822.SIZE, ENVELOPE,
     BODYSTRUCTURE, BODY (no section: the non-extensible structure), RFC822,
-    RFC822.HEADER, RFC822.TEXT, MODSEQ, or BODY[...] / BINARY-less sections
-    as ``name="BODY"`` with ``section`` set. Macros (ALL, FAST, FULL) are
-    expanded by the parser.
+    RFC822.HEADER, RFC822.TEXT, MODSEQ, BODY[...] as ``name="BODY"`` with
+    ``section`` set, BINARY[...] (RFC 3516, part numbers only) as
+    ``name="BINARY"`` and BINARY.SIZE[...] (``peek`` always set). Macros
+    (ALL, FAST, FULL) are expanded by the parser.
     """
 
     name: str

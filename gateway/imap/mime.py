@@ -1379,6 +1379,102 @@ def section(raw: bytes, part: tuple[int, ...], text: str | None, fields: tuple[s
     return data
 
 
+class UnknownEncoding(ValueError):
+    """BINARY of a part whose Content-Transfer-Encoding mailgate cannot decode (``[UNKNOWN-CTE]``)."""
+
+
+class InvalidEncoding(ValueError):
+    """BINARY of a base64 part holding characters outside base64 (``[PARSE]``, as Dovecot answers)."""
+
+
+_BASE64_STRICT = re.compile(rb"[A-Za-z0-9+/\s]*(?:=[\s=]*)?")
+
+
+def _encoding(part: _Part) -> bytes | None:
+    """A part's Content-Transfer-Encoding token, lower case; None when it has none."""
+    cte = _last(part, b"content-transfer-encoding")
+    if cte is None:
+        return None
+    tok, out = _Tok(cte), bytearray()
+    tok.skip_lwsp()
+    tok.mime_token(out)
+    return bytes(out).lower()
+
+
+@dataclass(slots=True)
+class Binary:
+    """A ``BINARY[...]`` answer: the bytes, and whether any of them were decoded (then a literal8)."""
+
+    data: bytes
+    decoded: bool
+
+
+def _decoded_leaf(data: bytes, part: _Part) -> bytes | None:
+    """A leaf's body with base64 or quoted-printable undone; None when it needs no decoding."""
+    body = data[part.body_pos : part.body_pos + part.body_size]
+    encoding = _encoding(part)
+    if encoding == b"base64":
+        if _BASE64_STRICT.fullmatch(body) is None:
+            raise InvalidEncoding("invalid data in a base64 part")
+        return _base64(body)
+    if encoding == b"quoted-printable":
+        return binascii.a2b_qp(body)
+    if encoding in (None, b"7bit", b"8bit", b"binary"):
+        return None
+    raise UnknownEncoding(encoding.decode("ascii", "replace"))
+
+
+def _binary_whole(data: bytes, part: _Part, out: list[bytes]) -> bool:
+    """The part, header and body, with every leaf below it decoded; True if any was.
+
+    As Dovecot converts a message for ``BINARY[]``: a decoded leaf loses its
+    Content-Transfer-Encoding field and gets ``Content-Transfer-Encoding:
+    binary`` as the last field of its header.
+    """
+    end = part.body_pos + part.body_size
+    if part.multipart or part.rfc822:
+        out.append(data[part.pos : part.body_pos])
+        pos, decoded = part.body_pos, False
+        for child in part.children:
+            out.append(data[pos : child.pos])
+            decoded |= _binary_whole(data, child, out)
+            pos = child.body_pos + child.body_size
+        out.append(data[pos:end])
+        return decoded
+    body = _decoded_leaf(data, part)
+    if body is None:
+        out.append(data[part.pos : end])
+        return False
+    kept = [data[h.start : h.end] for h in part.headers if h.name.lower() != b"content-transfer-encoding"]
+    out.append(b"".join(kept) + b"Content-Transfer-Encoding: binary\r\n\r\n" + body)
+    return True
+
+
+def binary(raw: bytes, part: tuple[int, ...]) -> Binary:
+    """``BINARY[<part>]`` (RFC 3516): the part's body with its transfer encoding undone.
+
+    ``BINARY[]`` (and a multipart or message part) is converted whole, each
+    leaf decoded as :func:`_binary_whole` says; a part that does not exist is
+    empty (as Dovecot answers). :class:`UnknownEncoding` for an encoding other
+    than 7bit, 8bit, binary, base64 and quoted-printable;
+    :class:`InvalidEncoding` for base64 holding other characters than its
+    alphabet, white space and final padding.
+    """
+    data, root = _parse(raw)
+    target = _find(root, part) if part else root
+    if target is None:
+        return Binary(b"", False)
+    if not part or target.multipart or target.rfc822:
+        out: list[bytes] = []
+        decoded = _binary_whole(data, target, out)
+        whole = b"".join(out)
+        return Binary(whole if not part else whole[target.body_pos - target.pos :], decoded)
+    body = _decoded_leaf(data, target)
+    if body is None:
+        return Binary(data[target.body_pos : target.body_pos + target.body_size], False)
+    return Binary(body, True)
+
+
 # --------------------------------------------------------------------------- SEARCH text
 
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
@@ -1399,12 +1495,8 @@ def _leaf_text(data: bytes, part: _Part) -> str | None:
         if not out.lower().startswith((b"text/", b"message/")):
             return None
     body = data[part.body_pos : part.body_pos + part.body_size]
-    cte = _last(part, b"content-transfer-encoding")
-    if cte is not None:
-        tok, out = _Tok(cte), bytearray()
-        tok.skip_lwsp()
-        tok.mime_token(out)
-        encoding = bytes(out).lower()
+    encoding = _encoding(part)
+    if encoding is not None:
         if encoding == b"base64":
             body = _base64(body)
         elif encoding == b"quoted-printable":

@@ -1069,6 +1069,8 @@ class _Parser:
         if self.peek() == _DQUOTE:
             internal_date = self.date_time()
             self.sp()
+        if self.s[self.i :] == b"~":  # literal8 (RFC 3516): the message may hold NUL bytes
+            self.i += 1
         if not self.at_literal():
             self.expected("the message as a literal")
         message = self.literal()
@@ -1217,24 +1219,42 @@ class _Parser:
         att = raw.decode("ascii").upper()
         if att in ("BODY", "BODY.PEEK") and self.peek() == _LBRACKET:
             section = self.section()
-            partial = None
-            if self.peek() == _LT:
-                self.i += 1
-                start = self.number("a partial start", _MAX_INT63)
-                self.byte(0x2E, "'.'")
-                length = self.number("a partial length", _MAX_INT63, minimum=1)
-                self.byte(0x3E, "'>'")
-                partial = (start, length)
-            return FetchAtt("BODY", section, partial, att == "BODY.PEEK")
+            return FetchAtt("BODY", section, self.partial(), att == "BODY.PEEK")
+        if att in ("BINARY", "BINARY.PEEK", "BINARY.SIZE") and self.peek() == _LBRACKET:
+            section = Section(self.section_binary())
+            if att == "BINARY.SIZE":  # never sets \Seen
+                return FetchAtt(att, section, None, True)
+            return FetchAtt("BINARY", section, self.partial(), att == "BINARY.PEEK")
         if att in _FETCH_SIMPLE or att == "BODY":
             return FetchAtt(att)
         if att == "BODY.PEEK":
             self.fail("BODY.PEEK needs a section")
         if att.startswith("BINARY"):
-            self.fail("BINARY is not supported")
+            self.fail(f"{att} needs a section")
         if att in _FETCH_MACROS:
             self.fail(f"{att} cannot be used in a list")
         self.fail(f"unknown FETCH item {_safe(att)}")
+
+    def partial(self) -> tuple[int, int] | None:
+        """``<start.length>`` after a section, if there is one."""
+        if self.peek() != _LT:
+            return None
+        self.i += 1
+        start = self.number("a partial start", _MAX_INT63)
+        self.byte(0x2E, "'.'")
+        length = self.number("a partial length", _MAX_INT63, minimum=1)
+        self.byte(0x3E, "'>'")
+        return (start, length)
+
+    def section_binary(self) -> tuple[int, ...]:
+        """RFC 3516 section-binary: ``[`` part numbers ``]``, nothing else."""
+        self.i += 1  # "["
+        spec = self.match(_SECTION_SPEC, "a section").decode("ascii")
+        words = spec.split(".") if spec else []
+        if not all(w.isdigit() and len(w) <= 10 and 1 <= int(w) <= _MAX_UINT32 for w in words):
+            self.fail("invalid section: BINARY takes part numbers only")
+        self.byte(_RBRACKET, "']' ending the section")
+        return tuple(int(w) for w in words)
 
     def section(self) -> Section:
         self.i += 1  # "["

@@ -165,6 +165,7 @@ class Session:
             "NAMESPACE", "UNSELECT", "UIDPLUS", "MOVE", "CHILDREN", "SPECIAL-USE", "CONDSTORE",
             "ESEARCH", "SEARCHRES", "QUOTA", "QUOTA=RES-STORAGE", f"APPENDLIMIT={APPEND_LIMIT}",
         ]  # fmt: skip
+        caps.append("BINARY")
         if not self.compressed:
             caps.append("COMPRESS=DEFLATE")
         return " ".join(caps)
@@ -719,6 +720,9 @@ class Session:
                     raw = raw if raw is not None else await self.blobs.get(row.blob)
                     stored = _structure(name, raw)
                 items.append(name.encode() + b" " + stored)
+            elif name in ("BINARY", "BINARY.SIZE"):
+                raw = raw if raw is not None else await self.blobs.get(row.blob)
+                items.append(_binary_item(att, raw))
             else:
                 raw = raw if raw is not None else await self.blobs.get(row.blob)
                 items.append(_body_item(att, raw))
@@ -963,6 +967,29 @@ def _section_name(att: c.FetchAtt) -> bytes:
         fields = " (" + " ".join(sec.fields) + ")" if sec.fields else ""
         parts.append(sec.text + fields)
     return b"BODY[" + ".".join(parts).encode() + b"]"
+
+
+def _binary_item(att: c.FetchAtt, raw: bytes) -> bytes:
+    """``BINARY[p]<o>`` or ``BINARY.SIZE[p]`` (RFC 3516); a literal8 when anything was decoded
+    or the bytes hold NUL, as Dovecot sends it."""
+    part = att.section.part if att.section is not None else ()
+    try:
+        answer = mime.binary(raw, part)
+    except mime.UnknownEncoding as exc:
+        raise No(f"unknown Content-Transfer-Encoding {exc}", "UNKNOWN-CTE") from None
+    except mime.InvalidEncoding:
+        raise No("Invalid data in MIME part", "PARSE") from None
+    section = b"[" + ".".join(str(p) for p in part).encode() + b"]"
+    data = answer.data
+    if att.name == "BINARY.SIZE":
+        return b"BINARY.SIZE" + section + b" %d" % len(data)
+    name = b"BINARY" + section
+    if att.partial is not None:
+        start, length = att.partial
+        name += b"<%d>" % start
+        data = data[start : start + length]
+    literal8 = answer.decoded or b"\0" in data
+    return name + b" " + (b"~" if literal8 else b"") + wire.literal(data)
 
 
 def _body_item(att: c.FetchAtt, raw: bytes) -> bytes:
