@@ -18,14 +18,27 @@ Two budgets bound what clients can make the daemon hash (``[limits.auth]``):
   once and at most ``queue`` attempts wait for one; beyond that an attempt is
   refused at once as temporarily unavailable (:class:`AuthUnavailable`), so
   clients rotating source addresses cannot keep every core hashing.
+
+Verified logins are remembered, as Dovecot's ``auth_cache`` does: after a
+successful check, the login maps to an HMAC of the password under a key that
+exists only in this process's memory (never the password), the stored hash
+it was checked against, and an expiry ``cache_ttl`` later (``[limits.auth]``,
+at most ``cache_size`` logins, the oldest dropped first). A login with the
+same password within that time skips argon2. An entry goes when it expires,
+when the agent's hash changes (a new password), on reload, and on any
+failed attempt for that login. The trade: for ``cache_ttl`` after a login,
+someone who can read the daemon's memory can test guesses of that password
+at HMAC speed instead of argon2 speed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import secrets
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,6 +69,15 @@ class Identity:
     folders: tuple[str, ...]  # visible folders; empty: all of the tenant's
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """A remembered successful check (see the module docstring)."""
+
+    mac: bytes  # HMAC-SHA256 of the password under the process's key
+    hashed: str  # the agent's password hash it was checked against
+    until: float  # clock time it expires
+
+
 class Authenticator:
     """Checks agents' passwords within a per-address failure limit and a global check budget."""
 
@@ -78,6 +100,36 @@ class Authenticator:
         self._dummy: str | None = None  # made on first use, in a thread: argon2 is slow on purpose
         self._failures: defaultdict[str, deque[float]] = defaultdict(deque)
         self._running: Counter[str] = Counter()  # checks in progress, per client address
+        self._key = secrets.token_bytes(32)  # for the verified-login cache; never leaves memory
+        self._verified: OrderedDict[str, _Verified] = OrderedDict()
+
+    def forget(self) -> None:
+        """Drop every remembered login (the configuration was reloaded)."""
+        self._verified.clear()
+
+    def _mac(self, login: str, password: str) -> bytes:
+        text = login.encode() + b"\0" + password.encode("utf-8", "surrogatepass")
+        return hmac.new(self._key, text, hashlib.sha256).digest()
+
+    def _remembered(self, login: str, hashed: str, password: str) -> bool:
+        """Whether ``password`` is the one verified for ``login`` (against ``hashed``) within the TTL."""
+        entry = self._verified.get(login)
+        if entry is None:
+            return False
+        if entry.until <= self.clock() or entry.hashed != hashed:
+            del self._verified[login]
+            return False
+        return hmac.compare_digest(entry.mac, self._mac(login, password))
+
+    def _remember(self, login: str, hashed: str, password: str) -> None:
+        limits = self.config().limits.auth
+        ttl = limits.cache_ttl.total_seconds()
+        if ttl <= 0 or limits.cache_size == 0:
+            return
+        self._verified.pop(login, None)
+        self._verified[login] = _Verified(self._mac(login, password), hashed, self.clock() + ttl)
+        while len(self._verified) > limits.cache_size:
+            self._verified.popitem(last=False)
 
     def _recent_failures(self, address: str) -> int:
         failures = self._failures.get(address)
@@ -104,10 +156,18 @@ class Authenticator:
         agents = ((t, a) for t in self.config().tenants for a in t.agents)
         found = next(((t, a) for t, a in agents if a.login == login), None) if login else None
         ok = False
-        if not self.blocked(address):
-            ok = await self._verify_in_budget(found[1].password_hash if found else None, password, address)
-        else:
+        hashed = found[1].password_hash if found else None
+        if self.blocked(address):
             log.warning("auth.blocked", peer=address)
+        elif hashed is not None and self._remembered(login, hashed, password):
+            metrics.AUTH_CACHE_HITS.inc()
+            ok = True
+        else:
+            ok = await self._verify_in_budget(hashed, password, address)
+            if ok and hashed is not None:
+                self._remember(login, hashed, password)
+        if not ok:
+            self._verified.pop(login, None)
         if ok and found is not None:
             tenant, agent = found
             async with self.db.read() as s:

@@ -585,6 +585,8 @@ class AuthLimits(_Model):
     window: Duration = timedelta(minutes=10)
     concurrent_checks: int = Field(1, ge=1, le=64)  # argon2 verifications at once, all clients
     queue: int = Field(64, ge=0)  # attempts waiting for a check; beyond: "try again later"
+    cache_ttl: Duration = timedelta(hours=1)  # a verified login skips argon2 this long; "0s": never
+    cache_size: int = Field(10_000, ge=0)  # logins remembered at most
 
 
 class LimitsSection(_Model):

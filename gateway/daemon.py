@@ -96,6 +96,7 @@ class Daemon:
         self._beat: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.pull: PullManager | None = None
+        self.auth: Authenticator | None = None
         self.db: Database | None = None
         self.lock: instances.Lock | None = None
         self.exit_code = 0
@@ -128,7 +129,7 @@ class Daemon:
         log.info("instance.registered", instance=instance, pid=os.getpid(), released_claims=released)
         changes = Changes()
         pipeline = Pipeline(self.db, blobs, changes=changes, srs_signer=load_signer(self.config))
-        auth = Authenticator(self.current_config, self.db)
+        auth = self.auth = Authenticator(self.current_config, self.db)
         tls = self.tls = server_context(self.config.tls)
         self.pull = PullManager(self.current_config, pipeline, self.db)
         self.pull.apply(self.config)
@@ -255,6 +256,8 @@ class Daemon:
                 log.error("config.reload_refused", errors=[f"tls: {exc}"])
                 return
         self.config = new
+        if self.auth is not None:
+            self.auth.forget()
         if self.pull is not None:
             self.pull.apply(new)
         if self.scheduler is not None:

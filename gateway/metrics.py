@@ -63,6 +63,11 @@ CONNECTIONS_CLOSED = Counter(
 AUTH_CHECKS = Counter(
     "mailgate_auth_checks", "Password verifications run (argon2), all listeners", registry=REGISTRY
 )
+AUTH_CACHE_HITS = Counter(
+    "mailgate_auth_cache_hits",
+    "Logins accepted from the verified-login cache, without a password verification",
+    registry=REGISTRY,
+)
 AUTH_FAILURES = Counter(
     "mailgate_auth_failures", "Failed logins by listener", ["listener"], registry=REGISTRY
 )
