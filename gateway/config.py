@@ -281,6 +281,9 @@ class AgentSection(_Model):
     name: str = ""
     password_hash: str = Field(pattern=r"^\$argon2(id|i|d)\$")
     folders: tuple[str, ...] = ()
+    # Who files the agent's sent mail in \Sent: "auto" mailgate, and a client's own copy of it
+    # (same Message-ID, within 24 h) is answered with mailgate's; "always" both; "never" the client.
+    save_sent: Literal["auto", "always", "never"] = "auto"
 
     def __repr_args__(self) -> Any:
         for k, v in super().__repr_args__():
@@ -463,6 +466,10 @@ class TenantSection(_Model):
     def ruleset(self) -> RuleSet:
         """The tenant's rules, compiled once."""
         return self._ruleset
+
+    def agent(self, login: str) -> AgentSection | None:
+        """The agent with this login (lower case), if the tenant has one."""
+        return next((a for a in self.agents if a.login == login), None)
 
     def accepts(self, address: str) -> bool:
         """True when ``address`` (lower-case) is a recipient this tenant takes mail for."""

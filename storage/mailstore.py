@@ -69,6 +69,7 @@ class NewMessage:
     envelope: bytes | None = None  # IMAP wire forms, see gateway.imap.mime
     bodystructure: bytes | None = None
     body: bytes | None = None
+    submitted_by: int | None = None  # the agent whose submission this is mailgate's Sent copy of
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,12 +250,33 @@ async def append(s: AsyncSession, folder: Folder, messages: Sequence[NewMessage]
                 "envelope": m.envelope,
                 "bodystructure": m.bodystructure,
                 "body": m.body,
+                "submitted_by": m.submitted_by,
             }
         )
     conn = await s.connection()
     ids = (await conn.execute(_INSERT_MESSAGES, rows)).scalars().all()
     await _account(s, folder, sum(m.size for m in messages), len(messages))
     return [Stored(id_, folder.id, first_uid + i, modseq) for i, id_ in enumerate(ids)]
+
+
+async def submitted_copy(
+    s: AsyncSession, folder: Folder, agent_id: int, message_id: str, since: datetime
+) -> int | None:
+    """The UID of mailgate's copy, in ``folder``, of ``agent_id``'s submission with ``message_id``
+    received at ``since`` or later; None if there is none."""
+    uid = await s.scalar(
+        select(Message.uid)
+        .where(
+            Message.tenant_id == folder.tenant_id,
+            Message.message_id == _text(message_id),
+            Message.folder_id == folder.id,
+            Message.submitted_by == agent_id,
+            Message.received_at >= since,
+        )
+        .order_by(Message.uid.desc())
+        .limit(1)
+    )
+    return None if uid is None else int(uid)
 
 
 async def store_flags(

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 
 import structlog
@@ -82,6 +82,7 @@ _NO_UID_EXPUNGE = {"SEARCH"}
 _SPECIAL_USE_ATTRS = {"\\Archive", "\\Drafts", "\\Junk", "\\Sent", "\\Trash"}
 CHUNK = 1000
 APPEND_LIMIT = 50 * 10**6
+SENT_COPY_WINDOW = timedelta(hours=24)  # how long a client's own copy of a sent message is recognised
 MAX_NAME = 255  # characters in a folder name: the folders.name column, as mailstore.create_folder checks
 
 
@@ -519,8 +520,10 @@ class Session:
         now = datetime.now(UTC)
         # Stored as an IMAP server stores it: CRLF line ends, no NUL (as Dovecot does).
         raw = await asyncio.to_thread(mime.stored_form, cmd.message)
-        digest = await self.blobs.put(raw)
         headers = parse_headers(raw)
+        if (existing := await self._own_sent_copy(cmd, headers.message_id, now)) is not None:
+            return existing
+        digest = await self.blobs.put(raw)
         message = await asyncio.to_thread(
             describe, raw, headers, digest, now, frozenset(cmd.flags), cmd.internal_date
         )
@@ -533,6 +536,33 @@ class Session:
             await self._claim_recent(s, folder.id, stored.uid + 1)
         self.changes.publish([folder.id])
         return f"[APPENDUID {folder.uidvalidity} {stored.uid}] APPEND completed"
+
+    async def _own_sent_copy(self, cmd: c.Append, message_id: str | None, now: datetime) -> str | None:
+        """APPEND of the agent's own copy of a message mailgate filed in ``\\Sent`` for them.
+
+        Thunderbird and Outlook save each sent message to Sent themselves. When
+        the agent's ``save_sent`` is ``auto`` (the default) and the target is
+        the tenant's ``\\Sent`` folder, a message whose Message-ID is that of
+        mailgate's copy of this agent's submission in the last 24 hours is not
+        stored again: its flags are added to that copy and the answer names the
+        copy's UID. The tagged reply, or None when the APPEND is to be stored.
+        """
+        agent = self.config().tenant(self.tenant_id).agent(self.me.login)
+        if message_id is None or agent is None or agent.save_sent != "auto":
+            return None
+        async with self.db.write() as s:
+            folder = await mailstore.get_folder(s, self.tenant_id, cmd.mailbox)
+            if folder is None or folder.special_use != "\\Sent" or not self.visible(folder.name):
+                return None
+            since = now - SENT_COPY_WINDOW
+            uid = await mailstore.submitted_copy(s, folder, self.me.agent_id, message_id, since)
+            if uid is None:
+                return None
+            changed = await mailstore.store_flags(s, folder, [uid], cmd.flags, "add") if cmd.flags else []
+        if changed:
+            self.changes.publish([folder.id])
+        self.log.info("imap.sent_copy_kept", uid=uid, message_id=message_id)
+        return f"[APPENDUID {folder.uidvalidity} {uid}] APPEND completed (mailgate filed it on sending)"
 
     # ------------------------------------------------------------------ selected
 

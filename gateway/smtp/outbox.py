@@ -6,10 +6,13 @@ A message to relay (an agent's submission, or a trusted server relaying for
 its tenant) passes the tenant's limits (size, attachments); then one
 transaction checks an agent's reply for a collision (with the answered
 message's row locked, so two simultaneous replies cannot both pass), queues
-it for the tenant's relay, files a copy in the tenant's ``\\Sent`` folder and, when it
-answers a stored customer message, records an ``answered`` event with the
-response time and sets ``\\Answered`` on that message. Only after that commit
-does the client get ``250``, naming the message's queue id: the id the SMTP
+it for the tenant's relay, files a copy in the tenant's ``\\Sent`` folder
+(unless the agent's ``save_sent`` is ``never``; the copy records whose
+submission it is, so that the agent's client's own copy is recognised, see
+:meth:`gateway.imap.session.Session.cmd_append`) and, when it answers a
+stored customer message, records an ``answered`` event with the response
+time and sets ``\\Answered`` on that message. Only after that commit does
+the client get ``250``, naming the message's queue id: the id the SMTP
 transaction's log lines already carry, unless (very rarely) another message
 once had it.
 
@@ -25,6 +28,7 @@ the reply is held (``450``, committed before the reply) or sent.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -115,7 +119,12 @@ class Outbox:
         now = self.clock()
         original = await self._original(tenant.id, headers)
         digest = await self.blobs.put(data)
-        sent_copy = await asyncio.to_thread(describe, data, headers, digest, now, frozenset({"\\Seen"}))
+        agent = tenant.agent(identity.login) if identity is not None else None
+        save_sent = agent.save_sent if agent is not None else "auto"
+        sent_copy = dataclasses.replace(
+            await asyncio.to_thread(describe, data, headers, digest, now, frozenset({"\\Seen"})),
+            submitted_by=identity.agent_id if identity is not None else None,
+        )
         collision = None
         async with self.db.write() as s:
             if identity is not None and original is not None and tenant.collision != "off":
@@ -147,7 +156,7 @@ class Outbox:
                 queue_id=queue_id,
             )
             logger = logger.bind(queue_id=row.queue_id)
-            sent = await mailstore.special_folder(s, tenant.id, "\\Sent")
+            sent = None if save_sent == "never" else await mailstore.special_folder(s, tenant.id, "\\Sent")
             if sent is not None:
                 # Refusing to send would be worse than going over quota: the copy is kept.
                 try:
