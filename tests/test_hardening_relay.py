@@ -29,7 +29,7 @@ from gateway.relay import worker
 from gateway.relay.worker import RelayWorker
 from storage import queue
 from storage.db import Database
-from tests.conftest import config_dict, free_port
+from tests.conftest import Sink, config_dict, free_port
 from tests.daemon import Daemon, write_config
 from tests.smarthost import Smarthost
 from tests.test_relay import (
@@ -39,13 +39,11 @@ from tests.test_relay import (
     RELAY_ENV,
     RELAY_PASSWORD,
     SENDER,
-    Sink,
     gateway_config,
     message,
     queue_one,
     relay_settings,
     running,
-    sink,  # noqa: F401 (the smtp-sink fixture)
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
@@ -60,7 +58,7 @@ def relay_metric(result: str, tenant: str = "acme") -> float:
 
 
 @pytest.mark.peers
-def test_auth_answered_250_is_not_sent(tmp_path: Path, sink: Sink) -> None:  # noqa: F811
+def test_auth_answered_250_is_not_sent(tmp_path: Path, sink: Sink) -> None:
     """smtp-sink answers AUTH with 250: the message stays queued, named, and nothing counts as sent."""
     sink.start()
     port, metrics_port = free_port(), free_port()
@@ -211,7 +209,7 @@ def with_instance(config: Config, instance: str) -> Config:
 
 
 @pytest.mark.peers
-async def test_queue_claim_is_exclusive(tmp_path: Path, db_url: str, sink: Sink) -> None:  # noqa: F811
+async def test_queue_claim_is_exclusive(tmp_path: Path, db_url: str, sink: Sink) -> None:
     """Two instances' relay workers on one database: every message is delivered once."""
     sink.start()
     settings = {"host": "127.0.0.1", "port": sink.port, "from": SENDER}
