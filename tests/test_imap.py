@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import imaplib
+import re
 import socket
 import time
 import zlib
@@ -467,3 +468,76 @@ async def test_binary_append_literal8_and_unknown_encoding(imap: Server) -> None
     assert b"b1 OK [APPENDUID" in appended
     assert b"d NO [UNKNOWN-CTE]" in unknown
     assert nul.startswith(b"* 5 FETCH (BINARY[1] {4}\r\nAB\r\n)")  # NUL dropped at APPEND, as Dovecot
+
+
+# --------------------------------------------------------------------------- MULTIAPPEND and CATENATE
+
+
+def _exchange(port: int, lines: list[bytes]) -> list[bytes]:
+    """Log in, send each command (LITERAL+ literals inline), return each one's tagged reply."""
+    replies = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        buf = sock.recv(4096)
+        sock.sendall(b"a LOGIN anna@acme.test " + PASSWORD.encode() + b"\r\n")
+        for n, line in enumerate([b"", *lines]):
+            tag = b"t%d" % n
+            if line:
+                sock.sendall(tag + b" " + line + b"\r\n")
+            want = tag + b" " if line else b"a "
+            buf = b""
+            while not any(x.startswith(want) for x in buf.split(b"\r\n")):
+                buf += sock.recv(1 << 20)
+            if line:
+                replies.append(next(x for x in buf.split(b"\r\n") if x.startswith(want)))
+    return replies
+
+
+def _plus(data: bytes) -> bytes:
+    return b"{%d+}\r\n" % len(data) + data
+
+
+async def _inbox(imap: Server) -> list[bytes]:
+    def read() -> list[bytes]:
+        c = imap.connect()
+        ok(c.select("INBOX", readonly=True))
+        data = ok(c.fetch("1:*", "(BODY.PEEK[])"))
+        c.logout()
+        return [part[1] for part in data if isinstance(part, tuple)]
+
+    return await run(read)
+
+
+async def test_multiappend_stores_all_or_nothing(imap: Server) -> None:
+    three = b" ".join(_plus(message(n)) for n in (11, 12, 13))
+    (stored,) = await run(_exchange, imap.server.port, [b"APPEND INBOX " + three])
+    assert re.fullmatch(rb"t1 OK \[APPENDUID \d+ 4:6\] APPEND completed", stored), stored
+    assert len(await _inbox(imap)) == 6
+    big = message(16) + b"x" * 11_000_000  # the tenant's quota is 10 MB
+    (refused,) = await run(
+        _exchange,
+        imap.server.port,
+        [b"APPEND INBOX " + _plus(message(14)) + b" " + _plus(message(15)) + b" " + _plus(big)],
+    )
+    assert refused.startswith(b"t1 NO [OVERQUOTA]"), refused
+    assert len(await _inbox(imap)) == 6  # not the first two either
+
+
+async def test_catenate_builds_from_text_and_this_agents_messages(imap: Server) -> None:
+    head = b"From: biuro@acme.test\r\nSubject: forwarded\r\n\r\nSee below:\r\n"
+    url = b'"/INBOX/;UID=2/;SECTION=TEXT"'
+    replies = await run(
+        _exchange,
+        imap.server.port,
+        [
+            b"APPEND INBOX CATENATE (TEXT " + _plus(head) + b" URL " + url + b")",
+            b'APPEND INBOX CATENATE (URL "/INBOX/;UID=99")',  # no such message
+            b'APPEND INBOX CATENATE (URL "imap://elsewhere.test/INBOX/;UID=1")',  # another server
+            b'APPEND INBOX CATENATE (URL "/INBOX;UIDVALIDITY=1/;UID=1")',  # a stale UIDVALIDITY
+            b'APPEND INBOX CATENATE (URL "/Other/;UID=1")',  # not a folder of this tenant
+        ],
+    )
+    assert replies[0].startswith(b"t1 OK [APPENDUID"), replies[0]
+    assert all(r.split(b" ", 3)[1:3] == [b"NO", b"[BADURL"] for r in replies[1:]), replies[1:]
+    inbox = await _inbox(imap)
+    assert len(inbox) == 4  # only the first was stored
+    assert inbox[-1] == head + b"Body 2.\r\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import UTC, date, datetime, timedelta, timezone
 
@@ -10,10 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import mutf7
+from gateway.imap import imapurl
 from gateway.imap import wire as imap_wire
 from gateway.imap.commands import (
     Append,
+    AppendMessage,
     Authenticate,
+    CatenatePart,
     Command,
     Copy,
     Enable,
@@ -69,6 +73,13 @@ MUTT_HEADERS = (
     "DATE FROM SENDER SUBJECT TO CC MESSAGE-ID REFERENCES CONTENT-TYPE CONTENT-DESCRIPTION "
     "IN-REPLY-TO REPLY-TO LINES LIST-POST X-LABEL X-ORIGINAL-TO"
 )
+
+
+def append1(
+    tag: str, name: str, mailbox: str, flags: tuple[str, ...], date: datetime | None, message: bytes
+) -> Append:
+    """An APPEND of one message."""
+    return Append(tag, name, mailbox, (AppendMessage(flags, date, message),))
 
 
 def lit(data: bytes, *, plus: bool = False) -> bytes:
@@ -172,7 +183,7 @@ RFC3501: list[tuple[str | bytes, Command]] = [
     ),
     (
         b"A003 APPEND saved-messages (\\Seen) " + lit(RFC3501_MESSAGE),
-        Append("A003", "APPEND", "saved-messages", ("\\Seen",), None, RFC3501_MESSAGE),
+        append1("A003", "APPEND", "saved-messages", ("\\Seen",), None, RFC3501_MESSAGE),
     ),
     ("FXXZ CHECK", Simple("FXXZ", "CHECK")),
     ("A341 CLOSE", Simple("A341", "CLOSE")),
@@ -264,13 +275,51 @@ THUNDERBIRD: list[tuple[str | bytes, Command]] = [
             uid=False,
         ),
     ),
+    (  # MULTIAPPEND (RFC 3502)
+        b"17c APPEND INBOX (\\Seen) "
+        + lit(b"one")
+        + b" "
+        + lit(b"two", plus=True)
+        + b' "1-Feb-2024 10:00:00 +0000" ~'
+        + lit(b"three"),
+        Append(
+            "17c",
+            "APPEND",
+            "INBOX",
+            (
+                AppendMessage(("\\Seen",), None, b"one"),
+                AppendMessage((), None, b"two"),
+                AppendMessage((), datetime(2024, 2, 1, 10, tzinfo=UTC), b"three"),
+            ),
+        ),
+    ),
+    (  # CATENATE (RFC 4469)
+        b"17d APPEND Drafts CATENATE (TEXT "
+        + lit(b"Subject: x\r\n\r\n")
+        + b' URL "/INBOX;UIDVALIDITY=9/;UID=3/;SECTION=1")',
+        Append(
+            "17d",
+            "APPEND",
+            "Drafts",
+            (
+                AppendMessage(
+                    (),
+                    None,
+                    catenate=(
+                        CatenatePart(text=b"Subject: x\r\n\r\n"),
+                        CatenatePart(url="/INBOX;UIDVALIDITY=9/;UID=3/;SECTION=1"),
+                    ),
+                ),
+            ),
+        ),
+    ),
     (  # literal8 (RFC 3516)
         b'17b append "Sent" ~' + lit(b"Subject: x\r\n\r\nh\x00i\r\n"),
-        Append("17b", "APPEND", "Sent", (), None, b"Subject: x\r\n\r\nh\x00i\r\n"),
+        append1("17b", "APPEND", "Sent", (), None, b"Subject: x\r\n\r\nh\x00i\r\n"),
     ),
     (
         b'17 append "Sent" (\\Seen) ' + lit(b"Subject: x\r\n\r\nhi\r\n"),
-        Append("17", "APPEND", "Sent", ("\\Seen",), None, b"Subject: x\r\n\r\nhi\r\n"),
+        append1("17", "APPEND", "Sent", ("\\Seen",), None, b"Subject: x\r\n\r\nhi\r\n"),
     ),
     (
         '18 STATUS "Sent" (UIDNEXT MESSAGES UNSEEN RECENT)',
@@ -356,7 +405,7 @@ MBSYNC: list[tuple[str | bytes, Command]] = [
     ),
     (
         b'9 APPEND "INBOX" (\\Seen) "12-Feb-2024 10:00:00 +0100" ' + lit(b"hello", plus=True),
-        Append(
+        append1(
             "9",
             "APPEND",
             "INBOX",
@@ -381,7 +430,7 @@ IMAPLIB: list[tuple[str | bytes, Command]] = [
     ("JDDC5 STORE 1 +FLAGS \\Deleted", Store("JDDC5", "STORE", False, seq(1), "add", False, ("\\Deleted",))),
     (
         b'JDDC6 APPEND INBOX () "07-Feb-2024 10:00:00 +0000" ' + lit(b"Subject: x\r\n\r\n"),
-        Append(
+        append1(
             "JDDC6",
             "APPEND",
             "INBOX",
@@ -590,14 +639,14 @@ EXTENSIONS: list[tuple[str | bytes, Command]] = [
     ("a]1 NOOP", Simple("a]1", "NOOP")),
     ("A29 noop", Simple("A29", "NOOP")),
     ("A30 CHECK\n", Simple("A30", "CHECK")),
-    (b"A31 APPEND Drafts " + lit(b""), Append("A31", "APPEND", "Drafts", (), None, b"")),
+    (b"A31 APPEND Drafts " + lit(b""), append1("A31", "APPEND", "Drafts", (), None, b"")),
     (
         b"A32 APPEND " + lit(b"Sent Items") + b" (\\Draft) " + lit(b"x", plus=True),
-        Append("A32", "APPEND", "Sent Items", ("\\Draft",), None, b"x"),
+        append1("A32", "APPEND", "Sent Items", ("\\Draft",), None, b"x"),
     ),
     (
         b'A33 APPEND INBOX "1-Feb-2024 23:59:59 -0830" ' + lit(b"x"),
-        Append(
+        append1(
             "A33",
             "APPEND",
             "INBOX",
@@ -747,7 +796,13 @@ REFUSED: list[tuple[str | bytes, str | None, str | None]] = [
     ("A1 APPEND INBOX hello", "A1", "expected the message as a literal"),
     ('A1 APPEND INBOX "hello"', "A1", "invalid date-time"),
     ("A1 APPEND INBOX", "A1", "unexpected end"),
-    (b"A1 APPEND INBOX " + lit(b"abc") + b" " + lit(b"def"), "A1", "no MULTIAPPEND"),
+    (b"A1 APPEND INBOX " + lit(b"abc") + b" x", "A1", "expected the message as a literal"),
+    (b"A1 APPEND INBOX " + lit(b"abc") + b" " * 2 + lit(b"d"), "A1", "expected the message as a literal"),
+    (b"A1 APPEND INBOX " + (lit(b"x") + b" ") * 100 + lit(b"y"), "A1", "more than 100 messages"),
+    ("A1 APPEND INBOX CATENATE ()", "A1", "expected TEXT or URL"),
+    ("A1 APPEND INBOX CATENATE (URL)", "A1", "expected a space"),
+    ('A1 APPEND INBOX CATENATE (FILE "/etc/passwd")', "A1", "expected TEXT or URL, not FILE"),
+    ("A1 APPEND INBOX CATENATE " + "(" + " ".join(['URL "/a/;UID=1"'] * 101) + ")", "A1", "more than 100"),
     (b"A1 APPEND INBOX ~~" + lit(b"abc"), "A1", "expected the message as a literal"),
     ("A1 AUTHENTICATE PLAIN !!!", "A1", "expected a base64 initial response"),
     ("A1 AUTHENTICATE PLAIN AAA", "A1", "invalid base64"),
@@ -1223,3 +1278,55 @@ def test_mailbox_names_round_trip_through_modified_utf7(name: str) -> None:
     expected = "INBOX" if name.isascii() and name.upper() == "INBOX" else name
     assert cmd.mailbox == expected
     assert mutf7.decode(mutf7.encode(name)) == name
+
+
+# --------------------------------------------------------------------------- IMAP URLs (CATENATE)
+
+
+TEXT, MIME_2 = Section((), "TEXT"), Section((2,), "MIME")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("/INBOX/;UID=5", imapurl.Ref("INBOX", None, 5, None, None)),
+        ("/inbox;UIDVALIDITY=7/;UID=5", imapurl.Ref("INBOX", 7, 5, None, None)),
+        ("/Sent%20Items/;UID=1/;SECTION=1.2", imapurl.Ref("Sent Items", None, 1, Section((1, 2)), None)),
+        (
+            "/Zam%C3%B3wienia/;UID=3/;SECTION=TEXT",
+            imapurl.Ref("Zamówienia", None, 3, Section((), "TEXT"), None),
+        ),
+        (
+            "/a/b/;UID=3/;SECTION=2.MIME/;PARTIAL=10.20",
+            imapurl.Ref("a/b", None, 3, Section((2,), "MIME"), (10, 20)),
+        ),
+        ("imap://anna@mx.test:143/INBOX/;UID=2/;PARTIAL=5", imapurl.Ref("INBOX", None, 2, None, (5, 0))),
+    ],
+)
+def test_imap_url(url: str, expected: imapurl.Ref) -> None:
+    assert imapurl.parse(url, "mx.test") == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "imap://other.test/INBOX/;UID=1",  # another server
+        "/INBOX",  # no UID
+        "/INBOX/;UID=0",
+        "/INBOX/;UID=1/;SECTION=HEADER.FIELDS%20(FROM)",
+        "/INBOX/;UID=1/;SECTION=MIME",
+        "/INBOX/;UID=1;EXPIRE=2030-01-01T00:00:00Z;URLAUTH=anonymous:internal:x",  # URLAUTH
+        "/INBOX?SUBJECT%20x",  # a search
+        "/%FF/;UID=1",  # not UTF-8
+        "/" + "a" * 5000 + "/;UID=1",
+    ],
+)
+def test_imap_url_refused(url: str) -> None:
+    with pytest.raises(imapurl.BadURL):
+        imapurl.parse(url, "mx.test")
+
+
+@given(st.text(max_size=200))
+def test_imap_url_never_crashes(url: str) -> None:
+    with contextlib.suppress(imapurl.BadURL):
+        imapurl.parse(url, "mx.test")

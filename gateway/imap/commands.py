@@ -161,13 +161,29 @@ class Status(Command):
 
 
 @dataclass(frozen=True, slots=True)
-class Append(Command):
-    """APPEND; the message itself is ``message`` (the literal's bytes)."""
+class CatenatePart:
+    """One part of a CATENATE (RFC 4469): literal ``text``, or a ``url`` to a message or section here."""
 
-    mailbox: str
+    text: bytes | None = field(default=None, repr=False)
+    url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AppendMessage:
+    """One message of an APPEND: the literal's bytes, or the parts to CATENATE."""
+
     flags: tuple[str, ...]
     internal_date: datetime | None
-    message: bytes = field(repr=False)
+    message: bytes = field(default=b"", repr=False)
+    catenate: tuple[CatenatePart, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Append(Command):
+    """APPEND of one message, or of several (MULTIAPPEND, RFC 3502: stored all or none)."""
+
+    mailbox: str
+    messages: tuple[AppendMessage, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,7 +86,9 @@ from typing import Final, Literal, NoReturn, TypeAlias
 from gateway import mutf7
 from gateway.imap.commands import (
     Append,
+    AppendMessage,
     Authenticate,
+    CatenatePart,
     Command,
     Compress,
     Copy,
@@ -144,6 +146,8 @@ MAX_SEARCH_KEYS: Final = 1000
 MAX_FETCH_ATTS: Final = 100
 MAX_SEQ_RANGES: Final = 10_000
 MAX_ITEMS: Final = 1000  # flags, patterns, header fields, capabilities, ...
+MAX_APPEND_MESSAGES: Final = 100  # messages in one MULTIAPPEND
+MAX_CATENATE_PARTS: Final = 100  # parts of one CATENATE
 MAX_LIST_PATTERN: Final = 1024  # characters in a LIST's patterns, the reference counted with each
 
 _HUGE: Final = 2**64  # a literal size too long to convert is reported as this
@@ -1060,6 +1064,15 @@ class _Parser:
     def cmd_append(self, tag: str, name: str) -> Command:
         self.sp()
         mailbox = self.mailbox()
+        messages = [self.append_message()]
+        while not self.at_end():  # MULTIAPPEND (RFC 3502)
+            messages.append(self.append_message())
+            if len(messages) > MAX_APPEND_MESSAGES:
+                self.fail(f"more than {MAX_APPEND_MESSAGES} messages in one APPEND")
+        return Append(tag, name, mailbox, tuple(messages))
+
+    def append_message(self) -> AppendMessage:
+        """SP [flag-list SP] [date-time SP] (literal | literal8 | CATENATE (...))."""
         self.sp()
         flags: tuple[str, ...] = ()
         internal_date = None
@@ -1069,14 +1082,39 @@ class _Parser:
         if self.peek() == _DQUOTE:
             internal_date = self.date_time()
             self.sp()
+        if self.peek_keyword() == "CATENATE":
+            self.keyword()
+            self.sp()
+            return AppendMessage(flags, internal_date, catenate=self.catenate_parts())
+        return AppendMessage(flags, internal_date, self.append_literal())
+
+    def append_literal(self) -> bytes:
         if self.s[self.i :] == b"~":  # literal8 (RFC 3516): the message may hold NUL bytes
             self.i += 1
         if not self.at_literal():
             self.expected("the message as a literal")
-        message = self.literal()
-        if not self.at_end():
-            self.fail("only one message per APPEND (no MULTIAPPEND)")
-        return Append(tag, name, mailbox, flags, internal_date, message)
+        return self.literal()
+
+    def catenate_parts(self) -> tuple[CatenatePart, ...]:
+        """RFC 4469: ( cat-part *(SP cat-part) ), cat-part = TEXT SP literal / URL SP astring."""
+        self.byte(_LPAREN, "'(' starting the CATENATE parts")
+        parts: list[CatenatePart] = []
+        while True:
+            kind = self.keyword("TEXT or URL")
+            self.sp()
+            if kind == "TEXT":
+                parts.append(CatenatePart(text=self.append_literal()))
+            elif kind == "URL":
+                parts.append(CatenatePart(url=self.text(self.astring("a URL"), "URL")))
+            else:
+                self.fail(f"expected TEXT or URL, not {_safe(kind)}")
+            if len(parts) > MAX_CATENATE_PARTS:
+                self.fail(f"more than {MAX_CATENATE_PARTS} CATENATE parts")
+            if self.peek() != _SP:
+                break
+            self.i += 1
+        self.byte(_RPAREN, "')' ending the CATENATE parts")
+        return tuple(parts)
 
     def cmd_search(self, tag: str, name: str, uid: bool = False) -> Command:
         self.sp()

@@ -39,7 +39,7 @@ import quotas
 from gateway.auth import Authenticator, AuthUnavailable, Identity
 from gateway.config import Config
 from gateway.imap import commands as c
-from gateway.imap import mime, wire
+from gateway.imap import imapurl, mime, wire
 from gateway.imap.search import search, uses
 from gateway.imap.view import FlagRow, FolderChanges, View, keywords_of
 from gateway.imap.wildcard import Matcher
@@ -166,7 +166,7 @@ class Session:
             "NAMESPACE", "UNSELECT", "UIDPLUS", "MOVE", "CHILDREN", "SPECIAL-USE", "CONDSTORE",
             "ESEARCH", "SEARCHRES", "QUOTA", "QUOTA=RES-STORAGE", f"APPENDLIMIT={APPEND_LIMIT}",
         ]  # fmt: skip
-        caps.append("BINARY")
+        caps += ["BINARY", "MULTIAPPEND", "CATENATE"]
         if not self.compressed:
             caps.append("COMPRESS=DEFLATE")
         return " ".join(caps)
@@ -515,29 +515,78 @@ class Session:
         self.untagged(b"QUOTA %s (STORAGE %d %d)" % (root, -(-used // 1024), limit // 1024))
 
     async def cmd_append(self, cmd: c.Append) -> str:
-        if len(cmd.message) > APPEND_LIMIT:
-            raise No("message too large", "TOOBIG")
+        """APPEND of one message or several (MULTIAPPEND, RFC 3502: one transaction, all or none),
+        each a literal or CATENATEd (RFC 4469) from text and URLs of messages the agent may read."""
         now = datetime.now(UTC)
+        raws = [m.message if not m.catenate else await self._catenate(m.catenate) for m in cmd.messages]
+        if sum(map(len, raws)) > APPEND_LIMIT:
+            raise No("message too large", "TOOBIG")
         # Stored as an IMAP server stores it: CRLF line ends, no NUL (as Dovecot does).
-        raw = await asyncio.to_thread(mime.stored_form, cmd.message)
-        headers = parse_headers(raw)
-        if (existing := await self._own_sent_copy(cmd, headers.message_id, now)) is not None:
-            return existing
-        digest = await self.blobs.put(raw)
-        message = await asyncio.to_thread(
-            describe, raw, headers, digest, now, frozenset(cmd.flags), cmd.internal_date
-        )
+        raws = [await asyncio.to_thread(mime.stored_form, raw) for raw in raws]
+        headers = [parse_headers(raw) for raw in raws]
+        if len(raws) == 1:
+            first = cmd.messages[0]
+            existing = await self._own_sent_copy(cmd.mailbox, first.flags, headers[0].message_id, now)
+            if existing is not None:
+                return existing
+        new = []
+        for raw, parsed, m in zip(raws, headers, cmd.messages, strict=True):
+            digest = await self.blobs.put(raw)
+            new.append(
+                await asyncio.to_thread(
+                    describe, raw, parsed, digest, now, frozenset(m.flags), m.internal_date
+                )
+            )
         async with self.db.write() as s:
             folder = await mailstore.get_folder(s, self.tenant_id, cmd.mailbox)
             if folder is None or not self.visible(folder.name):
                 raise No(f"no folder {cmd.mailbox}", "TRYCREATE")
-            await quotas.check(s, folder, len(raw))
-            (stored,) = await mailstore.append(s, folder, [message])
-            await self._claim_recent(s, folder.id, stored.uid + 1)
+            await quotas.check(s, folder, sum(map(len, raws)))
+            stored = await mailstore.append(s, folder, new)
+            await self._claim_recent(s, folder.id, stored[-1].uid + 1)
         self.changes.publish([folder.id])
-        return f"[APPENDUID {folder.uidvalidity} {stored.uid}] APPEND completed"
+        uids = f"{stored[0].uid}:{stored[-1].uid}" if len(stored) > 1 else str(stored[0].uid)
+        return f"[APPENDUID {folder.uidvalidity} {uids}] APPEND completed"
 
-    async def _own_sent_copy(self, cmd: c.Append, message_id: str | None, now: datetime) -> str | None:
+    async def _catenate(self, parts: Sequence[c.CatenatePart]) -> bytes:
+        """The message a CATENATE builds; NO [BADURL url] for a URL that names nothing this agent may read
+        (another tenant's folder, a stale UIDVALIDITY, a missing UID, another server)."""
+        out = bytearray()
+        for part in parts:
+            if part.text is not None:
+                out += part.text
+            elif part.url is not None:
+                out += await self._url_bytes(part.url)
+            if len(out) > APPEND_LIMIT:
+                raise No("message too large", "TOOBIG")
+        return bytes(out)
+
+    async def _url_bytes(self, url: str) -> bytes:
+        try:
+            ref = imapurl.parse(url, self.config().gateway.hostname)
+        except imapurl.BadURL as exc:
+            raise No(str(exc), f"BADURL {url}") from None
+        async with self.db.read() as s:
+            folder = await mailstore.get_folder(s, self.tenant_id, ref.mailbox)
+            if folder is None or not self.visible(folder.name):
+                raise No("no such folder", f"BADURL {url}")
+            if ref.uidvalidity is not None and ref.uidvalidity != folder.uidvalidity:
+                raise No("the folder's UIDVALIDITY changed", f"BADURL {url}")
+            blob = await s.scalar(
+                select(Message.blob).where(Message.folder_id == folder.id, Message.uid == ref.uid)
+            )
+        if blob is None:
+            raise No("no such message", f"BADURL {url}")
+        raw = await self.blobs.get(blob)
+        data = raw if ref.section is None else mime.section(raw, ref.section.part, ref.section.text)
+        if ref.partial is not None:
+            start, length = ref.partial
+            data = data[start : start + length] if length else data[start:]
+        return data
+
+    async def _own_sent_copy(
+        self, mailbox: str, flags: Sequence[str], message_id: str | None, now: datetime
+    ) -> str | None:
         """APPEND of the agent's own copy of a message mailgate filed in ``\\Sent`` for them.
 
         Thunderbird and Outlook save each sent message to Sent themselves. When
@@ -551,14 +600,14 @@ class Session:
         if message_id is None or agent is None or agent.save_sent != "auto":
             return None
         async with self.db.write() as s:
-            folder = await mailstore.get_folder(s, self.tenant_id, cmd.mailbox)
+            folder = await mailstore.get_folder(s, self.tenant_id, mailbox)
             if folder is None or folder.special_use != "\\Sent" or not self.visible(folder.name):
                 return None
             since = now - SENT_COPY_WINDOW
             uid = await mailstore.submitted_copy(s, folder, self.me.agent_id, message_id, since)
             if uid is None:
                 return None
-            changed = await mailstore.store_flags(s, folder, [uid], cmd.flags, "add") if cmd.flags else []
+            changed = await mailstore.store_flags(s, folder, [uid], flags, "add") if flags else []
         if changed:
             self.changes.publish([folder.id])
         self.log.info("imap.sent_copy_kept", uid=uid, message_id=message_id)
