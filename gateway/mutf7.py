@@ -47,8 +47,11 @@ def decode(name: str) -> str:
             b64 = chunk.replace(",", "/")
             try:
                 data = base64.b64decode(b64 + "=" * (-len(b64) % 4), validate=True)
-                out.append(data.decode("utf-16-be"))
+                text = data.decode("utf-16-be")
             except (binascii.Error, UnicodeDecodeError) as exc:
                 raise ValueError(f"invalid modified UTF-7 in {name!r}") from exc
+            if any(" " <= c <= "~" for c in text):  # RFC 3501 5.1.3: such a character stands for itself
+                raise ValueError(f"printable ASCII encoded in {name!r}")
+            out.append(text)
         i = end + 1
     return "".join(out)

@@ -541,3 +541,20 @@ async def test_catenate_builds_from_text_and_this_agents_messages(imap: Server) 
     inbox = await _inbox(imap)
     assert len(inbox) == 4  # only the first was stored
     assert inbox[-1] == head + b"Body 2.\r\n"
+
+
+async def test_names_that_are_not_modified_utf7_get_no_or_an_empty_list(imap: Server) -> None:
+    """As Dovecot answers (tests/test_imap_differential.py has no such names): not BAD."""
+    replies = await run(
+        _exchange,
+        imap.server.port,
+        [
+            b'SELECT "&Jjo"',
+            b'CREATE "a&AGE-"',
+            b'STATUS "&Jjo" (MESSAGES)',
+            b'LIST "" "&Jjo*"',
+            b'LSUB "&Jjo" "*"',
+        ],
+    )
+    assert replies[:3] == [b"t%d NO Mailbox name is not valid mUTF-7" % n for n in (1, 2, 3)]
+    assert replies[3:] == [b"t4 OK List completed", b"t5 OK Lsub completed"]

@@ -772,9 +772,9 @@ REFUSED: list[tuple[str | bytes, str | None, str | None]] = [
     ("A1 SEARCH " + " ".join(["SEEN"] * 1000), None, None),
     ("A1 SEARCH " + " ".join(["SEEN"] * 1001), "A1", "more than 1000 search keys"),
     ("A1 SELECT", "A1", "unexpected end of command"),
-    ('A1 SELECT "&Jjo"', "A1", "invalid modified UTF-7"),
-    ('A1 SELECT "&Jjo!-"', "A1", "invalid modified UTF-7"),
-    ('A1 SELECT "&2D0-"', "A1", "invalid modified UTF-7"),  # a lone surrogate
+    ('A1 SELECT "&Jjo"', "A1", "not valid mUTF-7"),
+    ('A1 SELECT "&Jjo!-"', "A1", "not valid mUTF-7"),
+    ('A1 SELECT "&2D0-"', "A1", "not valid mUTF-7"),  # a lone surrogate
     ('A1 SELECT "&AAA-"', "A1", "control character"),
     (b'A1 SELECT "a\x01b"', "A1", "control character"),
     (b"A1 SELECT " + lit(b"a\r\nb"), "A1", "control character"),

@@ -130,6 +130,7 @@ __all__ = [
     "Line",
     "LiteralTooLarge",
     "NeedContinuation",
+    "NotMUTF7",
     "ParseError",
     "TooLong",
     "is_done",
@@ -526,6 +527,19 @@ class ParseError(Exception):
         self.message = message
 
 
+class NotMUTF7(ParseError):
+    """A well-formed command naming a mailbox that is not valid modified UTF-7.
+
+    Not a BAD: as Dovecot, a command on such a mailbox answers ``NO``, and a
+    LIST or LSUB whose reference or pattern is one lists nothing (``OK``).
+    ``command`` is the command's name.
+    """
+
+    def __init__(self, tag: str | None, command: str) -> None:
+        super().__init__(tag, "Mailbox name is not valid mUTF-7")
+        self.command = command
+
+
 def _char_class(chars: set[int]) -> bytes:
     return b"[" + b"".join(re.escape(bytes([c])) for c in sorted(chars)) + b"]"
 
@@ -639,7 +653,7 @@ def parse(line: Line) -> Command:
 class _Parser:
     """A cursor over one line: ``s[i:]`` of part ``k``, then literal ``k``, then part ``k + 1``..."""
 
-    __slots__ = ("_lits", "_parts", "i", "k", "keys", "lenient", "s", "tag")
+    __slots__ = ("_lits", "_parts", "i", "k", "keys", "lenient", "name", "s", "tag")
 
     def __init__(self, line: Line) -> None:
         self._parts = line.parts
@@ -648,6 +662,7 @@ class _Parser:
         self.s = line.parts[0]
         self.i = 0
         self.tag: str | None = None
+        self.name = ""  # the command's name, once read
         self.keys = 0  # search keys seen
         self.lenient = False  # decode search strings leniently (unsupported CHARSET)
 
@@ -783,7 +798,7 @@ class _Parser:
             try:
                 name = mutf7.decode(name)
             except ValueError:
-                self.fail("invalid modified UTF-7 in mailbox name")
+                raise NotMUTF7(self.tag, self.name) from None
         if _CONTROL.search(name):
             self.fail("control character in mailbox name")
         if len(name) == 5 and name.isascii() and name.upper() == "INBOX":
@@ -915,7 +930,7 @@ class _Parser:
         if self.at_end():
             self.fail("missing command")
         self.sp()
-        name = self.keyword("a command name")
+        name = self.name = self.keyword("a command name")
         handler = _COMMANDS.get(name)
         if handler is None:
             if name in _SIMPLE:

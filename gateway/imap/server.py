@@ -43,6 +43,7 @@ from gateway.imap.parser import (
     Framer,
     LiteralTooLarge,
     NeedContinuation,
+    NotMUTF7,
     ParseError,
     TooLong,
     is_done,
@@ -378,6 +379,11 @@ class IMAPServer:
         """Run one command; returns 1 if it was bad, else 0."""
         try:
             cmd = parse(line)
+        except NotMUTF7 as exc:  # as Dovecot: not a BAD; LIST and LSUB simply find nothing
+            listed = exc.command in ("LIST", "LSUB")
+            reply = f"OK {exc.command.capitalize()} completed" if listed else f"NO {exc.message}"
+            writer.write(f"{exc.tag} {reply}\r\n".encode())
+            return 0
         except ParseError as exc:
             writer.write(
                 (exc.tag or "*").encode() + b" BAD " + exc.message.encode("utf-8", "replace") + b"\r\n"
