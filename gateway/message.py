@@ -33,7 +33,7 @@ _REFUSED_CODECS = frozenset({"idna", "punycode"})
 _MAX_ADDRESS_TEXT = 64 * 1024
 
 
-def _decode_8bit(raw: bytes) -> str:
+def decode_8bit(raw: bytes) -> str:
     """Decode raw header bytes as UTF-8, else cp1252, else latin-1 (which cannot fail)."""
     for encoding in ("utf-8", "cp1252"):
         with contextlib.suppress(UnicodeDecodeError):
@@ -74,10 +74,10 @@ def _decode_charset(data: bytes, codec: str) -> str:
     try:
         return data.decode(codec)
     except ValueError:
-        return _decode_8bit(data)
+        return decode_8bit(data)
 
 
-def _decode_rfc2047(text: str) -> str:
+def decode_rfc2047(text: str) -> str:
     """Decode RFC 2047 encoded-words like ``str(make_header(decode_header(text)))``, tolerantly.
 
     Whitespace between adjacent encoded-words is dropped and consecutive words in the
@@ -130,11 +130,11 @@ class Headers:
         encoded-words first could inject ``,``, ``<`` or ``>`` from display names.
         """
         key = name.lower()
-        return [_decode_8bit(value) for field, value in self.fields if field.lower() == key]
+        return [decode_8bit(value) for field, value in self.fields if field.lower() == key]
 
     def get_all(self, name: str) -> tuple[str, ...]:
         """All values of field ``name`` (case-insensitive), decoded, in message order."""
-        return tuple(_decode_rfc2047(text) for text in self._raw_texts(name))
+        return tuple(decode_rfc2047(text) for text in self._raw_texts(name))
 
     def get(self, name: str) -> str | None:
         """The first decoded value of field ``name`` (case-insensitive), or None."""

@@ -80,6 +80,14 @@ def _search_messages() -> dict[str, bytes]:
             "Message-ID: <pl-ascii@example.org>\r\nX-Priority: 1\r\n",
             "Plain ASCII body, tracking number ZX-4711.\r\n",
         ),
+        "comment_addresses": msg(  # RFC 5322 comments and folding inside addresses (Dovecot's parser)
+            "Subject: addresses with comments\r\nDate: Wed, 06 Mar 2024 08:00:00 +0000\r\n"
+            "Message-ID: <comments@example.org>\r\n"
+            'Cc: <user-from (comment)@ (comment) domain.org>, Grupa: a@b.c, "Kowalski, Jan"\r\n'
+            " (dział) <jan (x) . kowalski @ firma . pl>;, =?UTF-8?Q?=C5=81ukasz?= <l@x.pl>\r\n"
+            "Bcc: undisclosed-recipients:;\r\n",
+            "Addresses.\r\n",
+        ),
         "base64_text": msg(
             "Subject: base64 body\r\nDate: Tue, 05 Mar 2024 12:00:00 +0100\r\n"
             "Message-ID: <b64@example.org>\r\n"
@@ -569,9 +577,10 @@ SEARCHES: tuple[bytes, ...] = (
     b"SENTSINCE 03-Mar-2024",
     b"SENTON 02-Mar-2024",  # the day as written (02 Mar -0500), not the UTC day (03 Mar)
     b"SENTON 03-Mar-2024",
-    # Messages without a usable Date: Dovecot takes 1 Jan 1970 (so SENTBEFORE matches them),
-    # we match no SENT* key. RFC 3501 leaves it open; test_undated_messages_agree checks that
-    # both servers agree on which messages those are, the searches here leave them out.
+    # Messages without a usable Date were sent on 1 Jan 1970, for both servers.
+    b"SENTBEFORE 02-Mar-2024",
+    b"NOT SENTBEFORE 02-Mar-2024",
+    b"SENTON 01-Jan-1970",
     b"SENTBEFORE 02-Mar-2024 SENTSINCE 01-Jan-1971",
     b"NOT SENTBEFORE 02-Mar-2024 SENTSINCE 01-Jan-1971",
     b"SUBJECT boundary",
@@ -591,6 +600,13 @@ SEARCHES: tuple[bytes, ...] = (
     b"FROM anna@example.org",
     b"CC Team",
     b"BCC broken",
+    b"CC user-from@domain.org",  # comments inside the address
+    b'CC "user-from (comment)"',  # the raw text: not found by Dovecot either
+    b"CC jan.kowalski@firma.pl",
+    b'CC "Kowalski, Jan"',
+    b"CHARSET UTF-8 CC " + utf8("Łukasz <l@x.pl>"),
+    b"BCC undisclosed-recipients",
+    b'HEADER Cc "(comment)"',  # HEADER searches the field's text
     b"HEADER Subject inner",
     b'HEADER Content-Type ""',
     b"HEADER Content-Type multipart",
@@ -684,11 +700,9 @@ def test_search_matches_dovecot(sessions: Sessions, criteria: bytes, uid: bool) 
 
 
 def test_undated_messages_agree(sessions: Sessions) -> None:
-    """Both servers find the same messages without a usable Date header (see SEARCHES)."""
+    """Both servers date messages without a usable Date header 1 Jan 1970 (there are more than 10)."""
     dovecot, mailgate = sessions[1], sessions[3]
     (theirs,) = search_result(command(dovecot, b"SEARCH SENTBEFORE 02-Jan-1970"))
-    (ours,) = search_result(command(mailgate, b"SEARCH NOT OR SENTBEFORE 01-Jan-2000 SENTSINCE 01-Jan-2000"))
+    (ours,) = search_result(command(mailgate, b"SEARCH SENTBEFORE 02-Jan-1970"))
     assert ours == theirs
     assert len(theirs.split()) > 10
-    (none,) = search_result(command(mailgate, b"SEARCH SENTBEFORE 02-Jan-1970"))
-    assert none == b"* SEARCH"

@@ -113,7 +113,7 @@ import re
 from dataclasses import dataclass, field
 
 from gateway.imap import wire
-from gateway.message import codec_name, parse_headers
+from gateway.message import codec_name, decode_8bit, decode_rfc2047, parse_headers
 
 __all__ = ["MAX_NESTED_PARTS", "MAX_TOTAL_PARTS", "bodystructure", "envelope", "section", "stored_form"]
 
@@ -748,6 +748,52 @@ def _addresses(values: list[bytes]) -> bytes:
         for a in addrs
     ]
     return b"(" + b"".join(out) + b")"
+
+
+_QUOTE_NAME = re.compile(rb'[\x00-\x1f"\\()<>@,;:.\[\]]')
+
+
+def _phrase(name: bytes) -> bytes:
+    """str_append_maybe_escape(): a display name, quoted when it needs it (not encoded-words)."""
+    if b"=?" in name or not _QUOTE_NAME.search(name):
+        return name
+    return b'"' + name.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def address_search_text(values: list[bytes]) -> str:
+    """An address field as Dovecot's SEARCH FROM/TO/CC/BCC sees it (message_address_write()).
+
+    The field is parsed as for ENVELOPE (comments, groups, FILL_MISSING), each
+    address written back as ``local@domain`` or ``name <@route:local@domain>``,
+    groups as ``name: ...;``, then encoded-words decoded: so
+    ``<user-from (comment)@ (comment) domain.org>`` is found as
+    ``user-from@domain.org``.
+    """
+    addrs: list[_Addr] = []
+    for value in values:
+        addrs += _AddrParser(value).parse()
+    out = bytearray()
+    first, in_group = True, False
+    for a in addrs:
+        if not first:
+            out += b", "
+        first = False
+        if a.domain is None:
+            if not in_group:  # a group's start: its name in mailbox
+                out += _phrase(a.mailbox or b"") + b": "
+                first = True
+            else:  # its end
+                del out[-2:]
+                out += b";"
+            in_group = not in_group
+        elif not a.name and a.route is None:
+            out += (a.mailbox or b"") + b"@" + a.domain
+        else:
+            if a.name:
+                out += _phrase(a.name) + b" "
+            out += b"<" + (b"@" + a.route + b":" if a.route is not None else b"")
+            out += (a.mailbox or b"") + b"@" + a.domain + b">"
+    return decode_rfc2047(decode_8bit(bytes(out)))
 
 
 # --------------------------------------------------------------------------- headers and parts

@@ -54,6 +54,8 @@ _FLAG_KEYS = {
     "SEEN": (SEEN, True), "UNSEEN": (SEEN, False),
 }  # fmt: skip
 _HEADER_KEYS = {"FROM", "TO", "CC", "BCC", "SUBJECT"}
+_EPOCH = date(1970, 1, 1)
+_ADDRESS_KEYS = {"FROM", "TO", "CC", "BCC"}  # HEADER From etc. search the field's text instead
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 _TEXT_KEYS = {"HEADER", "BODY", "TEXT", *_HEADER_KEYS, "SENTBEFORE", "SENTON", "SENTSINCE"}
 _BATCH = 500  # candidates matched in one worker-thread call
@@ -198,10 +200,16 @@ class _Candidate:
         return self._all_text
 
     def values(self, name: str) -> list[str]:
-        """The casefolded values of a header field."""
-        key = name.lower()
+        """The casefolded values of a header field; for SEARCH FROM/TO/CC/BCC (``name`` in upper case)
+        the addresses as Dovecot writes them (:func:`gateway.imap.mime.address_search_text`), so
+        comments and folding do not hide them."""
+        key = name if name in _ADDRESS_KEYS else name.lower()
         if key not in self._values:
-            self._values[key] = [v.casefold() for v in self.headers.get_all(name)]
+            if key in _ADDRESS_KEYS:
+                raw = [value for field, value in self.headers.fields if field.lower() == key.lower()]
+                self._values[key] = [mime.address_search_text(raw).casefold()] if raw else []
+            else:
+                self._values[key] = [v.casefold() for v in self.headers.get_all(name)]
         return self._values[key]
 
 
@@ -251,14 +259,14 @@ def _match(key: SearchKey, m: _Candidate) -> bool:
         return seq is not None and args[0].contains(seq, m.view.exists)
     if op in ("BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE") and isinstance(args[0], date):
         day = _day(m.headers.date) if op.startswith("SENT") else _day(row.internal_date)
-        if day is None:
-            return False
+        if day is None:  # no usable Date: as Dovecot, the message was sent on 1 January 1970
+            day = _EPOCH
         kind = op.removeprefix("SENT")
         return day < args[0] if kind == "BEFORE" else day == args[0] if kind == "ON" else day >= args[0]
     if op in _HEADER_KEYS:
         return _header_has(m, op, str(args[0]))
     if op == "HEADER":
-        return _header_has(m, str(args[0]), str(args[1]))
+        return _header_has(m, str(args[0]).lower(), str(args[1]))
     if op == "BODY":
         return str(args[0]) in m.body_text()
     if op == "TEXT":
