@@ -146,8 +146,13 @@ async def create_folder(
     *,
     special_use: str | None = None,
     quota_bytes: int | None = None,
+    subscribed: bool = True,
 ) -> Folder:
-    """Create a folder with a fresh UIDVALIDITY; :class:`FolderExists` if taken."""
+    """Create a folder with a fresh UIDVALIDITY; :class:`FolderExists` if taken.
+
+    Folders the operator and the rules make are ``subscribed`` (clients that
+    show only subscribed folders show them); an agent's IMAP CREATE is not.
+    """
     name = canonical_name(name)
     if not name or len(name) > 255 or name.startswith(DELIMITER) or f"{DELIMITER}{DELIMITER}" in name:
         raise StoreError(f"invalid folder name {name!r}")
@@ -175,7 +180,7 @@ async def create_folder(
         quota_bytes=quota_bytes,
         used_bytes=0,
         used_messages=0,
-        subscribed=True,
+        subscribed=subscribed or special_use is not None,
         recent_uid=1,
     )
     s.add(folder)

@@ -558,3 +558,26 @@ async def test_names_that_are_not_modified_utf7_get_no_or_an_empty_list(imap: Se
     )
     assert replies[:3] == [b"t%d NO Mailbox name is not valid mUTF-7" % n for n in (1, 2, 3)]
     assert replies[3:] == [b"t4 OK List completed", b"t5 OK Lsub completed"]
+
+
+async def test_create_does_not_subscribe_and_lsub_flags_unsubscribed_parents(imap: Server) -> None:
+    """As Dovecot answers (RFC 3501 6.3.3 and 6.3.9)."""
+
+    def dialogue() -> list[list[bytes]]:
+        c = imap.connect()
+        ok(c.create("parent/child"))
+        answers = [ok(c.lsub('""', "parent*"))]
+        ok(c.subscribe("parent/child"))
+        answers += [ok(c.lsub('""', "%")), ok(c.lsub('""', "parent/%")), ok(c.lsub('""', "*"))]
+        ok(c.unsubscribe("parent/child"))
+        answers.append(ok(c.lsub('""', "parent*")))
+        c.logout()
+        return answers
+
+    created, top, below, everything, after = await run(dialogue)
+    assert created == [None]
+    assert b'(\\Noselect) "/" parent' in top
+    assert below == [b'() "/" parent/child']
+    assert b'() "/" parent/child' in everything
+    assert not any(line.endswith(b'"/" parent') for line in everything)
+    assert after == [None]

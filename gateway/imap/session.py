@@ -344,7 +344,8 @@ class Session:
             for i in range(1, len(parts) + 1):
                 path = mailstore.DELIMITER.join(parts[:i])
                 if await mailstore.get_folder(s, self.tenant_id, path) is None:
-                    await mailstore.create_folder(s, self.tenant_id, path)
+                    # Not subscribed (RFC 3501 6.3.3: the client subscribes if it wants).
+                    await mailstore.create_folder(s, self.tenant_id, path, subscribed=False)
                 elif i == len(parts):
                     raise No(f"{name} exists already", "ALREADYEXISTS")
         return "CREATE completed"
@@ -401,6 +402,15 @@ class Session:
             return f"{cmd.name} completed"
         matches = Matcher(cmd.reference + p for p in cmd.patterns)
         parents = {n[:i] for n in names for i in _delimiters(n)} if not lsub else set()
+        if lsub:
+            # RFC 3501 6.3.9: a "%" that stops above a subscribed folder lists its unsubscribed
+            # ancestor, flagged \Noselect ("foo" for a subscribed "foo/bar").
+            subscribed = {f.name for f in folders if f.subscribed}
+            above = {
+                n[:i] for n in subscribed if not matches(n) for i in _delimiters(n) if n[:i] not in subscribed
+            }
+            for name in sorted(a for a in above if matches(a)):
+                self.untagged(b'LSUB (\\Noselect) "/" ' + wire.mailbox(name))
         for f in folders:
             if not matches(f.name):
                 continue
