@@ -581,3 +581,54 @@ async def test_create_does_not_subscribe_and_lsub_flags_unsubscribed_parents(ima
     assert b'() "/" parent/child' in everything
     assert not any(line.endswith(b'"/" parent') for line in everything)
     assert after == [None]
+
+
+async def test_list_extended_and_list_status_answer_as_dovecot_does(imap: Server) -> None:
+    """RFC 5258 and 5819, in the forms Dovecot 2.3 answers (its delimiter is "." where ours is "/")."""
+    replies = await run(
+        _exchange_untagged,
+        imap.server.port,
+        [
+            b'CREATE "parent/child"',
+            b'CREATE "solo"',
+            b'SUBSCRIBE "parent/child"',
+            b'SUBSCRIBE "solo"',
+            b'LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"',
+            b'LIST "" "solo" RETURN (STATUS (MESSAGES UNSEEN))',
+            b'LIST "" ("solo" "parent") RETURN (CHILDREN SUBSCRIBED)',
+            b'LIST (SPECIAL-USE) "" "*"',
+            b'LIST "" "Spam"',
+        ],
+    )
+    recursive, status, children, special, basic = replies[4:]
+    assert b'* LIST () "/" parent (CHILDINFO ("SUBSCRIBED"))' in recursive
+    assert b'* LIST (\\Subscribed) "/" solo' in recursive
+    assert status == [b'* LIST () "/" solo', b"* STATUS solo (MESSAGES 0 UNSEEN 0)"]
+    assert sorted(children) == [
+        b'* LIST (\\HasChildren) "/" parent',
+        b'* LIST (\\Subscribed \\HasNoChildren) "/" solo',
+    ]
+    assert all(b"\\Has" not in line for line in special)
+    assert b'* LIST (\\Junk) "/" Spam' in special
+    assert basic == [b'* LIST (\\HasNoChildren \\Junk) "/" Spam']
+
+
+def _exchange_untagged(port: int, lines: list[bytes]) -> list[list[bytes]]:
+    """Log in, send each command, return each one's untagged responses (it must end OK)."""
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.recv(4096)
+        sock.sendall(b"a LOGIN anna@acme.test " + PASSWORD.encode() + b"\r\n")
+        buf = b""
+        while b"a OK" not in buf:
+            buf += sock.recv(65536)
+        for n, line in enumerate(lines):
+            tag = b"u%d " % n
+            sock.sendall(tag + line + b"\r\n")
+            buf = b""
+            while not any(x.startswith(tag) for x in buf.split(b"\r\n")):
+                buf += sock.recv(65536)
+            answer = buf.split(b"\r\n")
+            assert any(x.startswith(tag + b"OK") for x in answer), answer
+            out.append([x for x in answer if x.startswith(b"* ")])
+    return out

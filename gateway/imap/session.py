@@ -166,7 +166,7 @@ class Session:
             "NAMESPACE", "UNSELECT", "UIDPLUS", "MOVE", "CHILDREN", "SPECIAL-USE", "CONDSTORE",
             "ESEARCH", "SEARCHRES", "QUOTA", "QUOTA=RES-STORAGE", f"APPENDLIMIT={APPEND_LIMIT}",
         ]  # fmt: skip
-        caps += ["BINARY", "MULTIAPPEND", "CATENATE"]
+        caps += ["BINARY", "MULTIAPPEND", "CATENATE", "LIST-EXTENDED", "LIST-STATUS"]
         if not self.compressed:
             caps.append("COMPRESS=DEFLATE")
         return " ".join(caps)
@@ -411,21 +411,48 @@ class Session:
             }
             for name in sorted(a for a in above if matches(a)):
                 self.untagged(b'LSUB (\\Noselect) "/" ' + wire.mailbox(name))
+        # RFC 5258: an extended LIST (options, RETURN, several patterns) shows the children and
+        # special-use attributes only when asked for, as Dovecot does; a basic one always.
+        options = {*cmd.select_options, *cmd.return_options}
+        extended = bool(options or cmd.status_items or len(cmd.patterns) > 1)
+        # RFC 5258 RECURSIVEMATCH: a folder with a subscribed descendant is listed (when it
+        # matches) with CHILDINFO ("SUBSCRIBED"), subscribed itself or not.
+        recursive = subscribed_only and not lsub and "RECURSIVEMATCH" in cmd.select_options
+        with_subscribed_child = (
+            {f.name[:i] for f in folders if f.subscribed for i in _delimiters(f.name)} if recursive else set()
+        )
         for f in folders:
             if not matches(f.name):
                 continue
-            if subscribed_only and not f.subscribed:
+            childinfo = f.name in with_subscribed_child
+            if subscribed_only and not f.subscribed and not childinfo:
                 continue
             if special_only and f.special_use not in _SPECIAL_USE_ATTRS:
                 continue
             attrs = []
-            if not lsub:
+            if f.subscribed and "SUBSCRIBED" in options:
+                attrs.append("\\Subscribed")
+            if not lsub and (not extended or "CHILDREN" in cmd.return_options):
                 attrs.append("\\HasChildren" if f.name in parents else "\\HasNoChildren")
-                if f.special_use in _SPECIAL_USE_ATTRS:
-                    attrs.append(f.special_use)
-                if f.subscribed and "SUBSCRIBED" in (*cmd.select_options, *cmd.return_options):
-                    attrs.append("\\Subscribed")
-            self.untagged(cmd.name.encode() + b" " + wire.flags(attrs) + b' "/" ' + wire.mailbox(f.name))
+            if (
+                not lsub
+                and (not extended or "SPECIAL-USE" in options)
+                and f.special_use in _SPECIAL_USE_ATTRS
+            ):
+                attrs.append(f.special_use)
+            childinfo_data = b' (CHILDINFO ("SUBSCRIBED"))' if childinfo else b""
+            line = (
+                cmd.name.encode()
+                + b" "
+                + wire.flags(attrs)
+                + b' "/" '
+                + wire.mailbox(f.name)
+                + childinfo_data
+            )
+            self.untagged(line)
+            if cmd.status_items:  # RFC 5819 LIST-STATUS: right after the folder's LIST response
+                async with self.db.read() as s:
+                    self.untagged(await self._status(s, f, cmd.status_items))
         return f"{cmd.name} completed"
 
     cmd_lsub = cmd_list
@@ -459,34 +486,41 @@ class Session:
     async def cmd_status(self, cmd: c.Status) -> str:
         async with self.db.read() as s:
             folder = await self.folder(s, cmd.mailbox)
-            unseen: int | None = 0
+            self.untagged(await self._status(s, folder, cmd.items))
+        return "STATUS completed"
+
+    async def _status(self, s: AsyncSession, folder: Folder, items: Sequence[str]) -> bytes:
+        """A ``STATUS`` response for ``folder`` (STATUS, and LIST's RETURN (STATUS ...))."""
+        recent = unseen = 0
+        if "RECENT" in items:
             recent = (
                 await s.scalar(
                     select(func.count()).where(
                         Message.folder_id == folder.id, Message.uid >= folder.recent_uid
                     )
                 )
-                if "RECENT" in cmd.items
-                else 0
+                or 0
             )
-            if "UNSEEN" in cmd.items:
-                unseen = await s.scalar(
+        if "UNSEEN" in items:
+            unseen = (
+                await s.scalar(
                     select(func.count()).where(
                         Message.folder_id == folder.id, Message.sysflags.op("&")(SEEN) == 0
                     )
                 )
+                or 0
+            )
         values = {
             "MESSAGES": folder.used_messages,
-            "RECENT": recent or 0,
+            "RECENT": recent,
             "UIDNEXT": folder.uidnext,
             "UIDVALIDITY": folder.uidvalidity,
-            "UNSEEN": unseen or 0,
+            "UNSEEN": unseen,
             "HIGHESTMODSEQ": folder.highestmodseq,
             "SIZE": folder.used_bytes,
         }
-        items = b" ".join(b"%s %d" % (i.encode(), values[i]) for i in cmd.items if i in values)
-        self.untagged(b"STATUS " + wire.mailbox(folder.name) + b" (" + items + b")")
-        return "STATUS completed"
+        text = b" ".join(b"%s %d" % (i.encode(), values[i]) for i in items if i in values)
+        return b"STATUS " + wire.mailbox(folder.name) + b" (" + text + b")"
 
     async def cmd_getquotaroot(self, cmd: c.MailboxCommand) -> str:
         async with self.db.read() as s:
