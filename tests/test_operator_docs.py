@@ -92,3 +92,38 @@ async def test_snapshot_time_change_applies_on_reload(tmp_path: Path) -> None:
     finally:
         task.cancel()
         await db.close()
+
+
+def _advertised(*, tls: bool, loopback: bool, logged_in: bool) -> set[str]:
+    from gateway.imap.session import Session, State
+
+    config = parse_config(config_dict(Path("/nonexistent")))
+    session = Session(
+        config=lambda: config,
+        db=None,  # type: ignore[arg-type]  (capabilities touch no database)
+        blobs=None,  # type: ignore[arg-type]
+        auth=None,  # type: ignore[arg-type]
+        changes=None,  # type: ignore[arg-type]
+        peer="192.0.2.1",
+        tls=tls,
+        starttls_available=True,
+        loopback=loopback,
+    )
+    if logged_in:
+        session.state = State.AUTHENTICATED
+    return {c.split("=")[0] if c.startswith("APPENDLIMIT=") else c for c in session.capabilities().split()}
+
+
+def test_readme_lists_every_imap_capability_and_nothing_else() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = set(re.findall(r"^\| `([A-Za-z0-9=+-]+)` \| (\d{4}) \|", readme, re.MULTILINE))
+    listed = {cap for cap, _ in table}
+    offered = set().union(
+        *(
+            _advertised(tls=tls, loopback=loopback, logged_in=logged_in)
+            for tls in (False, True)
+            for loopback in (False, True)
+            for logged_in in (False, True)
+        )
+    )
+    assert listed == offered
