@@ -632,3 +632,22 @@ def _exchange_untagged(port: int, lines: list[bytes]) -> list[list[bytes]]:
             assert any(x.startswith(tag + b"OK") for x in answer), answer
             out.append([x for x in answer if x.startswith(b"* ")])
     return out
+
+
+async def test_sort_on_an_empty_folder_and_in_order(imap: Server) -> None:
+    """The order itself is compared with Dovecot's in tests/test_imap_differential.py."""
+    answers = await run(
+        _exchange_untagged,
+        imap.server.port,
+        [
+            b"SELECT Drafts",
+            b"SORT (DATE) UTF-8 ALL",
+            b"SELECT INBOX",
+            b"SORT (REVERSE ARRIVAL) UTF-8 ALL",
+            b"UID SORT (SUBJECT) UTF-8 NOT DELETED",
+        ],
+    )
+    empty, inbox, by_uid = answers[1], answers[3], answers[4]
+    assert empty == [b"* SORT"]
+    assert inbox[-1] == b"* SORT 3 2 1"
+    assert by_uid[-1] == b"* SORT 1 2 3"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from datetime import UTC, date, datetime, timedelta, timezone
 
@@ -11,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import mutf7
-from gateway.imap import imapurl
+from gateway.imap import imapurl, sort
 from gateway.imap import wire as imap_wire
 from gateway.imap.commands import (
     Append,
@@ -35,6 +36,7 @@ from gateway.imap.commands import (
     Select,
     SeqSet,
     Simple,
+    Sort,
     Status,
     Store,
     UidExpunge,
@@ -1330,3 +1332,52 @@ def test_imap_url_refused(url: str) -> None:
 def test_imap_url_never_crashes(url: str) -> None:
     with contextlib.suppress(imapurl.BadURL):
         imapurl.parse(url, "mx.test")
+
+
+# --------------------------------------------------------------------------- SORT (RFC 5256)
+
+
+@pytest.mark.parametrize(
+    ("subject", "base"),
+    [
+        ("Re: order 17", "order 17"),
+        ("RE: Re: re:order 17", "order 17"),
+        ("Fwd: Re: [ACME] order 17", "order 17"),
+        ("[ACME] Re: order 17 (fwd)", "order 17"),
+        ("Fw: order 17 (fwd) (FWD)", "order 17"),
+        ("[fwd: Re: order 17]", "order 17"),
+        ("[ACME]", "[ACME]"),  # a blob that is all there is stays
+        ("Re [tag]: x", "x"),
+        ("  spaced \t out  ", "spaced out"),
+        ("Zamówienie", "Zamówienie"),
+        ("", ""),
+    ],
+)
+def test_base_subject(subject: str, base: str) -> None:
+    assert sort.base_subject(subject) == base
+
+
+@given(st.text(max_size=200))
+def test_base_subject_never_grows(subject: str) -> None:
+    assert len(sort.base_subject(subject)) <= len(subject)
+
+
+def test_sort_parses_and_bounds_its_criteria() -> None:
+    (line,) = lines(wire("A1 UID SORT RETURN (MIN COUNT) (REVERSE DATE SUBJECT) UTF-8 SEEN"))
+    cmd = parse(line)
+    assert isinstance(cmd, Sort)
+    assert (cmd.uid, cmd.criteria, cmd.charset, cmd.returns) == (
+        True,
+        (("DATE", True), ("SUBJECT", False)),
+        "UTF-8",
+        ("MIN", "COUNT"),
+    )
+    for bad, message in (
+        ("A1 SORT (" + " ".join(["DATE"] * 10_000) + ") UTF-8 ALL", "too many sort criteria"),
+        ("A1 SORT (DISPLAYFROM) UTF-8 ALL", "unknown sort criterion DISPLAYFROM"),
+        ("A1 SORT (DATE) ALL", "expected a space"),
+        ("A1 SORT () UTF-8 ALL", "expected a sort criterion"),
+    ):
+        (line,) = lines(wire(bad), max_line=1 << 20)
+        with pytest.raises(ParseError, match=re.escape(message)):
+            parse(line)

@@ -195,6 +195,17 @@ class Search(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class Sort(Command):
+    """SORT (RFC 5256), and ESORT's ``RETURN (...)`` (RFC 5267; None: a plain SORT)."""
+
+    uid: bool
+    criteria: tuple[tuple[str, bool], ...]  # (key, reversed), e.g. ("DATE", True)
+    charset: str
+    key: SearchKey
+    returns: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Fetch(Command):
     uid: bool
     sequence: SeqSet

@@ -107,6 +107,7 @@ from gateway.imap.commands import (
     Select,
     SeqSet,
     Simple,
+    Sort,
     Status,
     Store,
     UidExpunge,
@@ -611,6 +612,8 @@ STATUS_ITEMS: Final = frozenset(
 _LIST_SELECT: Final = frozenset({"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"})
 _LIST_RETURN: Final = frozenset({"SUBSCRIBED", "CHILDREN", "SPECIAL-USE"})
 _SEARCH_RETURN: Final = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE"})
+_SORT_RETURN: Final = frozenset({"MIN", "MAX", "ALL", "COUNT"})
+_SORT_KEYS: Final = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO"})
 
 # Search keys by the kind of their arguments.
 _K_NONE, _K_STRING, _K_DATE, _K_NUMBER, _K_KEYWORD, _K_HEADER, _K_UID, _K_NOT, _K_OR, _K_MODSEQ = range(10)
@@ -1152,6 +1155,41 @@ class _Parser:
             keys.append(self.search_key(0, 0))
         return Search(tag, name, uid, charset, SearchKey("AND", tuple(keys)), returns)
 
+    def cmd_sort(self, tag: str, name: str, uid: bool = False) -> Command:
+        """RFC 5256 SORT, with RFC 5267's RETURN (ESORT)."""
+        self.sp()
+        returns: tuple[str, ...] | None = None
+        if self.peek_keyword() == "RETURN":
+            self.keyword()
+            self.sp()
+            returns = tuple(dict.fromkeys(self.keyword_list("SORT return option", _SORT_RETURN)))
+            self.sp()
+        self.byte(_LPAREN, "'(' starting the sort criteria")
+        criteria: list[tuple[str, bool]] = []
+        while True:
+            word = self.keyword("a sort criterion")
+            reverse = word == "REVERSE"
+            if reverse:
+                self.sp()
+                word = self.keyword("a sort criterion")
+            if word not in _SORT_KEYS:
+                self.fail(f"unknown sort criterion {_safe(word)}")
+            criteria.append((word, reverse))
+            if len(criteria) > len(_SORT_KEYS) * 2:
+                self.fail("too many sort criteria")
+            if self.peek() != _SP:
+                break
+            self.i += 1
+        self.byte(_RPAREN, "')' ending the sort criteria")
+        self.sp()
+        charset = self.text(self.astring("a charset"), "charset").upper()
+        self.lenient = charset not in ("UTF-8", "US-ASCII")
+        keys: list[SearchKey] = []
+        while not keys or not self.at_end():
+            self.sp()
+            keys.append(self.search_key(0, 0))
+        return Sort(tag, name, uid, tuple(criteria), charset, SearchKey("AND", tuple(keys)), returns)
+
     def search_string(self) -> str:
         data = self.astring()
         if self.lenient:
@@ -1438,6 +1476,7 @@ _COMMANDS: Final[dict[str, _Handler]] = {
     "STATUS": _Parser.cmd_status,
     "APPEND": _Parser.cmd_append,
     "SEARCH": _Parser.cmd_search,
+    "SORT": _Parser.cmd_sort,
     "FETCH": _Parser.cmd_fetch,
     "STORE": _Parser.cmd_store,
     "COPY": _Parser.cmd_copy,
@@ -1452,4 +1491,5 @@ _UID_COMMANDS: Final[dict[str, _UidHandler]] = {
     "COPY": _Parser.cmd_copy,
     "MOVE": _Parser.cmd_copy,
     "SEARCH": _Parser.cmd_search,
+    "SORT": _Parser.cmd_sort,
 }

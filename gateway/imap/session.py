@@ -30,6 +30,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
+from typing import Any
 
 import structlog
 from sqlalchemy import func, select
@@ -39,7 +40,7 @@ import quotas
 from gateway.auth import Authenticator, AuthUnavailable, Identity
 from gateway.config import Config
 from gateway.imap import commands as c
-from gateway.imap import imapurl, mime, wire
+from gateway.imap import imapurl, mime, sort, wire
 from gateway.imap.search import search, uses
 from gateway.imap.view import FlagRow, FolderChanges, View, keywords_of
 from gateway.imap.wildcard import Matcher
@@ -68,7 +69,7 @@ _AUTH = {
     "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
     "STATUS", "APPEND", "NAMESPACE", "ENABLE", "GETQUOTAROOT", "GETQUOTA", "IDLE", "COMPRESS",
 }  # fmt: skip
-_SELECTED = {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE"}
+_SELECTED = {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "SORT", "FETCH", "STORE", "COPY", "MOVE"}
 ALLOWED: dict[State, set[str]] = {
     State.NOT_AUTHENTICATED: _ANY | {"STARTTLS", "LOGIN", "AUTHENTICATE"},
     State.AUTHENTICATED: _ANY | _AUTH,
@@ -76,9 +77,9 @@ ALLOWED: dict[State, set[str]] = {
     State.LOGOUT: set(),
 }
 # Commands during which EXPUNGE responses must not be sent (by sequence number; RFC 3501 7.4.1).
-_NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
+_NO_EXPUNGE = {"FETCH", "STORE", "SEARCH", "SORT"}
 # SEARCH sends none by UID either (RFC 2180 4.3 allows it; Dovecot does not).
-_NO_UID_EXPUNGE = {"SEARCH"}
+_NO_UID_EXPUNGE = {"SEARCH", "SORT"}
 _SPECIAL_USE_ATTRS = {"\\Archive", "\\Drafts", "\\Junk", "\\Sent", "\\Trash"}
 CHUNK = 1000
 APPEND_LIMIT = 50 * 10**6
@@ -166,7 +167,7 @@ class Session:
             "NAMESPACE", "UNSELECT", "UIDPLUS", "MOVE", "CHILDREN", "SPECIAL-USE", "CONDSTORE",
             "ESEARCH", "SEARCHRES", "QUOTA", "QUOTA=RES-STORAGE", f"APPENDLIMIT={APPEND_LIMIT}",
         ]  # fmt: skip
-        caps += ["BINARY", "MULTIAPPEND", "CATENATE", "LIST-EXTENDED", "LIST-STATUS"]
+        caps += ["BINARY", "MULTIAPPEND", "CATENATE", "LIST-EXTENDED", "LIST-STATUS", "SORT", "ESORT"]
         if not self.compressed:
             caps.append("COMPRESS=DEFLATE")
         return " ".join(caps)
@@ -712,6 +713,51 @@ class Session:
         if folder is None:
             raise No("the selected folder was deleted", "NONEXISTENT")
         return folder
+
+    async def cmd_sort(self, cmd: c.Sort) -> str:
+        """RFC 5256 SORT and RFC 5267 ESORT: the search, then :func:`gateway.imap.sort.order`."""
+        view = self.selected
+        async with self.db.read() as s:
+            found = set(await search(s, self.blobs, view, cmd.key, self.saved)) - view.gone
+            rows = (
+                await s.execute(
+                    select(
+                        Message.uid, Message.internal_date, Message.sent_date, Message.size,
+                        Message.envelope, Message.blob,
+                    ).where(Message.folder_id == view.folder_id, Message.uid <= view.max_uid)
+                )
+            ).all()  # fmt: skip
+        rows = [r for r in rows if r.uid in found]
+        envelopes = {r.uid: r.envelope for r in rows}
+        for r in rows:  # stored before ENVELOPE was a column: computed from the message once here
+            if r.envelope is None:
+                envelopes[r.uid] = mime.envelope(await self.blobs.get(r.blob))
+
+        def sortable(r: Any) -> sort.Row:
+            subject, from_, to, cc = sort.envelope_keys(envelopes[r.uid])
+            seq = view.seq(r.uid) or 0
+            return sort.Row(
+                r.uid, seq, r.internal_date, r.sent_date, r.size, sort.subject_text(subject), from_, to, cc
+            )
+
+        rows_to_sort = [sortable(r) for r in rows]
+        ordered = await asyncio.to_thread(sort.order, rows_to_sort, cmd.criteria)
+        numbers = [r.uid if cmd.uid else r.seq for r in ordered]
+        if cmd.returns is None:
+            self.untagged(b"SORT" + b"".join(b" %d" % n for n in numbers))
+            return "SORT completed"
+        returns = cmd.returns or ("ALL",)
+        parts = [b'(TAG "' + cmd.tag.encode() + b'")'] + ([b"UID"] if cmd.uid else [])
+        if numbers and "MIN" in returns:  # RFC 5267 3.1: the first and the last in sort order
+            parts.append(b"MIN %d" % numbers[0])
+        if numbers and "MAX" in returns:
+            parts.append(b"MAX %d" % numbers[-1])
+        if "COUNT" in returns:
+            parts.append(b"COUNT %d" % len(numbers))
+        if numbers and "ALL" in returns:  # in sort order
+            parts.append(b"ALL " + b",".join(b"%d" % n for n in numbers))
+        self.untagged(b"ESEARCH " + b" ".join(parts))
+        return "SORT completed"
 
     async def cmd_search(self, cmd: c.Search) -> str:
         view = self.selected
