@@ -162,10 +162,10 @@ def connect(port: int, user: str, password: str) -> imaplib.IMAP4:
     return client
 
 
-def append(client: imaplib.IMAP4, raw: bytes, flags: str, date: str) -> None:
+def append(client: imaplib.IMAP4, raw: bytes, flags: str, date: str, mailbox: str = "INBOX") -> None:
     """APPEND with the bytes sent unchanged (imaplib.append rewrites line ends)."""
     client.literal = raw  # type: ignore[attr-defined]
-    typ, data = client._simple_command("APPEND", "INBOX", f"({flags})", f'"{date}"')  # type: ignore[attr-defined]
+    typ, data = client._simple_command("APPEND", mailbox, f"({flags})", f'"{date}"')  # type: ignore[attr-defined]
     assert typ == "OK", data
 
 
@@ -761,3 +761,73 @@ def test_sort_matches_dovecot(sessions: Sessions, criteria: bytes) -> None:
     assert our_order == their_order, "\n".join(
         difflib.unified_diff(their_order, our_order, "dovecot", "mailgate", lineterm="", n=1)
     )
+
+
+# --------------------------------------------------------------------------- THREAD (RFC 5256)
+
+
+def _thread_corpus() -> list[bytes]:
+    """A conversation as mail clients leave it: Re:/Fwd:/[tag] prefixes, missing and broken References,
+    a loop, equal dates, a reply whose parent is absent, encoded Polish subjects."""
+
+    def m(n: int, subject: str, date: str, refs: str = "", irt: str = "", msgid: str | None = None) -> bytes:
+        head = f"From: a{n}@example.org\r\nSubject: {subject}\r\nDate: {date}\r\n"
+        head += f"Message-ID: {msgid if msgid is not None else f'<t{n}@x>'}\r\n"
+        head += (f"References: {refs}\r\n" if refs else "") + (f"In-Reply-To: {irt}\r\n" if irt else "")
+        return (head + "\r\nbody\r\n").encode()
+
+    d = "Mon, 04 Mar 2024 10:{:02d}:00 +0000"
+    return [
+        m(1, "Zamówienie 17", d.format(1)),
+        m(2, "Re: Zamówienie 17", d.format(2), refs="<t1@x>"),
+        m(3, "RE: Re: Zamówienie 17", d.format(3), refs="<t1@x> <t2@x>"),
+        m(4, "Fwd: Zamówienie 17", d.format(4)),  # no references: joins by subject
+        m(5, "[ACME] Re: Zamówienie 17", d.format(5), irt="<t2@x>"),
+        m(6, "Re: lost parent", d.format(6), refs="<missing@x>"),
+        m(7, "Re: lost parent", d.format(6), refs="<missing@x>"),  # equal date
+        m(8, "=?UTF-8?Q?Faktura_=C5=82=C3=B3d=C5=BA?=", d.format(8)),
+        m(9, "Re: Faktura łódź", d.format(9), refs="<t8@x> <t9@x>"),  # refers to itself
+        m(10, "Loop a", d.format(10), refs="<t11@x>"),
+        m(11, "Loop b", d.format(11), refs="<t10@x>"),
+        m(12, "no id", d.format(12), msgid=""),
+        m(13, "Re: no id", d.format(13), irt="<t1@x> <t12@x>"),
+        m(14, "Dup id", d.format(14), msgid="<t1@x>"),
+        m(15, "Pytanie", d.format(1)),
+        m(16, "pytanie", d.format(15)),
+        m(17, "(fwd) Pytanie (fwd)", d.format(16)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def threads(dovecot_side: Side, mailgate_side: Side) -> Iterator[tuple[imaplib.IMAP4, imaplib.IMAP4]]:
+    clients = []
+    folder = f"Threads{uuid.uuid4().hex[:8]}"  # Dovecot serves both engines' modules
+    for side in (dovecot_side, mailgate_side):
+        client = connect(side.port, side.user, side.password)
+        command(client, f'CREATE "{folder}"'.encode())
+        for raw in _thread_corpus():
+            append(client, raw, "", date_of(0), folder)
+        command(client, f'SELECT "{folder}"'.encode())
+        clients.append(client)
+    yield clients[0], clients[1]
+    for client in clients:
+        with contextlib.suppress(Exception):
+            client.logout()
+
+
+THREADS = [
+    b"THREAD REFERENCES UTF-8 ALL",
+    b"THREAD ORDEREDSUBJECT UTF-8 ALL",
+    b"THREAD REFERENCES UTF-8 NOT SUBJECT lost",
+    b"THREAD ORDEREDSUBJECT UTF-8 7:*",
+    b"THREAD REFERENCES UTF-8 SUBJECT nothing-matches",
+]
+
+
+@pytest.mark.parametrize("line", THREADS, ids=[t.decode() for t in THREADS])
+def test_thread_matches_dovecot(threads: tuple[imaplib.IMAP4, imaplib.IMAP4], line: bytes) -> None:
+    answers = [
+        next(x for x in command(client, line).split(b"\r\n") if x.startswith(b"* THREAD"))
+        for client in threads
+    ]
+    assert answers[1] == answers[0]

@@ -1377,6 +1377,8 @@ def test_sort_parses_and_bounds_its_criteria() -> None:
         ("A1 SORT (DISPLAYFROM) UTF-8 ALL", "unknown sort criterion DISPLAYFROM"),
         ("A1 SORT (DATE) ALL", "expected a space"),
         ("A1 SORT () UTF-8 ALL", "expected a sort criterion"),
+        ("A1 THREAD REFS UTF-8 ALL", "unknown threading algorithm REFS"),
+        ("A1 THREAD REFERENCES UTF-8", "expected a space"),
     ):
         (line,) = lines(wire(bad), max_line=1 << 20)
         with pytest.raises(ParseError, match=re.escape(message)):

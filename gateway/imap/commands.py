@@ -206,6 +206,16 @@ class Sort(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class Thread(Command):
+    """THREAD (RFC 5256): ``algorithm`` is ORDEREDSUBJECT or REFERENCES."""
+
+    uid: bool
+    algorithm: str
+    charset: str
+    key: SearchKey
+
+
+@dataclass(frozen=True, slots=True)
 class Fetch(Command):
     uid: bool
     sequence: SeqSet

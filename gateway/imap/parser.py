@@ -110,6 +110,7 @@ from gateway.imap.commands import (
     Sort,
     Status,
     Store,
+    Thread,
     UidExpunge,
 )
 
@@ -1190,6 +1191,21 @@ class _Parser:
             keys.append(self.search_key(0, 0))
         return Sort(tag, name, uid, tuple(criteria), charset, SearchKey("AND", tuple(keys)), returns)
 
+    def cmd_thread(self, tag: str, name: str, uid: bool = False) -> Command:
+        """RFC 5256 THREAD algorithm charset search-keys."""
+        self.sp()
+        algorithm = self.keyword("a threading algorithm")
+        if algorithm not in ("ORDEREDSUBJECT", "REFERENCES"):
+            self.fail(f"unknown threading algorithm {_safe(algorithm)}")
+        self.sp()
+        charset = self.text(self.astring("a charset"), "charset").upper()
+        self.lenient = charset not in ("UTF-8", "US-ASCII")
+        keys: list[SearchKey] = []
+        while not keys or not self.at_end():
+            self.sp()
+            keys.append(self.search_key(0, 0))
+        return Thread(tag, name, uid, algorithm, charset, SearchKey("AND", tuple(keys)))
+
     def search_string(self) -> str:
         data = self.astring()
         if self.lenient:
@@ -1477,6 +1493,7 @@ _COMMANDS: Final[dict[str, _Handler]] = {
     "APPEND": _Parser.cmd_append,
     "SEARCH": _Parser.cmd_search,
     "SORT": _Parser.cmd_sort,
+    "THREAD": _Parser.cmd_thread,
     "FETCH": _Parser.cmd_fetch,
     "STORE": _Parser.cmd_store,
     "COPY": _Parser.cmd_copy,
@@ -1492,4 +1509,5 @@ _UID_COMMANDS: Final[dict[str, _UidHandler]] = {
     "MOVE": _Parser.cmd_copy,
     "SEARCH": _Parser.cmd_search,
     "SORT": _Parser.cmd_sort,
+    "THREAD": _Parser.cmd_thread,
 }
