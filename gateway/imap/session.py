@@ -717,20 +717,26 @@ class Session:
             raise No("the selected folder was deleted", "NONEXISTENT")
         return folder
 
+    async def _matching(self, key: c.SearchKey, *columns: Any) -> list[Any]:
+        """The selected folder's messages matching ``key`` (SORT, THREAD): their UID and ``columns``."""
+        view = self.selected
+        async with self.db.read() as s:
+            found = set(await search(s, self.blobs, view, key, self.saved)) - view.gone
+            rows = (
+                await s.execute(
+                    select(Message.uid, *columns).where(
+                        Message.folder_id == view.folder_id, Message.uid <= view.max_uid
+                    )
+                )
+            ).all()
+        return [r for r in rows if r.uid in found]
+
     async def cmd_sort(self, cmd: c.Sort) -> str:
         """RFC 5256 SORT and RFC 5267 ESORT: the search, then :func:`gateway.imap.sort.order`."""
         view = self.selected
-        async with self.db.read() as s:
-            found = set(await search(s, self.blobs, view, cmd.key, self.saved)) - view.gone
-            rows = (
-                await s.execute(
-                    select(
-                        Message.uid, Message.internal_date, Message.sent_date, Message.size,
-                        Message.envelope, Message.blob,
-                    ).where(Message.folder_id == view.folder_id, Message.uid <= view.max_uid)
-                )
-            ).all()  # fmt: skip
-        rows = [r for r in rows if r.uid in found]
+        rows = await self._matching(
+            cmd.key, Message.internal_date, Message.sent_date, Message.size, Message.envelope, Message.blob
+        )
         envelopes = {r.uid: r.envelope for r in rows}
         for r in rows:  # stored before ENVELOPE was a column: computed from the message once here
             if r.envelope is None:
@@ -765,23 +771,16 @@ class Session:
     async def cmd_thread(self, cmd: c.Thread) -> str:
         """RFC 5256 THREAD: the search, then :mod:`gateway.imap.thread` on stored columns."""
         view = self.selected
-        async with self.db.read() as s:
-            found = set(await search(s, self.blobs, view, cmd.key, self.saved)) - view.gone
-            rows = (
-                await s.execute(
-                    select(
-                        Message.uid, Message.internal_date, Message.sent_date, Message.subject,
-                        Message.message_id, Message.references, Message.in_reply_to,
-                    ).where(Message.folder_id == view.folder_id, Message.uid <= view.max_uid)
-                )
-            ).all()  # fmt: skip
+        rows = await self._matching(
+            cmd.key, Message.internal_date, Message.sent_date, Message.subject, Message.message_id,
+            Message.references, Message.in_reply_to,
+        )  # fmt: skip
         messages = [
             thread.Msg(
                 r.uid if cmd.uid else view.seq(r.uid) or 0, view.seq(r.uid) or 0,
                 r.sent_date or r.internal_date, r.subject or "", r.message_id, r.references, r.in_reply_to,
             )
             for r in rows
-            if r.uid in found
         ]  # fmt: skip
         algorithm = thread.references if cmd.algorithm == "REFERENCES" else thread.ordered_subject
         threads = await asyncio.to_thread(algorithm, messages)
