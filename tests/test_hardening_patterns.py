@@ -135,6 +135,7 @@ async def test_list_pattern_is_linear_on_long_names(imap: Server) -> None:
         c = imap.connect()
         for name in (a, ab, halves):  # and halves' parent, "a" * 127
             ok(c.create(f'"{name}"'))
+            ok(c.subscribe(f'"{name}"'))  # CREATE does not subscribe; LSUB below lists subscriptions
         # imaplib's socket timeout (10 s) bounds the wait for each answer.
         assert ok(c.list('""', f'"{HOSTILE}"')) == [b'(\\HasNoChildren) "/" ' + ab.encode()]
         assert names(c.list('""', '"*a%a*a%a*a%a*a%a*a%a"')) == {a, halves, "a" * 127}
