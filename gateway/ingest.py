@@ -50,7 +50,7 @@ import quotas
 import rules
 from gateway import forward, metrics, mutf7, srs
 from gateway.config import TenantSection
-from gateway.imap import mime
+from gateway.imap import mime, sort
 from gateway.message import Headers, parse_headers
 from gateway.notify import Changes
 from storage import mailstore, queue
@@ -217,12 +217,15 @@ def describe(
 
 
 def with_structures(raw: bytes, message: mailstore.NewMessage) -> mailstore.NewMessage:
-    """``message`` with its IMAP ENVELOPE, BODYSTRUCTURE and BODY computed from ``raw``."""
+    """``message`` with its IMAP ENVELOPE, BODYSTRUCTURE, BODY and SORT keys computed from ``raw``."""
+    envelope = mime.envelope(raw)
+    subject = next((v for name, v in parse_headers(raw).fields if name.lower() == "subject"), b"")
     return dataclasses.replace(
         message,
-        envelope=mime.envelope(raw),
+        envelope=envelope,
         bodystructure=mime.bodystructure(raw, extensible=True),
         body=mime.bodystructure(raw, extensible=False),
+        sort_keys=sort.keys(sort.subject_text(subject), envelope),
     )
 
 

@@ -22,11 +22,12 @@ Theory of operation
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Final, Literal
 
 from sqlalchemy import bindparam, case, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -69,7 +70,36 @@ class NewMessage:
     envelope: bytes | None = None  # IMAP wire forms, see gateway.imap.mime
     bodystructure: bytes | None = None
     body: bytes | None = None
+    sort_keys: SortKeys | None = None  # IMAP SORT keys, see gateway.imap.sort
     submitted_by: int | None = None  # the agent whose submission this is mailgate's Sent copy of
+
+
+@dataclass(frozen=True, slots=True)
+class SortKeys:
+    """A message's IMAP SORT keys, as ``gateway.imap.sort.keys`` computes them (the ``sort_*`` columns)."""
+
+    subject: str
+    from_: str
+    to: str
+    cc: str
+    display_from: str
+    display_to: str
+
+
+SORT_COLUMNS: Final = (
+    "sort_subject",
+    "sort_from",
+    "sort_to",
+    "sort_cc",
+    "sort_display_from",
+    "sort_display_to",
+)
+
+
+def sort_columns(keys: SortKeys | None) -> dict[str, str | None]:
+    """The ``sort_*`` column values of ``keys`` (all NULL for None: computed later)."""
+    values = (None,) * len(SORT_COLUMNS) if keys is None else dataclasses.astuple(keys)
+    return {c: _text(v) for c, v in zip(SORT_COLUMNS, values, strict=True)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +285,7 @@ async def append(s: AsyncSession, folder: Folder, messages: Sequence[NewMessage]
                 "envelope": m.envelope,
                 "bodystructure": m.bodystructure,
                 "body": m.body,
+                **sort_columns(m.sort_keys),
                 "submitted_by": m.submitted_by,
             }
         )
@@ -351,6 +382,7 @@ async def copy(
             envelope=m.envelope,
             bodystructure=m.bodystructure,
             body=m.body,
+            sort_keys=None if m.sort_subject is None else SortKeys(*(getattr(m, c) for c in SORT_COLUMNS)),
         )
         for m in rows
     ]

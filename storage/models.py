@@ -150,6 +150,14 @@ class Message(Base):
     envelope: Mapped[bytes | None] = mapped_column(LargeBinary)
     bodystructure: Mapped[bytes | None] = mapped_column(LargeBinary)
     body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # IMAP SORT keys (gateway.imap.sort.keys), i;unicode-casemap'd, computed once at delivery;
+    # NULL on rows stored before migration 0010 until a SORT fills them in.
+    sort_subject: Mapped[str | None] = mapped_column(Text)
+    sort_from: Mapped[str | None] = mapped_column(Text)
+    sort_to: Mapped[str | None] = mapped_column(Text)
+    sort_cc: Mapped[str | None] = mapped_column(Text)
+    sort_display_from: Mapped[str | None] = mapped_column(Text)
+    sort_display_to: Mapped[str | None] = mapped_column(Text)
     # The agent whose submission this is mailgate's \\Sent copy of (its client's own copy is folded into it).
     submitted_by: Mapped[int | None] = mapped_column(ForeignKey("agents.id", ondelete="SET NULL"))
 

@@ -1374,7 +1374,7 @@ def test_sort_parses_and_bounds_its_criteria() -> None:
     )
     for bad, message in (
         ("A1 SORT (" + " ".join(["DATE"] * 10_000) + ") UTF-8 ALL", "too many sort criteria"),
-        ("A1 SORT (DISPLAYFROM) UTF-8 ALL", "unknown sort criterion DISPLAYFROM"),
+        ("A1 SORT (DISPLAYNAME) UTF-8 ALL", "unknown sort criterion DISPLAYNAME"),
         ("A1 SORT (DATE) ALL", "expected a space"),
         ("A1 SORT () UTF-8 ALL", "expected a sort criterion"),
         ("A1 THREAD REFS UTF-8 ALL", "unknown threading algorithm REFS"),

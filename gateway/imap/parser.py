@@ -613,8 +613,10 @@ STATUS_ITEMS: Final = frozenset(
 _LIST_SELECT: Final = frozenset({"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"})
 _LIST_RETURN: Final = frozenset({"SUBSCRIBED", "CHILDREN", "SPECIAL-USE"})
 _SEARCH_RETURN: Final = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE"})
-_SORT_RETURN: Final = frozenset({"MIN", "MAX", "ALL", "COUNT"})
-_SORT_KEYS: Final = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO"})
+_SORT_RETURN: Final = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE"})
+_SORT_KEYS: Final = frozenset(
+    {"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO", "DISPLAYFROM", "DISPLAYTO"}
+)
 
 # Search keys by the kind of their arguments.
 _K_NONE, _K_STRING, _K_DATE, _K_NUMBER, _K_KEYWORD, _K_HEADER, _K_UID, _K_NOT, _K_OR, _K_MODSEQ = range(10)

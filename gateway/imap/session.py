@@ -33,7 +33,7 @@ from enum import Enum
 from typing import Any
 
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import quotas
@@ -87,6 +87,12 @@ CHUNK = 1000
 APPEND_LIMIT = 50 * 10**6
 SENT_COPY_WINDOW = timedelta(hours=24)  # how long a client's own copy of a sent message is recognised
 MAX_NAME = 255  # characters in a folder name: the folders.name column, as mailstore.create_folder checks
+
+
+def _supported(charset: str) -> None:
+    """SORT and THREAD name a charset; search strings are UTF-8 only (RFC 5256: NO, not BAD)."""
+    if charset not in ("UTF-8", "US-ASCII"):
+        raise No("unsupported charset", "BADCHARSET (US-ASCII UTF-8)")
 
 
 class No(Exception):
@@ -169,7 +175,8 @@ class Session:
             "NAMESPACE", "UNSELECT", "UIDPLUS", "MOVE", "CHILDREN", "SPECIAL-USE", "CONDSTORE",
             "ESEARCH", "SEARCHRES", "QUOTA", "QUOTA=RES-STORAGE", f"APPENDLIMIT={APPEND_LIMIT}",
         ]  # fmt: skip
-        caps += ["BINARY", "MULTIAPPEND", "CATENATE", "LIST-EXTENDED", "LIST-STATUS", "SORT", "ESORT"]
+        caps += ["BINARY", "MULTIAPPEND", "CATENATE", "LIST-EXTENDED", "LIST-STATUS", "SORT", "SORT=DISPLAY"]
+        caps += ["ESORT"]
         caps += ["THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES"]
         if not self.compressed:
             caps.append("COMPRESS=DEFLATE")
@@ -732,44 +739,82 @@ class Session:
         return [r for r in rows if r.uid in found]
 
     async def cmd_sort(self, cmd: c.Sort) -> str:
-        """RFC 5256 SORT and RFC 5267 ESORT: the search, then :func:`gateway.imap.sort.order`."""
+        """RFC 5256 SORT, RFC 5957 SORT=DISPLAY and RFC 5267 ESORT: the search, then
+        :func:`gateway.imap.sort.order` over the stored keys, in a worker thread."""
+        _supported(cmd.charset)
         view = self.selected
+        columns = [getattr(Message, name) for name in mailstore.SORT_COLUMNS]
         rows = await self._matching(
-            cmd.key, Message.internal_date, Message.sent_date, Message.size, Message.envelope, Message.blob
+            cmd.key, Message.id, Message.internal_date, Message.sent_date, Message.size, *columns
         )
-        envelopes = {r.uid: r.envelope for r in rows}
-        for r in rows:  # stored before ENVELOPE was a column: computed from the message once here
-            if r.envelope is None:
-                envelopes[r.uid] = mime.envelope(await self.blobs.get(r.blob))
+        filled = await self._fill_sort_keys([r.id for r in rows if r.sort_subject is None])
+        seqs = [view.seq(r.uid) or 0 for r in rows]
 
-        def sortable(r: Any) -> sort.Row:
-            subject, from_, to, cc = sort.envelope_keys(envelopes[r.uid])
-            seq = view.seq(r.uid) or 0
-            return sort.Row(
-                r.uid, seq, r.internal_date, r.sent_date, r.size, sort.subject_text(subject), from_, to, cc
-            )
+        def ordered() -> list[int]:
+            sortable = [
+                sort.Row(
+                    r.uid, seq, r.internal_date, r.sent_date, r.size,
+                    filled.get(r.id) or mailstore.SortKeys(*r[-len(columns) :]),
+                )
+                for r, seq in zip(rows, seqs, strict=True)
+            ]  # fmt: skip
+            return [r.uid if cmd.uid else r.seq for r in sort.order(sortable, cmd.criteria)]
 
-        rows_to_sort = [sortable(r) for r in rows]
-        ordered = await asyncio.to_thread(sort.order, rows_to_sort, cmd.criteria)
-        numbers = [r.uid if cmd.uid else r.seq for r in ordered]
+        numbers = await asyncio.to_thread(ordered)
         if cmd.returns is None:
             self.untagged(b"SORT" + b"".join(b" %d" % n for n in numbers))
             return "SORT completed"
         returns = cmd.returns or ("ALL",)
+        if "SAVE" in returns:  # RFC 5182 with RFC 5267: the set, its order forgotten
+            self.saved = sorted(r.uid for r in rows)
+        if returns == ("SAVE",):
+            return "SORT completed"
         parts = [b'(TAG "' + cmd.tag.encode() + b'")'] + ([b"UID"] if cmd.uid else [])
         if numbers and "MIN" in returns:  # RFC 5267 3.1: the first and the last in sort order
             parts.append(b"MIN %d" % numbers[0])
         if numbers and "MAX" in returns:
             parts.append(b"MAX %d" % numbers[-1])
+        if numbers and "ALL" in returns:  # in sort order; Dovecot's order of the items
+            parts.append(b"ALL " + sort.runs(numbers))
         if "COUNT" in returns:
             parts.append(b"COUNT %d" % len(numbers))
-        if numbers and "ALL" in returns:  # in sort order
-            parts.append(b"ALL " + b",".join(b"%d" % n for n in numbers))
         self.untagged(b"ESEARCH " + b" ".join(parts))
         return "SORT completed"
 
+    async def _fill_sort_keys(self, ids: Sequence[int]) -> dict[int, mailstore.SortKeys]:
+        """SORT keys of messages stored before migration 0010, from their stored Subject and
+        ENVELOPE (from the message only when it predates the ENVELOPE column too), written
+        back so that each message is done once."""
+        filled: dict[int, mailstore.SortKeys] = {}
+        for start in range(0, len(ids), CHUNK):
+            async with self.db.read() as s:
+                rows = (
+                    await s.execute(
+                        select(Message.id, Message.subject, Message.envelope, Message.blob).where(
+                            Message.id.in_(ids[start : start + CHUNK])
+                        )
+                    )
+                ).all()
+            envelopes = {r.id: r.envelope for r in rows}
+            for r in rows:
+                if r.envelope is None:
+                    envelopes[r.id] = await asyncio.to_thread(mime.envelope, await self.blobs.get(r.blob))
+
+            def compute(rows: Sequence[Any], envelopes: dict[int, bytes]) -> dict[int, mailstore.SortKeys]:
+                return {r.id: sort.keys(r.subject or "", envelopes[r.id]) for r in rows}
+
+            chunk = await asyncio.to_thread(compute, rows, envelopes)
+            async with self.db.write() as s:
+                await s.execute(
+                    update(Message),
+                    [{"id": id_} | mailstore.sort_columns(keys) for id_, keys in chunk.items()],
+                )
+            filled |= chunk
+        return filled
+
     async def cmd_thread(self, cmd: c.Thread) -> str:
         """RFC 5256 THREAD: the search, then :mod:`gateway.imap.thread` on stored columns."""
+        _supported(cmd.charset)
         view = self.selected
         rows = await self._matching(
             cmd.key, Message.internal_date, Message.sent_date, Message.subject, Message.message_id,

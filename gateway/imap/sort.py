@@ -1,17 +1,25 @@
-"""SORT (RFC 5256): base subjects and the order of messages, pure (rows in, UIDs out).
+"""SORT (RFC 5256) and SORT=DISPLAY (RFC 5957): the stored sort keys and the order, pure.
 
 Theory of operation
 -------------------
-Every key is computed from what the store keeps per message (its stored
-ENVELOPE, parsed as Dovecot parses addresses, for the Subject and the first
-From/To/Cc mailbox; the Date header as sent; the internal date; the size),
-never from the message: a 10,000-message folder is sorted without reading
-one blob. A Subject's encoded-words are decoded and other bytes read as
-UTF-8 (an invalid byte is U+FFFD), as Dovecot reads them. Strings compare by
-``i;unicode-casemap`` (RFC 5051: NFKD, then case-folded), missing values sort
-first as the empty string, dates as instants in UTC (a missing or unusable
-Date is the internal date), and ties go by sequence number, as RFC 5256
-says. The caller runs :func:`order` in a worker thread.
+Every string key is computed once, when a message is stored (:func:`keys`,
+called by ``gateway.ingest.with_structures``), and kept in the ``sort_*``
+columns of ``messages``: the base subject of the first Subject field, the
+first From/To/Cc mailbox (the local part, from the stored ENVELOPE, whose
+addresses are parsed as Dovecot parses them) and the first From/To display
+name (RFC 2047-decoded, or the addr-spec when there is none), each already
+in ``i;unicode-casemap`` form (RFC 5051: simple titlecase, then NFKD), so
+that comparing two keys is comparing two strings by code point, as Dovecot
+compares its UTF-8 keys byte by byte. Dates and sizes are columns already:
+DATE is the Date header as an instant (a missing or unusable one is the
+internal date), ARRIVAL the internal date.
+
+A SORT therefore reads a few columns per message and never a message: a
+row stored before the columns existed (migration 0010) has NULL keys, and
+the session computes them from its stored ENVELOPE and Subject and writes
+them back, once. Ties go by sequence number and REVERSE never reverses a
+tie (Dovecot's order); :func:`order` is CPU work that the caller runs in a
+worker thread.
 """
 
 from __future__ import annotations
@@ -21,9 +29,11 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from gateway.message import decode_rfc2047
+from storage.mailstore import SortKeys
 
 _WSP = re.compile(r"[ \t\r\n]+")
 _TRAILER = re.compile(r"(?:\s*\(fwd\)|\s+)$", re.IGNORECASE)
@@ -33,9 +43,18 @@ _BLOB_LEADER = re.compile(rf"^{_BLOB}")
 _FWD_WRAP = re.compile(r"^\[fwd:\s*(.*)\]$", re.IGNORECASE | re.DOTALL)
 
 
+@lru_cache(maxsize=4096)
+def _title(char: str) -> str:
+    """The simple titlecase mapping of one character (itself when it has none or a longer one)."""
+    mapped = char.title()
+    return mapped if len(mapped) == 1 else char
+
+
 def casemap(text: str) -> str:
-    """The i;unicode-casemap form of ``text`` (RFC 5051)."""
-    return unicodedata.normalize("NFKD", text).casefold()
+    """The i;unicode-casemap form of ``text`` (RFC 5051 section 2: simple titlecase, then NFKD)."""
+    if text.isascii():
+        return text.upper()  # the titlecase of an ASCII letter is its capital; NFKD changes nothing
+    return unicodedata.normalize("NFKD", "".join(map(_title, text)))
 
 
 def base_subject(subject: str) -> str:
@@ -72,10 +91,7 @@ class Row:
     internal_date: datetime
     sent_date: datetime | None
     size: int
-    subject: str
-    from_mailbox: str  # the local part of the first From address
-    to_mailbox: str
-    cc_mailbox: str
+    keys: SortKeys
 
 
 def _key(name: str, row: Row) -> Any:
@@ -85,9 +101,11 @@ def _key(name: str, row: Row) -> Any:
         return (row.sent_date or row.internal_date).timestamp()
     if name == "SIZE":
         return row.size
-    if name == "SUBJECT":
-        return casemap(base_subject(row.subject))
-    return casemap({"FROM": row.from_mailbox, "TO": row.to_mailbox, "CC": row.cc_mailbox}[name])
+    k = row.keys
+    return {
+        "SUBJECT": k.subject, "FROM": k.from_, "TO": k.to, "CC": k.cc,
+        "DISPLAYFROM": k.display_from, "DISPLAYTO": k.display_to,
+    }[name]  # fmt: skip
 
 
 def order(rows: Sequence[Row], criteria: Sequence[tuple[str, bool]]) -> list[Row]:
@@ -102,8 +120,23 @@ def order(rows: Sequence[Row], criteria: Sequence[tuple[str, bool]]) -> list[Row
     return out
 
 
+def runs(numbers: Sequence[int]) -> bytes:
+    """``numbers`` in their order, each ascending run of consecutive ones as a range (``5,2:4,9``):
+    how Dovecot writes ESORT's ALL."""
+    out: list[bytes] = []
+    i = 0
+    while i < len(numbers):
+        j = i
+        while j + 1 < len(numbers) and numbers[j + 1] == numbers[j] + 1:
+            j += 1
+        out.append(b"%d" % numbers[i] if i == j else b"%d:%d" % (numbers[i], numbers[j]))
+        i = j + 1
+    return b",".join(out)
+
+
 def subject_text(raw: bytes) -> str:
-    """A raw Subject as Dovecot reads it for sorting."""
+    """A raw Subject as Dovecot reads it for sorting: UTF-8 (an invalid byte is U+FFFD), encoded-words
+    decoded."""
     return decode_rfc2047(raw.decode("utf-8", "replace"))
 
 
@@ -145,24 +178,43 @@ def _value(data: bytes, i: int) -> tuple[object, int]:
     return (None if atom.upper() == b"NIL" else atom), end
 
 
-def envelope_keys(envelope: bytes | None) -> tuple[bytes, str, str, str]:
-    """(raw Subject, first From, To and Cc mailbox) of a stored ENVELOPE, as Dovecot sorts by them.
+def keys(subject: str, envelope: bytes | None) -> SortKeys:
+    """The stored sort keys of a message: ``subject`` is its first Subject (:func:`subject_text`);
+    the addresses come from its stored ENVELOPE.
 
-    The mailbox is the first address's local part, or a group's name when
-    the list starts with a group; ``""`` when there is none.
+    A mailbox is the first address's local part, or a group's name when the
+    list starts with a group; a display name is the first address's phrase,
+    RFC 2047-decoded, else ``local@domain`` (RFC 5957 section 3, as Dovecot
+    builds it); ``""`` when there is no address.
     """
-    if not envelope:
-        return b"", "", "", ""
-    fields, _ = _value(envelope, 0)
+    fields: object = None
+    if envelope:
+        fields, _ = _value(envelope, 0)
     if not isinstance(fields, list) or len(fields) < 7:
-        return b"", "", "", ""
+        fields = [None] * 7
 
-    def first(addresses: object) -> str:
+    def first(addresses: object) -> list[str | None]:
+        """(name, adl, mailbox, host) of the first address; Nones when there is none."""
         if isinstance(addresses, list) and addresses and isinstance(addresses[0], list):
-            mailbox = addresses[0][2] if len(addresses[0]) > 2 else None
-            if isinstance(mailbox, bytes):
-                return mailbox.decode("utf-8", "replace")
-        return ""
+            parts = (addresses[0] + [None] * 4)[:4]
+            return [p.decode("utf-8", "replace") if isinstance(p, bytes) else None for p in parts]
+        return [None] * 4
 
-    subject = fields[1] if isinstance(fields[1], bytes) else b""
-    return subject, first(fields[2]), first(fields[5]), first(fields[6])
+    def display(address: list[str | None]) -> str:
+        name, _, mailbox, host = address
+        decoded = decode_rfc2047(name) if name else ""
+        if decoded:
+            return decoded
+        if mailbox is not None and host is not None:
+            return f"{mailbox}@{host}"
+        return mailbox or ""
+
+    from_, to, cc = first(fields[2]), first(fields[5]), first(fields[6])
+    return SortKeys(
+        subject=base_subject(casemap(subject)),
+        from_=casemap(from_[2] or ""),
+        to=casemap(to[2] or ""),
+        cc=casemap(cc[2] or ""),
+        display_from=casemap(display(from_)),
+        display_to=casemap(display(to)),
+    )
