@@ -1,4 +1,4 @@
-"""Jobs the daemon runs on its own: quota notices, the spam purge, the daily snapshot.
+"""Jobs the daemon runs on its own: quota notices, the spam purge, the expunge history, the daily snapshot.
 
 Each job runs on a timer in one task; a failing job is logged and tried
 again at its next time, never taking the daemon down. Nothing depends on
@@ -23,7 +23,7 @@ import quotas
 from gateway import metrics
 from gateway.config import Config
 from gateway.ingest import Delivery, Pipeline
-from storage import retention, snapshots
+from storage import mailstore, retention, snapshots
 from storage.blobs import BlobStore
 from storage.db import Database, uninterrupted
 
@@ -193,6 +193,14 @@ class Scheduler:
                     metrics.SPAM_PURGED.labels(tenant).inc(n)
         return report
 
+    async def prune_expunges(self) -> int:
+        """Forget expunged UIDs older than ``mailstore.EXPUNGE_HISTORY`` (IMAP QRESYNC's history)."""
+        async with self.db.write() as s:
+            pruned = await mailstore.prune_expunges(s, self.clock())
+        if pruned:
+            log.info("imap.expunges_pruned", rows=pruned)
+        return pruned
+
     async def snapshot(self) -> snapshots.SnapshotInfo:
         """Take a snapshot now and keep the newest ``snapshots.keep``."""
         config = self.config()
@@ -216,6 +224,7 @@ class Scheduler:
         await asyncio.gather(
             self.quota_jobs(),
             self._every(PURGE_EVERY, self.purge_spam),
+            self._every(PURGE_EVERY, self.prune_expunges),
             self._daily_snapshots(),
         )
 

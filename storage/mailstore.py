@@ -14,8 +14,11 @@ Theory of operation
   statement batch as the rows they count. The tenant counters skip the
   ``\\Junk`` folder, so the tenant quota never counts spam and a quota check
   is a single row read.
-* Expunged UIDs are recorded with the MODSEQ of their removal, so IMAP
-  sessions can learn what vanished since a given MODSEQ.
+* Expunged UIDs are recorded with the MODSEQ and time of their removal, so IMAP
+  sessions can learn what vanished since a given MODSEQ (QRESYNC's VANISHED).
+  :func:`prune_expunges` drops records older than :data:`EXPUNGE_HISTORY`
+  and raises ``folders.expunges_pruned`` to the highest MODSEQ it dropped:
+  the history is complete above it.
 * ``folders.recent_uid`` is the first UID no IMAP session has taken
   ``\\Recent`` for; :func:`claim_recent` advances it by compare-and-set.
 """
@@ -26,10 +29,10 @@ import dataclasses
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final, Literal
 
-from sqlalchemy import bindparam, case, delete, insert, select, update
+from sqlalchemy import bindparam, case, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.errors import FolderExists, NoSuchFolder, StoreError
@@ -412,9 +415,42 @@ async def expunge(s: AsyncSession, folder: Folder, uids: Iterable[int] | None = 
     removed = [uid for uid, _ in rows]
     _, modseq = await _allocate(s, folder.id, 0)
     await s.execute(delete(Message).where(Message.folder_id == folder.id, Message.uid.in_(removed)))
-    await s.execute(insert(Expunge), [{"folder_id": folder.id, "uid": u, "modseq": modseq} for u in removed])
+    now = datetime.now(UTC)
+    await s.execute(
+        insert(Expunge),
+        [{"folder_id": folder.id, "uid": u, "modseq": modseq, "expunged_at": now} for u in removed],
+    )
     await _account(s, folder, -sum(size for _, size in rows), -len(rows))
     return removed
+
+
+EXPUNGE_HISTORY = timedelta(days=30)  # how long expunged UIDs are remembered (IMAP QRESYNC)
+
+
+async def prune_expunges(s: AsyncSession, now: datetime, keep: timedelta = EXPUNGE_HISTORY) -> int:
+    """Forget expunges older than ``keep``; the number forgotten.
+
+    Each folder's ``expunges_pruned`` first rises to the highest MODSEQ forgotten,
+    so a resync from below it knows the history is incomplete there.
+    """
+    cutoff = now - keep
+    pruned = (
+        await s.execute(
+            select(Expunge.folder_id, func.max(Expunge.modseq))
+            .where(Expunge.expunged_at < cutoff)
+            .group_by(Expunge.folder_id)
+        )
+    ).all()
+    if not pruned:
+        return 0
+    for folder_id, modseq in pruned:
+        await s.execute(
+            update(Folder)
+            .where(Folder.id == folder_id, Folder.expunges_pruned < modseq)
+            .values(expunges_pruned=modseq)
+        )
+    result = await s.execute(delete(Expunge).where(Expunge.expunged_at < cutoff))
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 async def claim_recent(s: AsyncSession, folder_id: int, upto: int) -> int:

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    func,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -116,6 +117,9 @@ class Folder(Base):
     subscribed: Mapped[bool] = mapped_column(Boolean, default=True)
     # The first UID no IMAP session has taken \Recent for (RFC 3501 2.3.2).
     recent_uid: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
+    # The highest MODSEQ of the expunge history pruned (storage.mailstore.prune_expunges): every
+    # expunge above it is still in ``expunges`` (IMAP QRESYNC answers VANISHED from there).
+    expunges_pruned: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Message(Base):
@@ -163,13 +167,19 @@ class Message(Base):
 
 
 class Expunge(Base):
-    """UIDs removed from a folder, with the MODSEQ of their removal (for IMAP resync)."""
+    """UIDs removed from a folder, with the MODSEQ and time of their removal (for IMAP resync),
+    kept for ``storage.mailstore.EXPUNGE_HISTORY``."""
 
     __tablename__ = "expunges"
+    __table_args__ = (
+        Index("ix_expunges_folder_id_modseq", "folder_id", "modseq"),
+        Index("ix_expunges_expunged_at", "expunged_at"),
+    )
 
     folder_id: Mapped[int] = mapped_column(ForeignKey("folders.id", ondelete="CASCADE"), primary_key=True)
     uid: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     modseq: Mapped[int] = mapped_column(BigInteger)
+    expunged_at: Mapped[datetime] = mapped_column(server_default=func.current_timestamp())
 
 
 class IngestKey(Base):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 
 from gateway.config import Config, parse_config
 from gateway.daemon import open_store, tenant_specs
@@ -19,7 +19,7 @@ from storage.blobs import BlobStore
 from storage.catalog import sync_tenants
 from storage.db import Database
 from storage.errors import FolderExists, NoSuchFolder, StoreError
-from storage.models import Agent, Base, Folder, Message, Tenant
+from storage.models import Agent, Base, Expunge, Folder, Message, Tenant
 from tests.conftest import config_dict
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -143,6 +143,33 @@ async def test_flags_copy_move_expunge(store: tuple[Database, BlobStore]) -> Non
     assert await usage(db, "acme", "INBOX") == (10, 1, 40, 3)
     assert await usage(db, "acme", "Orders") == (30, 2, 40, 3)
     assert await usage(db, "acme", "Spam") == (40, 1, 40, 3)
+
+
+@pytest.mark.parametrize(
+    ("age_days", "pruned", "kept", "floor"),
+    [(7, 0, [1, 2, 3], 0), (29, 0, [1, 2, 3], 0), (31, 2, [3], "first expunge")],
+)
+async def test_expunge_history_is_kept_30_days_then_pruned(
+    store: tuple[Database, BlobStore], age_days: int, pruned: int, kept: list[int], floor: object
+) -> None:
+    """QRESYNC's history: expunged UIDs stay 30 days; pruning raises folders.expunges_pruned to
+    the highest MODSEQ it forgot, so a resync from below it knows the history is incomplete."""
+    db, _ = store
+    async with db.write() as s:
+        inbox = await mailstore.require_folder(s, "acme", "INBOX")
+        await mailstore.append(s, inbox, [msg(), msg(), msg()])
+        await mailstore.expunge(s, inbox, [1, 2])
+    async with db.write() as s:
+        first = await s.scalar(select(Expunge.modseq).where(Expunge.uid == 1))
+        aged = datetime.now(UTC) - timedelta(days=age_days)
+        await s.execute(update(Expunge).values(expunged_at=aged))
+        await mailstore.expunge(s, await mailstore.require_folder(s, "acme", "INBOX"), [3])  # now
+    async with db.write() as s:
+        assert await mailstore.prune_expunges(s, datetime.now(UTC)) == pruned
+    async with db.read() as s:
+        assert sorted((await s.scalars(select(Expunge.uid))).all()) == kept
+        inbox = await mailstore.require_folder(s, "acme", "INBOX")
+        assert inbox.expunges_pruned == (first if floor == "first expunge" else floor)
 
 
 async def test_folder_create_rename_delete(store: tuple[Database, BlobStore]) -> None:
