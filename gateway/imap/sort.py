@@ -36,11 +36,9 @@ from gateway.message import decode_rfc2047
 from storage.mailstore import SortKeys
 
 _WSP = re.compile(r"[ \t\r\n]+")
-_TRAILER = re.compile(r"(?:\s*\(fwd\)|\s+)$", re.IGNORECASE)
 _BLOB = r"\[[^\[\]]*\]\s*"
-_LEADER = re.compile(rf"^(?:{_BLOB})*(?:re|fwd?)\s*(?:{_BLOB})?:\s*", re.IGNORECASE)
-_BLOB_LEADER = re.compile(rf"^{_BLOB}")
-_FWD_WRAP = re.compile(r"^\[fwd:\s*(.*)\]$", re.IGNORECASE | re.DOTALL)
+_LEADER = re.compile(rf"(?:{_BLOB})*(?:re|fwd?)\s*(?:{_BLOB})?:\s*", re.IGNORECASE)
+_ONE_BLOB = re.compile(_BLOB)
 
 
 @lru_cache(maxsize=4096)
@@ -58,28 +56,39 @@ def casemap(text: str) -> str:
 
 
 def base_subject(subject: str) -> str:
-    """RFC 5256 section 2.1: the subject without Re:, Fwd:, [blob] leaders and (fwd) trailers."""
+    """RFC 5256 section 2.1: the subject without Re:, Fwd:, [blob] leaders and (fwd) trailers.
+
+    Linear in the subject's length, however it is built: the text is never
+    copied while it shrinks (``start``/``end`` move instead), and when no
+    leader matches, the blobs the attempt ran over are dropped together (one
+    at a time, no leader could start after any of them but the last).
+    """
     text = _WSP.sub(" ", subject).strip()
+    start, end = 0, len(text)
     while True:
-        while True:  # (2) trailers
-            stripped = _TRAILER.sub("", text)
-            if stripped == text:
+        while end > start:  # (2) trailers: white space and "(fwd)"
+            if text[end - 1].isspace():
+                end -= 1
+            elif end - start >= 5 and text[end - 5 : end].lower() == "(fwd)":
+                end -= 5
+            else:
                 break
-            text = stripped
         while True:  # (3)-(5) leaders, and a blob when something remains after it
-            match = _LEADER.match(text)
+            match = _LEADER.match(text, start, end)
             if match is not None:
-                text = text[match.end() :]
+                start = match.end()
                 continue
-            blob = _BLOB_LEADER.match(text)
-            if blob is not None and text[blob.end() :]:
-                text = text[blob.end() :]
-                continue
-            break
-        wrapped = _FWD_WRAP.match(text)  # (6) "[fwd: ...]"
-        if wrapped is None:
-            return text
-        text = wrapped.group(1).strip()
+            moved = False
+            while (blob := _ONE_BLOB.match(text, start, end)) is not None and blob.end() < end:
+                start, moved = blob.end(), True
+            if not moved:
+                break
+        # (6) "[fwd: ...]": unwrapped, and again from (2)
+        if end - start < 6 or text[start : start + 5].lower() != "[fwd:" or text[end - 1] != "]":
+            return text[start:end]
+        start, end = start + 5, end - 1
+        while start < end and text[start].isspace():
+            start += 1
 
 
 @dataclass(frozen=True, slots=True)
