@@ -606,9 +606,35 @@ async def test_rows_stored_before_the_sort_columns_get_their_keys_once(tmp_path:
         assert None not in subjects
 
 
+async def test_copy_and_move_keep_the_sort_keys(tmp_path: Path, db_url: str) -> None:
+    def scenario(port: int) -> list[tuple[list[bytes], bytes]]:
+        client = imaplib.IMAP4("127.0.0.1", port, timeout=60)
+        client.login("anna@acme.test", "agent-password")
+        try:
+            for raw in CORPUS[:4]:
+                append(client, raw, "", INTERNAL.format(0))
+            lines = (b"SELECT INBOX", b"COPY 1:* Archive", b"MOVE 1 Drafts")
+            return [raw_command(client, line) for line in lines]
+        finally:
+            client.logout()
+
+    async with _server(tmp_path, db_url) as (db, _, _config, port):
+        answers = await asyncio.to_thread(scenario, port)
+        async with db.read() as s:
+            rows = (
+                await s.execute(select(Message.message_id, *(getattr(Message, c) for c in SORT_COLUMNS)))
+            ).all()
+    assert [status for _, status in answers] == [b"OK"] * 3
+    by_id: dict[str | None, set[tuple[object, ...]]] = {}
+    for row in rows:
+        by_id.setdefault(row[0], set()).add(tuple(row[1:]))
+    assert len(rows) == 8  # 4 in INBOX (less the one moved), 4 copies in Archive, 1 in Drafts
+    assert all(len(keys) == 1 and None not in next(iter(keys)) for keys in by_id.values())
+
+
 async def test_sorting_10000_messages_reads_no_message(tmp_path: Path, db_url: str) -> None:
-    """10,000 rows whose blobs do not exist: SORT answers from the columns alone (a blob read
-    would fail the command), in a few seconds at most."""
+    """10,000 rows whose blobs do not exist: SORT and THREAD answer from the columns alone (a blob
+    read would fail the command), in a few seconds at most."""
     count = 10_000
     async with _server(tmp_path, db_url) as (db, _, _config, port):
         when = datetime(2024, 3, 4, tzinfo=UTC)
@@ -624,6 +650,9 @@ async def test_sorting_10000_messages_reads_no_message(tmp_path: Path, db_url: s
                         size=1000 + n % 997,
                         received_at=when + timedelta(seconds=n % 613),
                         sent_date=None if n % 7 == 0 else when + timedelta(minutes=n % 1009),
+                        subject=f"Re: {words[n % 6]} {n % 101}",
+                        message_id=f"<m{n}@x>",
+                        references=" ".join(f"<m{r}@x>" for r in range(n - n % 5, n)) or None,
                         sort_keys=sort.keys(
                             f"Re: {words[n % 6]} {n % 101}",
                             b'(NIL "s" (("Nadawca %d" NIL "user%d" "example.org")) NIL NIL '
@@ -643,10 +672,22 @@ async def test_sorting_10000_messages_reads_no_message(tmp_path: Path, db_url: s
             b"UID SORT (DISPLAYFROM TO ARRIVAL) UTF-8 ALL",
             b"SORT RETURN (MIN MAX COUNT) (SIZE) UTF-8 ALL",
         )
-        elapsed = time.perf_counter() - started
+        sorted_in = time.perf_counter() - started
+        threads = await asyncio.to_thread(
+            _session,
+            port,
+            b"EXAMINE INBOX",
+            b"THREAD REFERENCES UTF-8 ALL",
+            b"THREAD ORDEREDSUBJECT UTF-8 ALL",
+        )
+        threaded_in = time.perf_counter() - started - sorted_in
     for data, status in answers[1:4]:
         assert status == b"OK"
         assert len(data[-1].split()) == 2 + count
     assert answers[4][0][-1].endswith(b"COUNT %d" % count)
-    print(f"\n4 SORTs of {count} messages ({db_url.split(':')[0]}): {elapsed:.2f} s")
-    assert elapsed < 20
+    for data, status in threads[1:]:
+        assert status == b"OK"
+        assert data[-1].startswith(b"* THREAD (")
+    engine = db_url.split(":")[0]
+    print(f"\n{count} messages ({engine}): 4 SORTs {sorted_in:.2f} s, 2 THREADs {threaded_in:.2f} s")
+    assert sorted_in < 20
