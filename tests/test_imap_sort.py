@@ -263,6 +263,9 @@ HOSTILE = [
     b"THREAD (REFERENCES) UTF-8 ALL",
     b"SORT (DATE) UTF-8 SUBJECT {3+}\r\nab)",
     b'SORT (DATE) "UTF-8" ALL',
+    b"SORT (DATE) {5+}\r\nUTF-8 ALL",
+    b"SORT (DATE) \xc5\x81-8 ALL",
+    b"SORT RETURN (SAVE SAVE) (DATE) UTF-8 ALL",
     b"UID SORT (DATE) UTF-8 UID 1:*",
 ]
 
@@ -277,6 +280,33 @@ def test_hostile_sort_and_thread_get_dovecots_status(
     assert our_status == their_status
     if their_status == b"OK":
         assert our_data == their_data
+
+
+@pytest.mark.peers
+def test_unsupported_charsets_get_badcharset(mailgate: imaplib.IMAP4) -> None:
+    """Dovecot hands any name to iconv (it takes 'UTF-8"'); mailgate names the two it takes."""
+    for line in (
+        b'SORT (DATE) "UTF-8\\"" ALL',
+        b"THREAD REFERENCES ISO-8859-2 ALL",
+        b"UID SORT (DATE) KOI8-R ALL",
+    ):
+        tag = b"S%d" % next(_tags)
+        mailgate.send(tag + b" " + line + b"\r\n")
+        assert read_response(mailgate, tag).startswith(tag + b" NO [BADCHARSET (US-ASCII UTF-8)] ")
+
+
+@pytest.mark.peers
+def test_esort_save_then_dollar_matches_dovecot(dovecot: imaplib.IMAP4, mailgate: imaplib.IMAP4) -> None:
+    """RETURN (SAVE) keeps the set for ``$`` (RFC 5182 with RFC 5267); alone it answers nothing."""
+    for line in (
+        b"SORT RETURN (SAVE) (SUBJECT) UTF-8 SUBJECT faktura",
+        b"SORT (REVERSE DATE) UTF-8 $",
+        b"UID SORT RETURN (SAVE MIN COUNT) (FROM) UTF-8 NOT SUBJECT faktura",
+        b"SORT (SIZE) UTF-8 $",
+        b"THREAD REFERENCES UTF-8 $",
+    ):
+        theirs, ours = both(dovecot, mailgate, line)
+        assert ours == theirs, line
 
 
 @pytest.mark.peers
