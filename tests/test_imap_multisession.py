@@ -295,6 +295,35 @@ def test_own_store_does_not_hide_other_sessions_expunge(
     assert b_search[0] == b"* SEARCH 1 2 3", b_search
 
 
+def test_uid_search_sort_thread_tell_expunges_unless_they_name_messages(
+    dovecot_server: Server, mailgate_server: Server
+) -> None:
+    """The defect: UID SEARCH, UID SORT and UID THREAD held other sessions' expunges back
+    whatever they searched; Dovecot tells them unless the search names messages by number or UID."""
+    script = [
+        ("A", r"STORE 1,3 +FLAGS.SILENT (\Deleted)"),
+        ("B", "NOOP"),
+        ("A", "EXPUNGE"),
+        ("B", "UID SEARCH UID 2,4"),
+        ("B", "UID SEARCH 2:4 UNDELETED"),
+        ("B", "UID SEARCH UNDELETED"),
+        ("A", r"STORE 1 +FLAGS.SILENT (\Deleted)"),
+        ("B", "NOOP"),
+        ("A", "EXPUNGE"),
+        ("B", "UID SORT (ARRIVAL) UTF-8 UNDELETED"),
+        appending(""),  # so that something stays
+        ("B", "NOOP"),
+        ("A", r"STORE 1 +FLAGS.SILENT (\Deleted)"),
+        ("B", "NOOP"),
+        ("A", "EXPUNGE"),
+        ("B", "UID THREAD REFERENCES UTF-8 UNDELETED"),
+        *AFTER,
+    ]
+    compare(dovecot_server, mailgate_server, script)
+    b_search = normalised(transcript(mailgate_server, script))[5]
+    assert b_search[:3] == [b"* SEARCH 2 4", b"* 3 EXPUNGE", b"* 1 EXPUNGE"], b_search
+
+
 def test_idle_continuation_comes_before_pending_responses(
     dovecot_server: Server, mailgate_server: Server
 ) -> None:

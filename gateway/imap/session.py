@@ -80,7 +80,8 @@ ALLOWED: dict[State, set[str]] = {
 }
 # Commands during which EXPUNGE responses must not be sent (by sequence number; RFC 3501 7.4.1).
 _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH", "SORT", "THREAD"}
-# SEARCH sends none by UID either (RFC 2180 4.3 allows it; Dovecot does not).
+# By UID, these send none either when their key names messages by number or UID (RFC 2180 4.3
+# allows it; Dovecot 2.3 holds them back then only).
 _NO_UID_EXPUNGE = {"SEARCH", "SORT", "THREAD"}
 _SPECIAL_USE_ATTRS = {"\\Archive", "\\Drafts", "\\Junk", "\\Sent", "\\Trash"}
 CHUNK = 1000
@@ -210,7 +211,9 @@ class Session:
     async def _sync_after(self, cmd: c.Command) -> None:
         """The report before a command's tagged reply, under RFC 3501 7.4.1's rules for EXPUNGE."""
         uid = bool(getattr(cmd, "uid", False))
-        allow = cmd.name not in _NO_EXPUNGE or (uid and cmd.name not in _NO_UID_EXPUNGE)
+        key = getattr(cmd, "key", None)
+        by_set = isinstance(key, c.SearchKey) and uses(key, {"SEQ", "UID"})
+        allow = cmd.name not in _NO_EXPUNGE or (uid and not (cmd.name in _NO_UID_EXPUNGE and by_set))
         await self.sync(allow_expunge=allow, send_uid=uid and cmd.name == "STORE")
 
     # ------------------------------------------------------------------ any state
