@@ -324,6 +324,33 @@ def test_uid_search_sort_thread_tell_expunges_unless_they_name_messages(
     assert b_search[:3] == [b"* SEARCH 2 4", b"* 3 EXPUNGE", b"* 1 EXPUNGE"], b_search
 
 
+def test_own_move_is_told_with_other_sessions_expunges(
+    dovecot_server: Server, mailgate_server: Server
+) -> None:
+    """The defect: B's MOVE told its own EXPUNGE first and other sessions' pending ones after,
+    out of Dovecot's order (one batch, highest number first, after the flag FETCHes)."""
+    script = [
+        appending(""),  # so that something stays
+        ("B", "NOOP"),
+        ("A", "NOOP"),
+        ("A", r"STORE 4 +FLAGS.SILENT (\Deleted)"),
+        ("B", "NOOP"),
+        ("A", "EXPUNGE"),
+        ("A", r"STORE 3 +FLAGS (\Seen)"),
+        ("B", "MOVE 2 {g}"),
+        ("A", r"UID STORE 3 +FLAGS.SILENT (\Deleted)"),
+        ("B", "NOOP"),
+        ("A", "EXPUNGE"),
+        ("B", "UID MOVE 1 {g}"),
+        *AFTER[:2],
+        ("A", "NOOP"),
+        *AFTER[2:],
+    ]
+    compare(dovecot_server, mailgate_server, script)
+    b_move = normalised(transcript(mailgate_server, script))[7]
+    assert [line for line in b_move if line.endswith(b"EXPUNGE")] == [b"* 4 EXPUNGE", b"* 2 EXPUNGE"], b_move
+
+
 def test_idle_continuation_comes_before_pending_responses(
     dovecot_server: Server, mailgate_server: Server
 ) -> None:

@@ -1095,8 +1095,9 @@ class Session:
         if not move:
             return f"[{code.decode()}] COPY completed"
         self.untagged(b"OK [" + code + b"] moved")
-        for line in view.expunged_now(src for src, _ in pairs):
-            self.untagged(line)
+        # The moved messages are told gone by the report before the tagged reply, in one batch with
+        # other sessions' expunges, as Dovecot tells them.
+        view.gone.update(src for src, _ in pairs)
         return "MOVE completed"
 
     cmd_move = cmd_copy

@@ -201,18 +201,6 @@ class View:
         self.modseq = max(self.modseq, changes.highest)
         return out
 
-    def expunged_now(self, uids: Iterable[int]) -> list[bytes]:
-        """EXPUNGE responses for UIDs the session's own MOVE removed (always allowed then)."""
-        out = []
-        for uid in sorted(uids, reverse=True):
-            n = self.seq(uid)
-            if n is not None:
-                del self.uids[n - 1]
-                out.append(b"%d EXPUNGE" % n)
-            self.gone.discard(uid)
-            self.recent.discard(uid)
-        return out
-
     def recent_changed(self) -> list[bytes]:
         """``* n RECENT`` if the number of messages the session holds \\Recent for changed."""
         count = len(self.recent)
