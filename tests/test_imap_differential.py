@@ -27,10 +27,11 @@ import imaplib
 import re
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -41,6 +42,7 @@ from gateway.config import parse_config
 from gateway.daemon import open_store
 from gateway.imap.server import IMAPServer
 from gateway.notify import Changes
+from storage.db import Database
 from tests import corpus
 from tests.conftest import PG_DSN, config_dict, missing_peer
 from tests.dovecot import running_dovecot
@@ -50,6 +52,7 @@ pytestmark = pytest.mark.peers
 
 HOST = "127.0.0.1"
 LOGIN, PASSWORD = "anna@acme.test", "differential-secret"
+T = TypeVar("T")
 HASH = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(PASSWORD)
 
 # --------------------------------------------------------------------------- the corpus
@@ -320,6 +323,7 @@ class Mailgate:
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self.db: Database | None = None  # mailgate's store, for tests that change it behind IMAP's back
         self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
 
     def __enter__(self) -> Mailgate:
@@ -329,6 +333,11 @@ class Mailgate:
         if self._error is not None:
             raise self._error
         return self
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on mailgate's event loop (where its database lives) and wait for it."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(60)
 
     def __exit__(self, *exc: object) -> None:
         if self._loop is not None and self._stop is not None:
@@ -342,6 +351,7 @@ class Mailgate:
                 data["tenants"][0]["agents"] = [{"login": LOGIN, "password_hash": HASH}]
                 config = parse_config(data)
                 db, blobs = await open_store(config)
+                self.db = db
                 try:
                     auth = Authenticator(lambda: config, db, failure_delay=0.05)
                     server = IMAPServer(lambda: config, db, blobs, auth, Changes())

@@ -92,7 +92,8 @@ class Client:
 # "{g}" is a second, empty folder made for the script (a MOVE target). Special command lines:
 # "IDLE" (B idles; the responses up to "+" and everything until DONE's
 # reply are recorded; a step ("A", ...) between "IDLE" and "DONE" runs while B idles),
-# "DONE" (ends B's IDLE after a short wait), "SLEEP" (lets the other server notice).
+# "DONE" (ends B's IDLE after a short wait), "SLEEP" (lets the other server notice), "MARK"
+# (the folder's UIDVALIDITY and HIGHESTMODSEQ now become "{V}" and "{M}" in later lines; no response).
 Step = tuple[str, str]
 
 
@@ -114,11 +115,21 @@ def transcript(server: Server, script: list[Step], *, messages: int = 4, select:
         out_steps: list[bytes] = []
         idle_tag: bytes | None = None
         idle_out = bytearray()
+        marks = {"{V}": "0", "{M}": "0"}
         for who, line in script:
             c = a if who == "A" else b
             if line == "SLEEP":
                 time.sleep(0.3)
                 continue
+            if line == "MARK":
+                status = c.command(b'STATUS "' + folder.encode() + b'" (UIDVALIDITY HIGHESTMODSEQ)')
+                for key, item in (("{V}", rb"UIDVALIDITY (\d+)"), ("{M}", rb"HIGHESTMODSEQ (\d+)")):
+                    found = re.search(item, status)
+                    assert found, status
+                    marks[key] = found.group(1).decode()
+                continue
+            for key, value in marks.items():
+                line = line.replace(key, value)
             if line == "IDLE":
                 idle_tag = c.send(b"IDLE")
                 idle_out = bytearray()
@@ -210,7 +221,7 @@ def compare(dovecot: Server, mailgate: Server, script: list[Step], *, select: bo
         _dovecot_answers[key] = normalised(transcript(dovecot, script, select=select))
     theirs = _dovecot_answers[key]
     ours = normalised(transcript(mailgate, script, select=select))
-    steps = [s for s in script if s[1] not in ("SLEEP", "IDLE")]
+    steps = [s for s in script if s[1] not in ("SLEEP", "IDLE", "MARK")]
     for step, t, o in zip(steps, theirs, ours, strict=True):
         if step[1].startswith(("SELECT", "EXAMINE")):
             # RFC 7162 3.1.2.1: mailgate always sends HIGHESTMODSEQ, Dovecot once CONDSTORE is on.
@@ -464,7 +475,9 @@ if __name__ == "__main__":  # a probe: python -m tests.test_imap_multisession 'A
         ):
             print("=====", server.name)
             for (who, line), r in zip(
-                [s for s in script if s[1] not in ("SLEEP", "IDLE")], transcript(server, script), strict=True
+                [s for s in script if s[1] not in ("SLEEP", "IDLE", "MARK")],
+                transcript(server, script),
+                strict=True,
             ):
                 print(f"--- {who}: {line}")
                 print(r.decode("utf-8", "replace").rstrip())

@@ -123,11 +123,22 @@ class Enable(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class QResync:
+    """SELECT's QRESYNC parameter (RFC 7162 3.2.5): what the client knew when it last synced."""
+
+    uidvalidity: int
+    modseq: int
+    known_uids: SeqSet | None = None  # no "*" (the parser refuses it)
+    seq_match: tuple[SeqSet, SeqSet] | None = None  # known sequence numbers, their UIDs
+
+
+@dataclass(frozen=True, slots=True)
 class Select(Command):
     """SELECT or EXAMINE."""
 
     mailbox: str  # decoded from modified UTF-7; INBOX in any case as "INBOX"
     condstore: bool = False
+    qresync: QResync | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +232,7 @@ class Fetch(Command):
     sequence: SeqSet
     atts: tuple[FetchAtt, ...]
     changed_since: int | None = None
+    vanished: bool = False  # UID FETCH's VANISHED modifier (RFC 7162 3.2.6), always with changed_since
 
 
 @dataclass(frozen=True, slots=True)

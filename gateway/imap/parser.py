@@ -49,7 +49,7 @@ nothing sent in clear text is run as if it came over TLS).
 
 **Parsing** (:func:`parse`). A recursive-descent parser over one
 :class:`Line`, for the grammar of RFC 3501/9051 and the extensions we offer
-(UIDPLUS, MOVE, CONDSTORE, ENABLE, ID, NAMESPACE, QUOTA, SPECIAL-USE,
+(UIDPLUS, MOVE, CONDSTORE, QRESYNC, ENABLE, ID, NAMESPACE, QUOTA, SPECIAL-USE,
 LIST-EXTENDED/LIST-STATUS syntax, ESEARCH, SEARCHRES, SASL-IR, LITERAL+,
 UNSELECT, IDLE). It produces the values of :mod:`gateway.imap.commands` and
 raises only :class:`ParseError`, whose message never contains raw client
@@ -100,6 +100,7 @@ from gateway.imap.commands import (
     List,
     Login,
     MailboxCommand,
+    QResync,
     Rename,
     Search,
     SearchKey,
@@ -991,12 +992,52 @@ class _Parser:
         self.sp()
         mailbox = self.mailbox()
         condstore = False
+        qresync = None
         if not self.at_end():
             self.sp()
-            for param in self.keyword_list("SELECT parameter", frozenset({"CONDSTORE"})):
-                condstore = condstore or param == "CONDSTORE"
+            empty = self.open_list("'(' starting the SELECT parameters")
+            while not empty:
+                param = self.keyword("a SELECT parameter")
+                if param == "CONDSTORE":
+                    condstore = True
+                elif param == "QRESYNC" and qresync is None:
+                    self.sp()
+                    qresync = self.qresync()
+                else:
+                    self.fail(f"unsupported SELECT parameter {_safe(param)}")
+                if self.peek() != _SP:
+                    self.byte(_RPAREN, "')' ending the SELECT parameters")
+                    break
+                self.i += 1
         self.end()
-        return Select(tag, name, mailbox, condstore)
+        return Select(tag, name, mailbox, condstore, qresync)
+
+    def qresync(self) -> QResync:
+        """``"(" uidvalidity SP mod-sequence-value [SP known-uids [SP seq-match-data]] ")"`` (RFC 7162)."""
+        self.byte(_LPAREN, "'(' starting the QRESYNC parameters")
+        uidvalidity = self.number("a UIDVALIDITY", _MAX_UINT32, minimum=1)
+        self.sp()
+        modseq = self.number("a mod-sequence", _MAX_INT63, minimum=1)
+        known_uids = seq_match = None
+        if self.peek() == _SP:
+            self.i += 1
+            known_uids = self.uid_set("known UIDs")
+            if self.peek() == _SP:
+                self.i += 1
+                self.byte(_LPAREN, "'(' starting the sequence match data")
+                seqs = self.uid_set("known sequence numbers")
+                self.sp()
+                seq_match = (seqs, self.uid_set("known UIDs"))
+                self.byte(_RPAREN, "')' ending the sequence match data")
+        self.byte(_RPAREN, "')' ending the QRESYNC parameters")
+        return QResync(uidvalidity, modseq, known_uids, seq_match)
+
+    def uid_set(self, what: str) -> SeqSet:
+        """A sequence set without ``*`` or ``$`` (QRESYNC's known-uids and seq-match-data)."""
+        found = self.seqset()
+        if found.saved or any(n is None for r in found.ranges for n in r):
+            self.fail(f"{what}: '*' and '$' are not allowed here")
+        return found
 
     def cmd_mailbox(self, tag: str, name: str) -> Command:
         self.sp()
@@ -1302,11 +1343,30 @@ class _Parser:
             else:
                 atts.append(self.fetch_att())
         changed_since = None
+        vanished = False
         if not self.at_end():
             self.sp()
-            changed_since = self.modifier("CHANGEDSINCE", minimum=1)
+            if not uid:
+                changed_since = self.modifier("CHANGEDSINCE", minimum=1)
+            else:  # (CHANGEDSINCE n [VANISHED]) in either order (RFC 7162 3.2.6)
+                self.byte(_LPAREN, "'(' starting the modifiers")
+                while True:
+                    word = self.keyword("a modifier")
+                    if word == "CHANGEDSINCE" and changed_since is None:
+                        self.sp()
+                        changed_since = self.number("a mod-sequence", _MAX_INT63, minimum=1)
+                    elif word == "VANISHED" and not vanished:
+                        vanished = True
+                    else:
+                        self.fail(f"unsupported modifier {_safe(word)}")
+                    if self.peek() != _SP:
+                        break
+                    self.i += 1
+                self.byte(_RPAREN, "')' ending the modifiers")
+                if vanished and changed_since is None:
+                    self.fail("VANISHED used without CHANGEDSINCE")
         self.end()
-        return Fetch(tag, name, uid, sequence, tuple(atts), changed_since)
+        return Fetch(tag, name, uid, sequence, tuple(atts), changed_since, vanished)
 
     def modifier(self, expected: str, *, minimum: int) -> int:
         """``"(" <expected> SP mod-sequence ")"``: the one modifier we support, its value."""

@@ -20,6 +20,12 @@ moves the view's MODSEQ. The cheap check is one row (the folder's
 HIGHESTMODSEQ and UIDNEXT); only when it moved does the session query the
 changes.
 
+QRESYNC (RFC 7162 3.2), once enabled: the view tells expunges as VANISHED
+and the tagged reply may carry ``[HIGHESTMODSEQ]``; SELECT (QRESYNC ...) and
+UID FETCH (CHANGEDSINCE ... VANISHED) answer ``VANISHED (EARLIER)`` from the
+store's expunge history (:meth:`Session._vanished`), or, for a MODSEQ older
+than the history kept, from the UIDs the folder lacks, range by range.
+
 Domain errors carry their wire reply (``StoreError.imap_code``); this module
 is the one place where they become ``NO [CODE] text``.
 """
@@ -27,6 +33,7 @@ is the one place where they become ``NO [CODE] text``.
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -90,6 +97,10 @@ SENT_COPY_WINDOW = timedelta(hours=24)  # how long a client's own copy of a sent
 MAX_NAME = 255  # characters in a folder name: the folders.name column, as mailstore.create_folder checks
 
 
+class Bad(Exception):
+    """A command refused with ``BAD text`` after parsing (the state it needs is missing)."""
+
+
 def _supported(charset: str) -> None:
     """SORT and THREAD name a charset; search strings are UTF-8 only (RFC 5256: NO, not BAD)."""
     if charset not in ("UTF-8", "US-ASCII"):
@@ -135,6 +146,7 @@ class Session:
         self.identity: Identity | None = None
         self.view: View | None = None
         self.condstore = False
+        self.qresync = False  # ENABLE QRESYNC (RFC 7162 3.2.3): VANISHED instead of EXPUNGE from now on
         self.compressed = False  # COMPRESS DEFLATE is on: the I/O class switches after the OK
         self.saved: list[int] = []
         self.out = bytearray()
@@ -174,7 +186,7 @@ class Session:
             return " ".join(caps)
         caps += [
             "NAMESPACE", "UNSELECT", "UIDPLUS", "MOVE", "CHILDREN", "SPECIAL-USE", "CONDSTORE",
-            "ESEARCH", "SEARCHRES", "QUOTA", "QUOTA=RES-STORAGE", f"APPENDLIMIT={APPEND_LIMIT}",
+            "QRESYNC", "ESEARCH", "SEARCHRES", "QUOTA", "QUOTA=RES-STORAGE", f"APPENDLIMIT={APPEND_LIMIT}",
         ]  # fmt: skip
         caps += ["BINARY", "MULTIAPPEND", "CATENATE", "LIST-EXTENDED", "LIST-STATUS", "SORT", "SORT=DISPLAY"]
         caps += ["ESORT"]
@@ -193,28 +205,37 @@ class Session:
             return
         try:
             text = await getattr(self, "cmd_" + name.lower().replace(" ", "_"))(cmd)
+        except Bad as exc:
+            self.tagged(cmd.tag, "BAD", str(exc))
+            return
         except No as exc:
             if self.view is not None:
-                await self._sync_after(cmd)
+                await self._sync_after(cmd, tagged=False)
             code = f"[{exc.code}] " if exc.code else ""
             self.tagged(cmd.tag, "NO", code + str(exc))
             return
         except StoreError as exc:
             self.tagged(cmd.tag, "NO", f"[{exc.imap_code}] {exc}")
             return
-        # IDLE reports after its continuation (the I/O class syncs then, as Dovecot does).
-        if self.view is not None and name not in ("LOGOUT", "IDLE"):
-            await self._sync_after(cmd)
+        # IDLE reports after its continuation (the I/O class syncs then, as Dovecot does); ENABLE
+        # reports nothing (as Dovecot: the next command tells what changed, under the new rules).
+        highest = None
+        if self.view is not None and name not in ("LOGOUT", "IDLE", "ENABLE"):
+            # QRESYNC's HIGHESTMODSEQ goes in the tagged OK unless that has a code already (as Dovecot)
+            highest = await self._sync_after(cmd, tagged=text is not None and not text.startswith("["))
         if text is not None:
+            if highest is not None:
+                text = f"[HIGHESTMODSEQ {highest}] {text}"
             self.tagged(cmd.tag, "OK", text)
 
-    async def _sync_after(self, cmd: c.Command) -> None:
-        """The report before a command's tagged reply, under RFC 3501 7.4.1's rules for EXPUNGE."""
+    async def _sync_after(self, cmd: c.Command, *, tagged: bool) -> int | None:
+        """The report before a command's tagged reply, under RFC 3501 7.4.1's rules for EXPUNGE;
+        with ``tagged``, the HIGHESTMODSEQ the tagged reply is to carry (QRESYNC), if any."""
         uid = bool(getattr(cmd, "uid", False))
         key = getattr(cmd, "key", None)
         by_set = isinstance(key, c.SearchKey) and uses(key, {"SEQ", "UID"})
         allow = cmd.name not in _NO_EXPUNGE or (uid and not (cmd.name in _NO_UID_EXPUNGE and by_set))
-        await self.sync(allow_expunge=allow, send_uid=uid and cmd.name == "STORE")
+        return await self.sync(allow_expunge=allow, send_uid=uid and cmd.name == "STORE", tagged=tagged)
 
     # ------------------------------------------------------------------ any state
 
@@ -303,9 +324,12 @@ class Session:
             self.untagged(b"OK [CLOSED] previous folder closed")
         self.view = None
         self.state = State.AUTHENTICATED
+        if cmd.qresync is not None and not self.qresync:  # RFC 7162 3.2.5 (closed first, as Dovecot)
+            raise Bad("QRESYNC is not enabled (ENABLE QRESYNC first)")
         readonly = cmd.name == "EXAMINE"
         if cmd.condstore:
             self.condstore = True
+        resync, vanished, changed, known = None, b"", [], c.SeqSet()
         async with self.db.write() if not readonly else self.db.read() as s:
             folder = await self.folder(s, cmd.mailbox)
             # The first session to see a message holds its \Recent (RFC 3501 2.3.2); EXAMINE claims none.
@@ -327,7 +351,19 @@ class Session:
             keywords = (
                 await s.scalars(select(Message.keywords).where(Message.folder_id == folder.id).distinct())
             ).all()
+            resync = cmd.qresync if cmd.qresync and cmd.qresync.uidvalidity == folder.uidvalidity else None
+            if resync is not None:  # RFC 7162 3.2.5.1: what changed since the client's last sync
+                known = resync.known_uids or c.SeqSet(((1, max(folder.uidnext - 1, 1)),))
+                vanished = await self._vanished(s, folder, resync.modseq, known, uids)
+                changed = list(
+                    await s.execute(
+                        select(Message.uid, Message.sysflags, Message.keywords, Message.modseq)
+                        .where(Message.folder_id == folder.id, Message.modseq > resync.modseq)
+                        .order_by(Message.uid)
+                    )
+                )
         view = View(folder.id, folder.name, readonly, folder.uidvalidity, uids, folder.highestmodseq)
+        view.told = folder.highestmodseq
         view.keywords = {k for text in keywords for k in keywords_of(text)}
         view.recent = {u for u in uids if first_recent <= u < folder.uidnext}
         self.view = view
@@ -341,6 +377,16 @@ class Session:
         self.untagged(b"OK [UIDVALIDITY %d] UIDs valid" % folder.uidvalidity)
         self.untagged(b"OK [UIDNEXT %d] predicted next UID" % folder.uidnext)
         self.untagged(b"OK [HIGHESTMODSEQ %d] highest" % folder.highestmodseq)
+        if resync is not None:
+            if vanished:
+                self.untagged(b"VANISHED (EARLIER) " + vanished)
+            wanted = _Ranges(known)
+            for r in changed:
+                seq = view.seq(r.uid)
+                if seq is not None and r.uid in wanted:
+                    view.showed_modseq(r.modseq)
+                    flags = view.flag_list(r.uid, r.sysflags, r.keywords)
+                    self.untagged(b"%d FETCH (UID %d FLAGS %s MODSEQ (%d))" % (seq, r.uid, flags, r.modseq))
         self.state = State.SELECTED
         return f"[{'READ-ONLY' if readonly else 'READ-WRITE'}] {cmd.name} completed"
 
@@ -485,9 +531,11 @@ class Session:
         return "DEFLATE active"
 
     async def cmd_enable(self, cmd: c.Enable) -> str:
-        enabled = [cap for cap in cmd.capabilities if cap == "CONDSTORE"]
+        enabled = list(dict.fromkeys(cap for cap in cmd.capabilities if cap in ("CONDSTORE", "QRESYNC")))
         if enabled:
-            self._enable_condstore()
+            self._enable_condstore()  # QRESYNC implies CONDSTORE (RFC 7162 3.2.3)
+        if "QRESYNC" in enabled:
+            self.qresync = True
         self.untagged(b"ENABLED" + b"".join(b" " + e.encode() for e in enabled))
         return "ENABLE completed"
 
@@ -495,6 +543,7 @@ class Session:
         """CONDSTORE from now on; in a selected folder, say how far the session is (RFC 7162 3.1)."""
         if not self.condstore and self.view is not None:
             self.untagged(b"OK [HIGHESTMODSEQ %d] highest" % self.view.modseq)
+            self.view.told = self.view.modseq
         self.condstore = True
 
     async def cmd_status(self, cmd: c.Status) -> str:
@@ -893,8 +942,17 @@ class Session:
         uids = view.resolve(cmd.sequence, uid=cmd.uid, saved=self.saved)
         atts = list(dict.fromkeys(cmd.atts))  # an item named twice is answered once
         names = {a.name for a in atts}
+        if cmd.vanished and not self.qresync:  # RFC 7162 3.2.6
+            raise Bad("VANISHED needs QRESYNC (ENABLE QRESYNC first)")
         if "MODSEQ" in names or cmd.changed_since is not None:
             self._enable_condstore()
+        if cmd.vanished and cmd.changed_since is not None:
+            async with self.db.read() as s:
+                vanished = await self._vanished(
+                    s, await self._selected_folder(s), cmd.changed_since, cmd.sequence, view.uids, view
+                )
+            if vanished:
+                self.untagged(b"VANISHED (EARLIER) " + vanished)
         if "FLAGS" in names:
             await self._announce_keywords(view)
         if cmd.uid and "UID" not in names:
@@ -957,6 +1015,7 @@ class Session:
                 items.append(b"RFC822.SIZE %d" % row.size)
             elif name == "MODSEQ":
                 items.append(b"MODSEQ (%d)" % row.modseq)
+                view.showed_modseq(row.modseq)
             elif name in ("ENVELOPE", "BODYSTRUCTURE") or (name == "BODY" and att.section is None):
                 stored = {"ENVELOPE": row.envelope, "BODYSTRUCTURE": row.bodystructure, "BODY": row.body}[
                     name
@@ -1016,9 +1075,10 @@ class Session:
             seq = view.seq(r.uid)
             if seq is None or (cmd.silent and not self.condstore):
                 continue
-            parts = [b"UID %d" % r.uid] if cmd.uid else []
+            parts = [b"UID %d" % r.uid] if cmd.uid or self.qresync else []  # always under QRESYNC
             if self.condstore:
                 parts.append(b"MODSEQ (%d)" % r.modseq)
+                view.showed_modseq(r.modseq)
             if not cmd.silent:
                 parts.append(b"FLAGS " + view.flag_list(r.uid, r.sysflags, r.keywords))
             self.untagged(b"%d FETCH (" % seq + b" ".join(parts) + b")")
@@ -1096,7 +1156,7 @@ class Session:
             return f"[{code.decode()}] COPY completed"
         self.untagged(b"OK [" + code + b"] moved")
         # The moved messages are told gone by the report before the tagged reply, in one batch with
-        # other sessions' expunges, as Dovecot tells them.
+        # other sessions' expunges (one VANISHED under QRESYNC), as Dovecot tells them.
         view.gone.update(src for src, _ in pairs)
         return "MOVE completed"
 
@@ -1108,8 +1168,21 @@ class Session:
 
     # ------------------------------------------------------------------ changes
 
-    async def sync(self, *, allow_expunge: bool, send_uid: bool = False) -> None:
-        """Report what changed in the selected folder since the session last looked (see :mod:`view`)."""
+    async def sync(self, *, allow_expunge: bool, send_uid: bool = False, tagged: bool = False) -> int | None:
+        """Report what changed in the selected folder since the session last looked (see :mod:`view`).
+
+        Under QRESYNC, the HIGHESTMODSEQ to tell (RFC 7162 3.2.10, :meth:`View.highest_to_tell`) is
+        returned for the tagged reply with ``tagged``, else sent as an untagged OK (IDLE).
+        """
+        highest = await self._report(allow_expunge=allow_expunge, send_uid=send_uid)
+        tell = self.selected.highest_to_tell(highest) if self.qresync and highest is not None else None
+        if tell is not None and not tagged:
+            self.untagged(b"OK [HIGHESTMODSEQ %d] Highest" % tell)
+            return None
+        return tell
+
+    async def _report(self, *, allow_expunge: bool, send_uid: bool) -> int | None:
+        """The report of :meth:`sync`; the folder's HIGHESTMODSEQ (None if it is gone)."""
         view = self.selected
         async with self.db.read() as s:
             row = (
@@ -1120,10 +1193,10 @@ class Session:
                 )
             ).one_or_none()
             if row is None:
-                return
+                return None
             highest, uidnext, recent_uid = row
             if highest <= view.modseq and uidnext - 1 <= view.max_uid and not (allow_expunge and view.gone):
-                return
+                return int(highest)
             columns = (Message.uid, Message.sysflags, Message.keywords, Message.modseq)
             new = [
                 FlagRow(*r)
@@ -1167,9 +1240,50 @@ class Session:
         )
         changes = FolderChanges(highest, new, changed, expunged, recent, keywords)
         for line in view.report(
-            changes, allow_expunge=allow_expunge, condstore=self.condstore, send_uid=send_uid
+            changes,
+            allow_expunge=allow_expunge,
+            condstore=self.condstore,
+            send_uid=send_uid,
+            qresync=self.qresync,
         ):
             self.untagged(line)
+        return int(highest)
+
+    async def _vanished(
+        self,
+        s: AsyncSession,
+        folder: Folder,
+        modseq: int,
+        known: c.SeqSet,
+        existing: Sequence[int],
+        view: View | None = None,
+    ) -> bytes:
+        """``VANISHED (EARLIER)``'s UID set: the UIDs of ``known`` expunged after ``modseq``
+        (RFC 7162 3.2.5.1, 3.2.6); ``existing`` are the folder's UIDs, ascending.
+
+        The history of expunges is kept for :data:`storage.mailstore.EXPUNGE_HISTORY`; for a
+        MODSEQ older than that, every UID of ``known`` below UIDNEXT that is not in the folder
+        (always correct, if longer), computed range by range, never UID by UID.
+        """
+        top = folder.uidnext - 1
+        wanted = _Ranges(known, top)
+        if modseq >= folder.expunges_pruned:
+            rows = await s.scalars(
+                select(Expunge.uid).where(Expunge.folder_id == folder.id, Expunge.modseq > modseq)
+            )
+            # An expunge not yet reported to ``view`` is not told early: the UID keeps its number.
+            return wire.uid_set(u for u in rows if u in wanted and (view is None or view.seq(u) is None))
+        runs: list[bytes] = []
+        for lo, hi in wanted.ranges:
+            hi = min(hi, top)
+            i = bisect_left(existing, lo)
+            while lo <= hi:
+                nxt = existing[i] if i < len(existing) else hi + 1
+                if nxt > lo:
+                    end = min(nxt - 1, hi)
+                    runs.append(b"%d:%d" % (lo, end) if end > lo else b"%d" % lo)
+                lo, i = nxt + 1, i + 1
+        return b",".join(runs)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -1185,19 +1299,27 @@ def _delimiters(name: str) -> list[int]:
     return out
 
 
-def _seqset(numbers: Sequence[int]) -> bytes:
-    out: list[bytes] = []
-    run: list[int] = []
-    for n in sorted(set(numbers)):
-        if run and n == run[-1] + 1:
-            run.append(n)
-            continue
-        if run:
-            out.append(b"%d:%d" % (run[0], run[-1]) if len(run) > 1 else b"%d" % run[0])
-        run = [n]
-    if run:
-        out.append(b"%d:%d" % (run[0], run[-1]) if len(run) > 1 else b"%d" % run[0])
-    return b",".join(out)
+_seqset = wire.uid_set
+
+
+class _Ranges:
+    """A sequence set as sorted, merged ranges: membership by bisection (sets of 10,000 ranges)."""
+
+    def __init__(self, sequence: c.SeqSet, star: int = 0) -> None:
+        ends = ((star if lo is None else lo, star if hi is None else hi) for lo, hi in sequence.ranges)
+        pairs = sorted((min(a, b), max(a, b)) for a, b in ends)
+        merged: list[tuple[int, int]] = []
+        for lo, hi in pairs:
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+            else:
+                merged.append((lo, hi))
+        self.ranges = merged
+        self._starts = [lo for lo, _ in merged]
+
+    def __contains__(self, n: int) -> bool:
+        i = bisect_right(self._starts, n) - 1
+        return i >= 0 and n <= self.ranges[i][1]
 
 
 def _structure(name: str, raw: bytes) -> bytes:

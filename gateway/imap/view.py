@@ -31,6 +31,14 @@ session reports it, and every report goes through :meth:`View.report`:
 
 The order of one report is Dovecot's: FLAGS, flag FETCHes (numbered before
 the expunges), EXPUNGEs (highest first), EXISTS, RECENT.
+
+Once the client enabled QRESYNC (RFC 7162 3.2), expunges are told as one
+``* VANISHED uid-set`` (same place, same rules as EXPUNGE), flag FETCHes
+carry the UID, and after each report :meth:`View.highest_to_tell` decides
+whether the client hears the folder's HIGHESTMODSEQ (RFC 7162 3.2.10), as
+Dovecot decides it: ``told`` is the highest MODSEQ the client may store as
+complete (not raised while expunges are held back), ``fetched`` the highest
+MODSEQ the session's FETCH responses showed since the last report.
 """
 
 from __future__ import annotations
@@ -90,6 +98,8 @@ class View:
     own: dict[int, int] = field(default_factory=dict)  # UID -> MODSEQ of own changes, already answered
     claimed: list[tuple[int, int]] = field(default_factory=list)  # \Recent UID ranges taken, not yet seen
     recent_told: int = 0
+    told: int = 0  # QRESYNC: the HIGHESTMODSEQ the client may take as complete
+    fetched: int = 0  # the highest MODSEQ shown in a FETCH response since the last report
 
     @property
     def exists(self) -> int:
@@ -154,13 +164,42 @@ class View:
         """A change of the session's own that its command has already shown."""
         self.own[uid] = max(modseq, self.own.get(uid, 0))
 
+    def showed_modseq(self, modseq: int) -> None:
+        """A FETCH response of the session showed this MODSEQ."""
+        self.fetched = max(self.fetched, modseq)
+
+    def highest_to_tell(self, highest: int) -> int | None:
+        """After a report under QRESYNC: the HIGHESTMODSEQ to tell the client, if any.
+
+        Told when the folder moved past what the client knows and no FETCH
+        showed it already (a VANISHED or EXISTS moved it); while expunges are
+        held back, the last complete one, and only if a FETCH showed a higher
+        MODSEQ the client might store instead.
+        """
+        tell = None
+        if self.gone:
+            tell = self.told if self.fetched > self.told else None
+        else:
+            tell = highest if highest > self.told and highest > self.fetched else None
+            self.told = highest
+        self.fetched = 0
+        return tell
+
     def report(
-        self, changes: FolderChanges, *, allow_expunge: bool, condstore: bool, send_uid: bool = False
+        self,
+        changes: FolderChanges,
+        *,
+        allow_expunge: bool,
+        condstore: bool,
+        send_uid: bool = False,
+        qresync: bool = False,
     ) -> list[bytes]:
         """The untagged responses for ``changes``, the view updated to match them.
 
-        ``send_uid``: flag changes name their UID too (during UID STORE, as Dovecot does).
+        ``send_uid``: flag changes name their UID too (during UID STORE, as Dovecot does,
+        and always under ``qresync``, when expunges are told as VANISHED).
         """
+        send_uid = send_uid or qresync
         out: list[bytes] = []
         self.gone.update(u for u in changes.expunged if self.seq(u) is not None)
         rows = [r for r in changes.changed if r.uid not in self.gone and self.own.get(r.uid, 0) < r.modseq]
@@ -174,6 +213,8 @@ class View:
             modseq = (b"UID %d " % r.uid if send_uid else b"") + (
                 b"MODSEQ (%d) " % r.modseq if condstore else b""
             )
+            if condstore:
+                self.showed_modseq(r.modseq)
             out.append(
                 b"%d FETCH (" % seq
                 + modseq
@@ -183,13 +224,8 @@ class View:
             )
         self.own = {u: m for u, m in self.own.items() if m > changes.highest}
         if allow_expunge:
-            for uid in sorted(self.gone, reverse=True):
-                n = self.seq(uid)
-                if n is not None:
-                    del self.uids[n - 1]
-                    out.append(b"%d EXPUNGE" % n)
-                self.recent.discard(uid)
-            self.gone.clear()
+            gone, self.gone = self.gone, set()
+            out += self._expunged(gone, qresync=qresync)
         new = sorted(r.uid for r in changes.new if r.uid > self.max_uid)
         if new:
             self.uids.extend(new)
@@ -199,6 +235,23 @@ class View:
             out.append(b"%d EXISTS" % self.exists)
         out += self.recent_changed()
         self.modseq = max(self.modseq, changes.highest)
+        return out
+
+    def _expunged(self, uids: Iterable[int], *, qresync: bool) -> list[bytes]:
+        """EXPUNGE responses (highest first), or one VANISHED under ``qresync``, for ``uids``
+        leaving the view."""
+        out = []
+        vanished = []
+        for uid in sorted(uids, reverse=True):
+            n = self.seq(uid)
+            if n is not None:
+                del self.uids[n - 1]
+                out.append(b"%d EXPUNGE" % n)
+                vanished.append(uid)
+            self.gone.discard(uid)
+            self.recent.discard(uid)
+        if qresync:
+            return [b"VANISHED " + wire.uid_set(vanished)] if vanished else []
         return out
 
     def recent_changed(self) -> list[bytes]:

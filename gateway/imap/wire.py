@@ -76,3 +76,18 @@ def date_time(value: datetime) -> bytes:
         f"{value.hour:02d}:{value.minute:02d}:{value.second:02d} {sign}{minutes // 60:02d}{minutes % 60:02d}"
     )
     return b'"' + text.encode("ascii") + b'"'
+
+
+def uid_set(numbers: Iterable[int]) -> bytes:
+    """Numbers as a sequence set of ascending runs (``1:3,5``), as UIDPLUS and VANISHED send them."""
+    out: list[bytes] = []
+    start = prev = -2
+    for n in sorted(set(numbers)):
+        if n != prev + 1:
+            if prev >= 0:
+                out.append(b"%d:%d" % (start, prev) if start != prev else b"%d" % start)
+            start = n
+        prev = n
+    if prev >= 0:
+        out.append(b"%d:%d" % (start, prev) if start != prev else b"%d" % start)
+    return b",".join(out)
