@@ -182,6 +182,10 @@ def _fetch_seq(line: bytes) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _informational(line: bytes) -> bool:
+    return line.startswith(b"* OK") and not line.startswith(b"* OK [")
+
+
 def normalised(responses: list[bytes]) -> list[list[bytes]]:
     """Per step, its response lines with server-specific values masked (see the module docstring).
 
@@ -190,7 +194,10 @@ def normalised(responses: list[bytes]) -> list[list[bytes]]:
     """
     out = []
     for response in responses:
-        lines = [_line(line) for line in response.split(b"\r\n") if line]
+        # An untagged OK without a response code is information only (RFC 3501 7.1.1): Dovecot sends
+        # one while idling ("* OK Still here") when its timer fires, which on a loaded machine fell
+        # inside a script's IDLE (CI, 2026-12-04). Nothing to compare.
+        lines = [_line(line) for line in response.split(b"\r\n") if line and not _informational(line)]
         runs = itertools.groupby(lines, key=lambda line: _fetch_seq(line) is not None)
         out.append([line for fetch, run in runs for line in (sorted(run, key=_fetch_seq) if fetch else run)])
     return out
