@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test peers lint bench-smtp-ingest bench-pull bench-retention bench-snapshot bench-imap bench-relay
+.PHONY: run test peers lint bench-smtp-ingest bench-pull bench-retention bench-snapshot bench-imap bench-imap-stress bench-relay
 
 $(BIN)/mailgate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench-snapshot: $(BIN)/mailgate
 
 bench-imap: $(BIN)/mailgate
 	$(BIN)/python bench/imap.py $(ARGS)
+
+bench-imap-stress: $(BIN)/mailgate
+	$(BIN)/python bench/imap_stress.py $(ARGS)
 
 bench-relay: $(BIN)/mailgate
 	$(BIN)/python bench/relay.py $(ARGS)

@@ -308,12 +308,20 @@ class Client:
                 self.buf += data[n:]
             n -= len(data)
 
-    def command(self, text: str, *, collect: bool = False) -> Reply:
-        """Send one command; read to its tagged reply (must be OK)."""
+    def command(self, text: str, *, collect: bool = False, literal: bytes | None = None) -> Reply:
+        """Send one command; read to its tagged reply (must be OK).
+
+        ``literal``: ``text`` ends with its synchronising ``{n}``; it is sent after the server's ``+``.
+        """
         self.tags += 1
         tag = b"b%d" % self.tags
         self.deadline = time.monotonic() + self.timeout
         self.sock.sendall(tag + b" " + text.encode() + b"\r\n")
+        if literal is not None:
+            line = self.readline()
+            if not line.startswith(b"+"):
+                raise BenchError(f"{text[:60]!r}: {line[:300]!r} instead of a continuation")
+            self.sock.sendall(literal + b"\r\n")
         reply = Reply(b"")
         prefix = tag + b" "
         continued = False  # the line continues a response after a literal
