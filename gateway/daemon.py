@@ -28,6 +28,7 @@ from gateway.auth import Authenticator
 from gateway.config import Config, ConfigError, load_config
 from gateway.connections import ConnectionGate
 from gateway.forward import load_signer
+from gateway.imap.index import FolderIndex
 from gateway.imap.server import IMAPServer
 from gateway.ingest import Pipeline
 from gateway.metrics import DatabaseCollector, MetricsServer, refresh_forever
@@ -165,13 +166,15 @@ class Daemon:
                 await smtp.start(*split_hostport(address))
             self.smtp.append(smtp)
             log.info("listener.started", listener=name, address=address, port=smtp.port)
+        index = FolderIndex(self.db, changes)  # shared by the IMAP listeners
         for name, implicit in (("imap", False), ("imaps", True)):
             address = getattr(listen, name)
             if not address and name not in inherited:
                 continue
             server = IMAPServer(
-                self.current_config, self.db, blobs, auth, changes, tls=tls, implicit_tls=implicit, name=name
-            )
+                self.current_config, self.db, blobs, auth, changes, tls=tls, implicit_tls=implicit, name=name,
+                index=index,
+            )  # fmt: skip
             if name in inherited:
                 await server.start_on_socket(inherited.pop(name))
             else:

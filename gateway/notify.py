@@ -1,10 +1,11 @@
-"""In-process change notices: writers announce changed folders, idling readers wake up."""
+"""In-process change notices: writers announce changed folders, idling readers wake up and the
+folder index (gateway/imap/index.py) marks them stale."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 
@@ -13,10 +14,18 @@ class Changes:
 
     def __init__(self) -> None:
         self._waiters: defaultdict[int, set[asyncio.Event]] = defaultdict(set)
+        self._listeners: list[Callable[[set[int]], None]] = []
+
+    def subscribe(self, listener: Callable[[set[int]], None]) -> None:
+        """Call ``listener`` with the changed folders on every notice, before anyone is woken."""
+        self._listeners.append(listener)
 
     def publish(self, folder_ids: Iterable[int]) -> None:
-        """Wake every session watching one of these folders."""
-        for folder_id in set(folder_ids):
+        """Tell the listeners, then wake every session watching one of these folders."""
+        changed = set(folder_ids)
+        for listener in self._listeners:
+            listener(changed)
+        for folder_id in changed:
             for event in self._waiters.get(folder_id, ()):
                 event.set()
 

@@ -643,7 +643,7 @@ async def test_sort_on_an_empty_folder_and_in_order(imap: Server) -> None:
             b"SELECT Drafts",
             b"SORT (DATE) UTF-8 ALL",
             b"SELECT INBOX",
-            b"SORT (REVERSE ARRIVAL) UTF-8 ALL",
+            b"SORT (REVERSE SUBJECT) UTF-8 ALL",
             b"UID SORT (SUBJECT) UTF-8 NOT DELETED",
         ],
     )
@@ -651,3 +651,39 @@ async def test_sort_on_an_empty_folder_and_in_order(imap: Server) -> None:
     assert empty == [b"* SORT"]
     assert inbox[-1] == b"* SORT 3 2 1"
     assert by_uid[-1] == b"* SORT 1 2 3"
+
+
+def _raw_session(port: int, lines: list[bytes]) -> list[bytes]:
+    """Log in and select INBOX, send each line (its own tag first), return everything answered to each."""
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.recv(4096)
+        for line in [b"a LOGIN anna@acme.test " + PASSWORD.encode(), b"b SELECT INBOX", *lines]:
+            tag = line.split(b" ", 1)[0] + b" "
+            sock.sendall(line + b"\r\n")
+            buf = b""
+            while not any(x.startswith(tag) for x in buf.split(b"\r\n")):
+                buf += sock.recv(65536)
+            out.append(buf)
+    return out[2:]
+
+
+async def test_updating_search_tag_in_use_is_refused(imap: Server) -> None:
+    """RFC 5267 4.3: an updating search's tag names it until CANCELUPDATE; reusing it is BAD, and
+    the first search keeps its updates."""
+    first, again, store, cancel, reuse = await run(
+        _raw_session,
+        imap.server.port,
+        [
+            b"d1 SEARCH RETURN (UPDATE) UNSEEN",
+            b"d1 SEARCH RETURN (UPDATE) ALL",
+            b"d2 STORE 2 +FLAGS (\\Seen)",
+            b'd3 CANCELUPDATE "d1"',
+            b"d1 SEARCH RETURN (UPDATE COUNT) UNSEEN",
+        ],
+    )
+    assert first.startswith(b'* ESEARCH (TAG "d1")\r\nd1 OK')
+    assert again == b"d1 BAD Duplicate search update tag\r\n"
+    assert b'* ESEARCH (TAG "d1") REMOVEFROM (0 2)\r\nd2 OK' in store
+    assert cancel == b"d3 OK Updates cancelled.\r\n"
+    assert reuse.startswith(b'* ESEARCH (TAG "d1") COUNT 2\r\nd1 OK')

@@ -470,6 +470,94 @@ def test_condstore_as_dovecot_answers_it(
     compare(dovecot_server, mailgate_server, script)
 
 
+# --------------------------------------------------------------------------- CONTEXT=SEARCH
+
+
+def test_updating_searches_as_dovecot_tells_them(dovecot_server: Server, mailgate_server: Server) -> None:
+    """RFC 5267 4.3: an updating search hears of messages entering and leaving its result through
+    other sessions' and its own flag changes, new messages (after EXISTS), expunges (before the
+    EXPUNGE, held back while expunges are) and during IDLE, until CANCELUPDATE or a re-SELECT."""
+    script = [
+        ("B", "SEARCH RETURN (UPDATE COUNT) UNSEEN"),  # B's tag T1
+        ("A", r"STORE 2 +FLAGS (\Seen)"),
+        ("B", "NOOP"),
+        ("B", r"STORE 3 +FLAGS (\Seen)"),
+        ("A", r"STORE 2 -FLAGS (\Seen)"),
+        ("B", "NOOP"),
+        appending(""),
+        ("B", "NOOP"),
+        ("A", r"STORE 1 +FLAGS.SILENT (\Deleted)"),
+        ("B", "NOOP"),  # B sees \Deleted first (see the module docstring)
+        ("A", "EXPUNGE"),
+        ("B", "SEARCH 2"),
+        ("B", "NOOP"),
+        ("B", "UID SEARCH RETURN (UPDATE MIN) FLAGGED"),  # T11
+        ("B", "IDLE"),
+        ("A", r"STORE 2 +FLAGS (\Flagged)"),
+        ("B", "DONE"),
+        ("B", 'CANCELUPDATE "T1"'),
+        ("A", r"STORE 3 -FLAGS (\Seen)"),
+        ("B", "NOOP"),
+        ("B", 'CANCELUPDATE "T1"'),
+        ("B", "CANCELUPDATE T11"),
+        ("B", "SEARCH RETURN (SAVE UPDATE) SEEN"),
+        ("A", r"STORE 4 +FLAGS (\Seen)"),
+        ("B", "NOOP"),
+        ("B", "FETCH $ (FLAGS)"),
+        ("B", "SELECT {f}"),
+        ("A", r"STORE 2 -FLAGS (\Flagged)"),
+        ("B", "NOOP"),
+        ("B", 'CANCELUPDATE "T11"'),
+        ("B", "UNSELECT"),
+        ("B", 'CANCELUPDATE "T11"'),
+    ]
+    compare(dovecot_server, mailgate_server, script)
+
+
+def test_too_many_updating_searches_as_dovecot_refuses_them(
+    dovecot_server: Server, mailgate_server: Server
+) -> None:
+    """The eleventh updating search is answered without updates (``NO [NOUPDATE]``, RFC 5267
+    4.3.1); a CANCELUPDATE stops at the first unknown tag, keeping those cancelled before it."""
+    script = [
+        *[("B", "SEARCH RETURN (UPDATE) UNSEEN")] * 11,
+        ("A", r"STORE 1 +FLAGS (\Seen)"),
+        ("B", "NOOP"),
+        ("B", 'CANCELUPDATE "T1" "T2" "T99" "T3"'),
+        ("A", r"STORE 1 -FLAGS (\Seen)"),
+        ("B", "NOOP"),
+    ]
+    compare(dovecot_server, mailgate_server, script)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "SEARCH RETURN (PARTIAL 2:3) ALL",
+        "UID SEARCH RETURN (PARTIAL 3:1 COUNT) ALL",
+        "SEARCH RETURN (PARTIAL 5:9) ALL",
+        "SEARCH RETURN (MIN PARTIAL 1:1 MAX COUNT) SEEN",
+        "SEARCH RETURN (PARTIAL 1:2 ALL) ALL",
+        "SEARCH RETURN (PARTIAL 0:2) ALL",
+        "SEARCH RETURN (PARTIAL -1:2) ALL",
+        "SEARCH RETURN (PARTIAL 1:2 PARTIAL 3:4) ALL",
+        "SEARCH RETURN (UPDATE UPDATE) ALL",
+        "SEARCH RETURN (CONTEXT) ALL",
+        "SEARCH RETURN (CONTEXT COUNT) UNSEEN",
+        "SEARCH RETURN (MIN MAX ALL COUNT) ALL",
+        "SEARCH RETURN (COUNT ALL) MODSEQ 1",
+        "SORT RETURN (PARTIAL 1:2 MIN) (REVERSE ARRIVAL) UTF-8 ALL",
+        "UID SORT RETURN (PARTIAL 2:4 COUNT) (REVERSE SUBJECT) UTF-8 ALL",
+        'CANCELUPDATE "T9"',
+    ],
+)
+def test_search_result_options_as_dovecot_answers_them(
+    dovecot_server: Server, mailgate_server: Server, line: str
+) -> None:
+    """ESEARCH/ESORT with CONTEXT=SEARCH's PARTIAL and CONTEXT, item order and refusals."""
+    compare(dovecot_server, mailgate_server, [("B", r"STORE 2,4 +FLAGS (\Seen)"), ("B", line)])
+
+
 if __name__ == "__main__":  # a probe: python -m tests.test_imap_multisession 'A:EXPUNGE' ...
     import sys
     import tempfile

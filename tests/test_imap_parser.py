@@ -18,6 +18,7 @@ from gateway.imap.commands import (
     Append,
     AppendMessage,
     Authenticate,
+    CancelUpdate,
     CatenatePart,
     Command,
     Copy,
@@ -31,6 +32,7 @@ from gateway.imap.commands import (
     MailboxCommand,
     QResync,
     Rename,
+    Returns,
     Search,
     SearchKey,
     Section,
@@ -489,13 +491,22 @@ IMAPLIB: list[tuple[str | bytes, Command]] = [
 EXTENSIONS: list[tuple[str | bytes, Command]] = [
     (
         "A1 UID SEARCH RETURN (MIN MAX COUNT ALL SAVE) UNSEEN",
-        Search("A1", "SEARCH", True, None, and_(k("UNSEEN")), ("MIN", "MAX", "COUNT", "ALL", "SAVE")),
+        Search(
+            "A1", "SEARCH", True, None, and_(k("UNSEEN")), Returns(("MIN", "MAX", "COUNT", "ALL", "SAVE"))
+        ),
     ),
-    ("A2 SEARCH RETURN () ALL", Search("A2", "SEARCH", False, None, and_(k("ALL")), ())),
+    ("A2 SEARCH RETURN () ALL", Search("A2", "SEARCH", False, None, and_(k("ALL")), Returns(()))),
     (
         "A2 SEARCH RETURN (save) CHARSET US-ASCII DELETED",
-        Search("A2", "SEARCH", False, "US-ASCII", and_(k("DELETED")), ("SAVE",)),
+        Search("A2", "SEARCH", False, "US-ASCII", and_(k("DELETED")), Returns(("SAVE",))),
     ),
+    # CONTEXT=SEARCH (RFC 5267): CONTEXT is a hint and dropped; PARTIAL's range comes out ordered.
+    (
+        "A2 SEARCH RETURN (UPDATE CONTEXT COUNT PARTIAL 9:3) SEEN",
+        Search("A2", "SEARCH", False, None, and_(k("SEEN")), Returns(("UPDATE", "COUNT", "PARTIAL"), (3, 9))),
+    ),
+    ("A2 SEARCH RETURN (CONTEXT) SEEN", Search("A2", "SEARCH", False, None, and_(k("SEEN")), Returns(()))),
+    ('A3 CANCELUPDATE "A1" "A2"', CancelUpdate("A3", "CANCELUPDATE", ("A1", "A2"))),
     ("A3 FETCH $ (FLAGS)", fetch("A3", SeqSet(saved=True), att("FLAGS"), uid=False)),
     ("A4 SEARCH $ SEEN", Search("A4", "SEARCH", False, None, and_(k("SEQ", SeqSet(saved=True)), k("SEEN")))),
     ("A4 UID SEARCH UID $", Search("A4", "SEARCH", True, None, and_(k("UID", SeqSet(saved=True))))),
@@ -811,7 +822,18 @@ REFUSED: list[tuple[str | bytes, str | None, str | None]] = [
     ("A1 SEARCH HEADER Sub:ject x", "A1", "invalid header field name"),
     ('A1 SEARCH MODSEQ "/other/x" all 5', "A1", "invalid MODSEQ entry name"),
     ('A1 SEARCH MODSEQ "/flags/\\\\seen" mine 5', "A1", "expected priv, shared or all"),
-    ("A1 SEARCH RETURN (PARTIAL 1:10) ALL", "A1", "unsupported SEARCH return option PARTIAL"),
+    ("A1 SEARCH RETURN (PARTIAL 1:10 ALL) ALL", "A1", "PARTIAL conflicts with ALL"),
+    ("A1 SEARCH RETURN (PARTIAL 0:10) ALL", "A1", "PARTIAL range broken"),
+    ("A1 SEARCH RETURN (PARTIAL -1:10) ALL", "A1", "PARTIAL range broken"),
+    ("A1 SEARCH RETURN (PARTIAL 1:4294967296) ALL", "A1", "PARTIAL range broken"),
+    ("A1 SEARCH RETURN (PARTIAL 1:99999999999999) ALL", "A1", "PARTIAL range broken"),
+    ("A1 SEARCH RETURN (PARTIAL) ALL", "A1", "expected a space"),
+    ("A1 SEARCH RETURN (PARTIAL 1:2 PARTIAL 3:4) ALL", "A1", "PARTIAL can be used only once"),
+    ("A1 SEARCH RETURN (UPDATE UPDATE) ALL", "A1", "UPDATE can be used only once"),
+    ("A1 SEARCH RETURN (RELEVANCY) ALL", "A1", "unsupported SEARCH return option RELEVANCY"),
+    ("A1 CANCELUPDATE", "A1", "expected a space"),
+    ("A1 CANCELUPDATE A1", "A1", "expected a quoted tag"),
+    ("A1 CANCELUPDATE " + '"x" ' * 1001 + '"x"', "A1", "too many tags"),
     (b"A1 SEARCH TEXT " + lit(b"\xff"), "A1", "invalid UTF-8"),
     (f"A1 SEARCH {deep(32)}", None, None),  # 32 levels are fine
     (f"A1 SEARCH {deep(33)}", "A1", "parentheses nested too deeply"),
@@ -1418,7 +1440,7 @@ def test_sort_parses_and_bounds_its_criteria() -> None:
         True,
         (("DATE", True), ("SUBJECT", False)),
         "UTF-8",
-        ("MIN", "COUNT"),
+        Returns(("MIN", "COUNT")),
     )
     for bad, message in (
         ("A1 SORT (" + " ".join(["DATE"] * 10_000) + ") UTF-8 ALL", "too many sort criteria"),

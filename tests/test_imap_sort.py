@@ -40,6 +40,7 @@ from gateway.auth import Authenticator
 from gateway.config import Config, parse_config
 from gateway.daemon import open_store
 from gateway.imap import mime, sort, thread
+from gateway.imap import wire as imap_wire
 from gateway.imap.commands import Sort, Thread
 from gateway.imap.parser import ParseError, parse
 from gateway.imap.server import IMAPServer
@@ -479,7 +480,7 @@ def test_sort_keys_read_a_latin1_subject_as_dovecot_does() -> None:
     ],
 )
 def test_esort_all_runs(numbers: list[int], wire: bytes) -> None:
-    assert sort.runs(numbers) == wire
+    assert imap_wire.sequence(numbers) == wire
 
 
 def test_order_breaks_ties_by_sequence_number_even_reversed() -> None:
@@ -497,6 +498,16 @@ def test_order_breaks_ties_by_sequence_number_even_reversed() -> None:
     assert by([("DATE", True)]) == [4, 2, 3, 1]
     assert by([("SUBJECT", False), ("SIZE", False)]) == [4, 2, 3, 1]
     assert by([("ARRIVAL", True)]) == [1, 2, 3, 4]  # all equal: sequence order
+
+
+def test_dates_within_one_second_are_equal_for_sort() -> None:
+    """The defect: ``SORT (REVERSE ARRIVAL)`` of messages appended within one second followed the
+    microseconds the database kept (4,3 where Dovecot said 1:2); INTERNALDATE shows whole seconds."""
+    when = datetime(2024, 3, 4, 10, 0, 0, 900_000, tzinfo=UTC)
+    keys = SortKeys("", "", "", "", "", "")
+    rows = [sort.Row(n, n, when + timedelta(microseconds=n * 10_000), None, 10, keys) for n in (1, 2, 3)]
+    assert [r.seq for r in sort.order(rows, [("ARRIVAL", True)])] == [1, 2, 3]
+    assert [r.seq for r in sort.order(rows, [("DATE", True)])] == [1, 2, 3]
 
 
 # --------------------------------------------------------------------------- pure: threading

@@ -16,6 +16,7 @@ from gateway.auth import Authenticator
 from gateway.config import Config, parse_config
 from gateway.daemon import open_store
 from gateway.imap import commands as c
+from gateway.imap.index import FolderIndex
 from gateway.imap.server import IMAPServer
 from gateway.imap.session import Session
 from gateway.notify import Changes
@@ -93,7 +94,8 @@ async def test_no_cleartext_login_from_the_network(
     config, db, auth, blobs = setup
     session = Session(
         config=lambda: config, db=db, blobs=blobs, auth=auth, changes=Changes(),  # type: ignore[arg-type]
-        peer="192.0.2.7", tls=False, starttls_available=True, loopback=False,
+        index=FolderIndex(db, Changes()), peer="192.0.2.7", tls=False, starttls_available=True,
+        loopback=False,
     )  # fmt: skip
     assert "LOGINDISABLED" in session.capabilities()
     assert "AUTH=PLAIN" not in session.capabilities()

@@ -104,6 +104,7 @@ def _advertised(*, tls: bool, loopback: bool, logged_in: bool) -> set[str]:
         blobs=None,  # type: ignore[arg-type]
         auth=None,  # type: ignore[arg-type]
         changes=None,  # type: ignore[arg-type]
+        index=None,  # type: ignore[arg-type]
         peer="192.0.2.1",
         tls=tls,
         starttls_available=True,

@@ -198,11 +198,28 @@ class Append(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class Returns:
+    """``RETURN (...)`` of SEARCH or SORT: ESEARCH (RFC 4731), SEARCHRES, ESORT and CONTEXT=SEARCH
+    (RFC 5267): ``options`` among MIN MAX ALL COUNT SAVE UPDATE PARTIAL (none: ALL), ``partial``
+    the range PARTIAL asks for (low <= high, 1-based positions in the result)."""
+
+    options: tuple[str, ...]
+    partial: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Search(Command):
     uid: bool
     charset: str | None
     key: SearchKey  # an AND of the top-level keys
-    returns: tuple[str, ...] | None = None  # ESEARCH RETURN (MIN MAX COUNT ALL SAVE); None: plain SEARCH
+    returns: Returns | None = None  # None: a plain SEARCH, answered with ``* SEARCH``
+
+
+@dataclass(frozen=True, slots=True)
+class CancelUpdate(Command):
+    """CANCELUPDATE (RFC 5267 4.3): the tags of updating searches to stop."""
+
+    tags: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +230,7 @@ class Sort(Command):
     criteria: tuple[tuple[str, bool], ...]  # (key, reversed), e.g. ("DATE", True)
     charset: str
     key: SearchKey
-    returns: tuple[str, ...] | None = None
+    returns: Returns | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,8 +50,8 @@ nothing sent in clear text is run as if it came over TLS).
 **Parsing** (:func:`parse`). A recursive-descent parser over one
 :class:`Line`, for the grammar of RFC 3501/9051 and the extensions we offer
 (UIDPLUS, MOVE, CONDSTORE, QRESYNC, ENABLE, ID, NAMESPACE, QUOTA, SPECIAL-USE,
-LIST-EXTENDED/LIST-STATUS syntax, ESEARCH, SEARCHRES, SASL-IR, LITERAL+,
-UNSELECT, IDLE). It produces the values of :mod:`gateway.imap.commands` and
+LIST-EXTENDED/LIST-STATUS syntax, ESEARCH, SEARCHRES, CONTEXT=SEARCH, SASL-IR,
+LITERAL+, UNSELECT, IDLE). It produces the values of :mod:`gateway.imap.commands` and
 raises only :class:`ParseError`, whose message never contains raw client
 bytes (safe to echo in ``BAD``) and whose tag is set once the tag was read.
 Bounds: parenthesised nesting (32), search key nesting (NOT/OR/parentheses,
@@ -88,6 +88,7 @@ from gateway.imap.commands import (
     Append,
     AppendMessage,
     Authenticate,
+    CancelUpdate,
     CatenatePart,
     Command,
     Compress,
@@ -102,6 +103,7 @@ from gateway.imap.commands import (
     MailboxCommand,
     QResync,
     Rename,
+    Returns,
     Search,
     SearchKey,
     Section,
@@ -613,8 +615,9 @@ STATUS_ITEMS: Final = frozenset(
 )
 _LIST_SELECT: Final = frozenset({"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"})
 _LIST_RETURN: Final = frozenset({"SUBSCRIBED", "CHILDREN", "SPECIAL-USE"})
-_SEARCH_RETURN: Final = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE"})
-_SORT_RETURN: Final = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE"})
+# ESEARCH/ESORT result options (RFC 4731, 5182, 5267); PARTIAL takes a range after it.
+_SEARCH_RETURN: Final = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE", "CONTEXT", "UPDATE", "PARTIAL"})
+_PARTIAL: Final = re.compile(rb"([0-9]{1,10}):([0-9]{1,10})(?=[ )])")
 _SORT_KEYS: Final = frozenset(
     {"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO", "DISPLAYFROM", "DISPLAYTO"}
 )
@@ -982,6 +985,18 @@ class _Parser:
                 self.fail("too many capabilities")
         return Enable(tag, name, tuple(caps))
 
+    def cmd_cancelupdate(self, tag: str, name: str) -> Command:
+        """RFC 5267 4.3: ``CANCELUPDATE 1*(SP quoted)``, the tags of updating searches."""
+        tags: list[str] = []
+        while not tags or not self.at_end():
+            self.sp()
+            if self.peek() != _DQUOTE:
+                self.expected("a quoted tag")
+            tags.append(self.text(self.quoted(), "tag"))
+            if len(tags) > MAX_ITEMS:
+                self.fail("too many tags")
+        return CancelUpdate(tag, name, tuple(tags))
+
     def cmd_compress(self, tag: str, name: str) -> Command:
         self.sp()
         mechanism = self.keyword("a compression mechanism")
@@ -1180,12 +1195,7 @@ class _Parser:
 
     def cmd_search(self, tag: str, name: str, uid: bool = False) -> Command:
         self.sp()
-        returns: tuple[str, ...] | None = None
-        if self.peek_keyword() == "RETURN":
-            self.keyword()
-            self.sp()
-            returns = tuple(dict.fromkeys(self.keyword_list("SEARCH return option", _SEARCH_RETURN)))
-            self.sp()
+        returns = self.search_returns("SEARCH")
         charset = None
         if self.peek_keyword() == "CHARSET":
             self.keyword()
@@ -1199,15 +1209,45 @@ class _Parser:
             keys.append(self.search_key(0, 0))
         return Search(tag, name, uid, charset, SearchKey("AND", tuple(keys)), returns)
 
+    def search_returns(self, command: str) -> Returns | None:
+        """``RETURN (...) SP`` before SEARCH keys or SORT criteria (ESEARCH, ESORT, CONTEXT=SEARCH:
+        RFC 4731, 5267), if there; checked as Dovecot checks it."""
+        if self.peek_keyword() != "RETURN":
+            return None
+        self.keyword()
+        self.sp()
+        options: dict[str, None] = {}
+        partial: tuple[int, int] | None = None
+        if not self.open_list(f"'(' starting the {command} return options"):
+            for _ in range(MAX_ITEMS):
+                word = self.keyword(f"a {command} return option")
+                if word not in _SEARCH_RETURN:
+                    self.fail(f"unsupported {command} return option {_safe(word)}")
+                if word in ("UPDATE", "PARTIAL") and word in options:
+                    self.fail(f"{word} can be used only once")
+                options[word] = None
+                if word == "PARTIAL":
+                    self.sp()
+                    m = _PARTIAL.match(self.s, self.i)
+                    if m is None or int(m[1]) == 0 or int(m[2]) == 0 or max(map(int, m.groups())) >= 2**32:
+                        self.fail("PARTIAL range broken")
+                    self.i = m.end()
+                    low, high = sorted((int(m[1]), int(m[2])))
+                    partial = (low, high)
+                if self.peek() != _SP:
+                    break
+                self.i += 1
+            self.byte(_RPAREN, f"')' ending the {command} return options")
+        if partial is not None and "ALL" in options:
+            self.fail("PARTIAL conflicts with ALL")
+        options.pop("CONTEXT", None)  # a hint (RFC 5267 4.2): nothing to do
+        self.sp()
+        return Returns(tuple(options), partial)
+
     def cmd_sort(self, tag: str, name: str, uid: bool = False) -> Command:
         """RFC 5256 SORT, with RFC 5267's RETURN (ESORT)."""
         self.sp()
-        returns: tuple[str, ...] | None = None
-        if self.peek_keyword() == "RETURN":
-            self.keyword()
-            self.sp()
-            returns = tuple(dict.fromkeys(self.keyword_list("SORT return option", _SORT_RETURN)))
-            self.sp()
+        returns = self.search_returns("SORT")
         self.byte(_LPAREN, "'(' starting the sort criteria")
         criteria: list[tuple[str, bool]] = []
         while True:
@@ -1545,6 +1585,7 @@ _COMMANDS: Final[dict[str, _Handler]] = {
     "AUTHENTICATE": _Parser.cmd_authenticate,
     "ENABLE": _Parser.cmd_enable,
     "COMPRESS": _Parser.cmd_compress,
+    "CANCELUPDATE": _Parser.cmd_cancelupdate,
     "SELECT": _Parser.cmd_select,
     "EXAMINE": _Parser.cmd_select,
     **dict.fromkeys(_MAILBOX_COMMANDS, _Parser.cmd_mailbox),

@@ -2,7 +2,9 @@
 
 Reads are fed to the :class:`Framer`; every complete command is parsed and
 run by the :class:`Session`, whose buffered responses are written once per
-command. A synchronising literal gets its ``+`` continuation here, and after
+command (a long FETCH hands them over every 256 KiB through ``session.flush``,
+which waits for the socket to drain: memory stays bounded however large the
+answer). A synchronising literal gets its ``+`` continuation here, and after
 a literal the socket gets ``TCP_QUICKACK`` (clients that send a literal and
 its CRLF separately, such as imaplib, otherwise wait 40 ms for a delayed ACK
 on every APPEND). IDLE runs here too, because it must read ``DONE`` while it
@@ -23,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import ipaddress
 import socket
 import ssl
@@ -38,6 +41,7 @@ from gateway.config import Config
 from gateway.connections import ConnectionGate
 from gateway.imap.commands import Authenticate
 from gateway.imap.deflate import Deflate, DeflateError
+from gateway.imap.index import FolderIndex
 from gateway.imap.parser import (
     MAX_COMMAND_TEXT,
     Framer,
@@ -78,6 +82,12 @@ def _quickack(writer: _Writer) -> None:
     if sock is not None and hasattr(socket, "TCP_QUICKACK"):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
+async def _send(writer: _Writer, data: bytes) -> None:
+    """Write, then wait while the client is behind (back-pressure for long answers)."""
+    writer.write(data)
+    await writer.drain()
 
 
 class _Reader(Protocol):
@@ -201,12 +211,15 @@ class IMAPServer:
         tls: ssl.SSLContext | None = None,
         implicit_tls: bool = False,
         name: str = "imap",
+        index: FolderIndex | None = None,
     ) -> None:
         self.config = config
         self.db = db
         self.blobs = blobs
         self.auth = auth
         self.changes = changes
+        # The listeners of one process share one (the daemon passes it); a lone server makes its own.
+        self.index = index or FolderIndex(db, changes)
         self.tls = tls
         self.implicit_tls = implicit_tls
         self.name = name
@@ -262,6 +275,7 @@ class IMAPServer:
             blobs=self.blobs,
             auth=self.auth,
             changes=self.changes,
+            index=self.index,
             peer=host,
             tls=self.implicit_tls,
             starttls_available=self.tls is not None and not self.implicit_tls,
@@ -291,6 +305,7 @@ class IMAPServer:
         except Exception:
             log.exception("imap.session_failed", peer=host)
         finally:
+            session.close()
             self.gate.release(client)
             self._clients.pop(task, None)
             writer.close()
@@ -403,6 +418,7 @@ class IMAPServer:
                 writer.write(cmd.tag.encode() + b" BAD invalid base64\r\n")
                 return 1
             cmd = Authenticate(cmd.tag, cmd.name, cmd.mechanism, initial)
+        session.flush = functools.partial(_send, writer)
         await session.handle(cmd)
         writer.write(session.take())
         if cmd.name == "IDLE" and session.state in (State.AUTHENTICATED, State.SELECTED):

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any
@@ -48,8 +48,9 @@ from gateway.auth import Authenticator, AuthUnavailable, Identity
 from gateway.config import Config
 from gateway.imap import commands as c
 from gateway.imap import imapurl, mime, sort, thread, wire
+from gateway.imap.index import Entry, FolderIndex
 from gateway.imap.search import search, uses
-from gateway.imap.view import FlagRow, FolderChanges, View, keywords_of
+from gateway.imap.view import FlagRow, FolderChanges, Update, View, keywords_of
 from gateway.imap.wildcard import Matcher
 from gateway.ingest import describe
 from gateway.message import parse_headers
@@ -75,10 +76,12 @@ _ANY = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
 _AUTH = {
     "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
     "STATUS", "APPEND", "NAMESPACE", "ENABLE", "GETQUOTAROOT", "GETQUOTA", "IDLE", "COMPRESS",
+    "CANCELUPDATE",  # Dovecot answers it with no folder selected too (NO Unknown tag)
 }  # fmt: skip
 _SELECTED = {
     "CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "SORT", "THREAD", "FETCH", "STORE", "COPY", "MOVE",
 }  # fmt: skip
+
 ALLOWED: dict[State, set[str]] = {
     State.NOT_AUTHENTICATED: _ANY | {"STARTTLS", "LOGIN", "AUTHENTICATE"},
     State.AUTHENTICATED: _ANY | _AUTH,
@@ -92,7 +95,9 @@ _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH", "SORT", "THREAD"}
 _NO_UID_EXPUNGE = {"SEARCH", "SORT", "THREAD"}
 _SPECIAL_USE_ATTRS = {"\\Archive", "\\Drafts", "\\Junk", "\\Sent", "\\Trash"}
 CHUNK = 1000
+STREAM = 256 * 1024  # a FETCH's responses are sent on once this much is waiting
 APPEND_LIMIT = 50 * 10**6
+MAX_UPDATES = 10  # updating searches per session (CONTEXT=SEARCH), as Dovecot's CLIENT_MAX_SEARCH_UPDATES
 SENT_COPY_WINDOW = timedelta(hours=24)  # how long a client's own copy of a sent message is recognised
 MAX_NAME = 255  # characters in a folder name: the folders.name column, as mailstore.create_folder checks
 
@@ -126,6 +131,7 @@ class Session:
         blobs: BlobStore,
         auth: Authenticator,
         changes: Changes,
+        index: FolderIndex,
         peer: str,
         tls: bool,
         starttls_available: bool,
@@ -144,13 +150,35 @@ class Session:
         self.listener = listener
         self.state = State.NOT_AUTHENTICATED
         self.identity: Identity | None = None
-        self.view: View | None = None
+        self.index = index
+        self._view: View | None = None
+        self._view_key = 0  # the view's registration with the folder index
         self.condstore = False
         self.qresync = False  # ENABLE QRESYNC (RFC 7162 3.2.3): VANISHED instead of EXPUNGE from now on
         self.compressed = False  # COMPRESS DEFLATE is on: the I/O class switches after the OK
         self.saved: list[int] = []
         self.out = bytearray()
+        # Set by the I/O class: sends what :meth:`take` gives, waiting while the client is slow.
+        self.flush: Callable[[bytes], Awaitable[None]] | None = None
         self.log = log.bind(peer=peer)
+
+    @property
+    def view(self) -> View | None:
+        """The selected folder as this session knows it (None when none is selected)."""
+        return self._view
+
+    @view.setter
+    def view(self, view: View | None) -> None:
+        """Select or close: the folder index serves the selected folder while the view lives."""
+        if self._view is not None:
+            self.index.close(self._view.folder_id, self._view_key)
+        self._view = view
+        if view is not None:
+            self._view_key = self.index.open(view.folder_id, view.modseq)
+
+    def close(self) -> None:
+        """The connection ended."""
+        self.view = None
 
     @property
     def closing(self) -> bool:
@@ -189,7 +217,7 @@ class Session:
             "QRESYNC", "ESEARCH", "SEARCHRES", "QUOTA", "QUOTA=RES-STORAGE", f"APPENDLIMIT={APPEND_LIMIT}",
         ]  # fmt: skip
         caps += ["BINARY", "MULTIAPPEND", "CATENATE", "LIST-EXTENDED", "LIST-STATUS", "SORT", "SORT=DISPLAY"]
-        caps += ["ESORT"]
+        caps += ["ESORT", "CONTEXT=SEARCH"]
         caps += ["THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES"]
         if not self.compressed:
             caps.append("COMPRESS=DEFLATE")
@@ -564,7 +592,10 @@ class Session:
                 )
                 or 0
             )
-        if "UNSEEN" in items:
+        state = self.index.loaded(folder.id)  # a folder some session has open: counted already
+        if "UNSEEN" in items and state is not None and state.highest == folder.highestmodseq:
+            unseen = state.unseen
+        elif "UNSEEN" in items:
             unseen = (
                 await s.scalar(
                     select(func.count()).where(
@@ -794,6 +825,7 @@ class Session:
         """RFC 5256 SORT, RFC 5957 SORT=DISPLAY and RFC 5267 ESORT: the search, then
         :func:`gateway.imap.sort.order` over the stored keys, in a worker thread."""
         _supported(cmd.charset)
+        self._new_update_tag(cmd)
         view = self.selected
         columns = [getattr(Message, name) for name in mailstore.SORT_COLUMNS]
         rows = await self._matching(
@@ -815,22 +847,9 @@ class Session:
         numbers = await asyncio.to_thread(ordered)
         if cmd.returns is None:
             self.untagged(b"SORT" + b"".join(b" %d" % n for n in numbers))
-            return "SORT completed"
-        returns = cmd.returns or ("ALL",)
-        if "SAVE" in returns:  # RFC 5182 with RFC 5267: the set, its order forgotten
-            self.saved = sorted(r.uid for r in rows)
-        if returns == ("SAVE",):
-            return "SORT completed"
-        parts = [b'(TAG "' + cmd.tag.encode() + b'")'] + ([b"UID"] if cmd.uid else [])
-        if numbers and "MIN" in returns:  # RFC 5267 3.1: the first and the last in sort order
-            parts.append(b"MIN %d" % numbers[0])
-        if numbers and "MAX" in returns:
-            parts.append(b"MAX %d" % numbers[-1])
-        if numbers and "ALL" in returns:  # in sort order; Dovecot's order of the items
-            parts.append(b"ALL " + sort.runs(numbers))
-        if "COUNT" in returns:
-            parts.append(b"COUNT %d" % len(numbers))
-        self.untagged(b"ESEARCH " + b" ".join(parts))
+        else:
+            # SAVE (RFC 5182 with RFC 5267): the set, its order forgotten
+            self._esearch(cmd, cmd.returns, [r.uid for r in rows], numbers)
         return "SORT completed"
 
     async def _fill_sort_keys(self, ids: Sequence[int]) -> dict[int, mailstore.SortKeys]:
@@ -875,7 +894,9 @@ class Session:
         messages = [
             thread.Msg(
                 r.uid if cmd.uid else view.seq(r.uid) or 0, view.seq(r.uid) or 0,
-                r.sent_date or r.internal_date, r.subject or "", r.message_id, r.references, r.in_reply_to,
+                # whole seconds, as for SORT (see gateway.imap.sort)
+                (r.sent_date or r.internal_date).replace(microsecond=0), r.subject or "", r.message_id,
+                r.references, r.in_reply_to,
             )
             for r in rows
         ]  # fmt: skip
@@ -885,6 +906,7 @@ class Session:
         return "THREAD completed"
 
     async def cmd_search(self, cmd: c.Search) -> str:
+        self._new_update_tag(cmd)
         view = self.selected
         by_modseq = uses(cmd.key, {"MODSEQ"})
         if by_modseq:
@@ -898,24 +920,62 @@ class Session:
         if cmd.returns is None:
             modseq = b" (MODSEQ %d)" % highest if highest is not None else b""
             self.untagged(b"SEARCH" + b"".join(b" %d" % n for n in numbers) + modseq)
-            return "SEARCH completed"
-        returns = cmd.returns or ("ALL",)
-        if "SAVE" in returns:
-            self.saved = uids
-        parts = [b'(TAG "' + cmd.tag.encode() + b'")'] + ([b"UID"] if cmd.uid else [])
-        if numbers and "MIN" in returns:
-            parts.append(b"MIN %d" % min(numbers))
-        if numbers and "MAX" in returns:
-            parts.append(b"MAX %d" % max(numbers))
-        if "COUNT" in returns:
-            parts.append(b"COUNT %d" % len(numbers))
-        if numbers and "ALL" in returns:
-            parts.append(b"ALL " + _seqset(numbers))
-        if highest is not None and returns != ("SAVE",):
-            parts.append(b"MODSEQ %d" % highest)
-        if returns != ("SAVE",):
-            self.untagged(b"ESEARCH " + b" ".join(parts))
+        else:
+            self._esearch(cmd, cmd.returns, uids, numbers, highest)
         return "SEARCH completed"
+
+    def _esearch(
+        self, cmd: c.Search | c.Sort, returns: c.Returns, uids: list[int], numbers: list[int],
+        modseq: int | None = None,
+    ) -> None:  # fmt: skip
+        """SEARCH or SORT with ``RETURN (...)``: SAVE, UPDATE and the ESEARCH response, its items in
+        Dovecot's order (MIN MAX ALL PARTIAL COUNT MODSEQ). ``numbers`` are the results as the
+        client gets them (in sort order for SORT: MIN is the first, RFC 5267 3.1); ``uids`` the same
+        messages' UIDs."""
+        options = set(returns.options) or {"ALL"}
+        if "UPDATE" in options:
+            self._register_update(cmd, uids)
+        if "SAVE" in options:
+            self.saved = sorted(uids)
+        if options == {"SAVE"}:
+            return
+        parts = [b'(TAG "' + cmd.tag.encode() + b'")'] + ([b"UID"] if cmd.uid else [])
+        if numbers and "MIN" in options:
+            parts.append(b"MIN %d" % numbers[0])
+        if numbers and "MAX" in options:
+            parts.append(b"MAX %d" % numbers[-1])
+        if numbers and "ALL" in options:
+            parts.append(b"ALL " + wire.sequence(numbers))
+        if returns.partial is not None:  # RFC 5267 4.4: positions low..high of the result
+            low, high = returns.partial
+            window = wire.sequence(numbers[low - 1 : high]) or b"NIL"
+            parts.append(b"PARTIAL (%d:%d %s)" % (low, high, window))
+        if "COUNT" in options:
+            parts.append(b"COUNT %d" % len(numbers))
+        if modseq is not None:
+            parts.append(b"MODSEQ %d" % modseq)
+        self.untagged(b"ESEARCH " + b" ".join(parts))
+
+    def _new_update_tag(self, cmd: c.Search | c.Sort) -> None:
+        """An updating search's tag names it until CANCELUPDATE: BAD if one already has it."""
+        if cmd.returns is not None and "UPDATE" in cmd.returns.options and cmd.tag in self.selected.updates:
+            raise Bad("Duplicate search update tag")
+
+    def _register_update(self, cmd: c.Search | c.Sort, uids: list[int]) -> None:
+        """Keep an updating search (RFC 5267 4.3) in the view; past :data:`MAX_UPDATES` the search is
+        answered without updates and the client told so (``NO [NOUPDATE]``, as Dovecot does)."""
+        view = self.selected
+        if len(view.updates) >= MAX_UPDATES:
+            self.untagged(b'NO [NOUPDATE "' + cmd.tag.encode() + b'"] Too many updating searches')
+            return
+        view.updates[cmd.tag] = Update(cmd.tag, cmd.uid, cmd.key, set(uids))
+
+    async def cmd_cancelupdate(self, cmd: c.CancelUpdate) -> str:
+        """RFC 5267 4.3: stop updating searches, in order; an unknown tag stops there (as Dovecot)."""
+        for tag in cmd.tags:
+            if self.view is None or self.view.updates.pop(tag, None) is None:
+                raise No("Unknown tag.")
+        return "Updates cancelled."
 
     async def _claim_recent(self, s: AsyncSession, folder_id: int, upto: int) -> None:
         """Messages this session adds to its own selected folder are its \\Recent ones (as in Dovecot):
@@ -966,6 +1026,13 @@ class Session:
             await self._mark_seen(uids)
             if "FLAGS" not in names:
                 atts.append(c.FetchAtt("FLAGS"))
+        if not any(map(_stored, atts)):
+            state = await self.index.current(view.folder_id)
+            for uid in uids:
+                entry = state.messages.get(uid)
+                if entry is not None and (cmd.changed_since is None or entry.modseq > cmd.changed_since):
+                    await self._fetch_one(view, entry, atts)
+            return "FETCH completed"
         for start in range(0, len(uids), CHUNK):
             chunk = uids[start : start + CHUNK]
             async with self.db.read() as s:
@@ -995,7 +1062,9 @@ class Session:
             self.selected.answered(change.uid, change.modseq)
         self.changes.publish([self.selected.folder_id])
 
-    async def _fetch_one(self, view: View, row: Message, atts: Sequence[c.FetchAtt]) -> None:
+    async def _fetch_one(self, view: View, row: Message | Entry, atts: Sequence[c.FetchAtt]) -> None:
+        """One FETCH response; ``row`` is the folder index's entry unless ENVELOPE or BODYSTRUCTURE
+        (stored columns) is asked for."""
         seq = view.seq(row.uid)
         if seq is None:
             return
@@ -1016,7 +1085,9 @@ class Session:
             elif name == "MODSEQ":
                 items.append(b"MODSEQ (%d)" % row.modseq)
                 view.showed_modseq(row.modseq)
-            elif name in ("ENVELOPE", "BODYSTRUCTURE") or (name == "BODY" and att.section is None):
+            elif _stored(att):
+                if not isinstance(row, Message):
+                    raise TypeError(f"{name} is not in the folder index")
                 stored = {"ENVELOPE": row.envelope, "BODYSTRUCTURE": row.bodystructure, "BODY": row.body}[
                     name
                 ]
@@ -1031,6 +1102,8 @@ class Session:
                 raw = raw if raw is not None else await self.blobs.get(row.blob)
                 items.append(_body_item(att, raw))
         self.out += b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n"
+        if len(self.out) >= STREAM and self.flush is not None:  # a long FETCH streams, back-pressured
+            await self.flush(self.take())
 
     async def cmd_store(self, cmd: c.Store) -> str:
         view = self.selected
@@ -1090,34 +1163,19 @@ class Session:
     async def _announce_keywords(self, view: View) -> None:
         """FLAGS first if messages changed since the session last looked carry a new keyword
         (its own STORE's included), as Dovecot announces them before a FETCH or STORE answers."""
-        async with self.db.read() as s:
-            texts = (
-                await s.scalars(
-                    select(Message.keywords)
-                    .where(Message.folder_id == view.folder_id, Message.modseq > view.modseq)
-                    .distinct()
-                )
-            ).all()
-        for line in view.learn_keywords(
-            await self._folder_keywords(view, [k for t in texts for k in keywords_of(t)])
-        ):
+        state = await self.index.current(view.folder_id)
+        keywords = {k for e in state.changed_since(view.modseq) for k in keywords_of(e.keywords)}
+        for line in view.learn_keywords(await self._folder_keywords(view, keywords)):
             self.untagged(line)
 
-    async def _folder_keywords(self, view: View, keywords: Sequence[str]) -> frozenset[str]:
-        """Every keyword of the folder if ``keywords`` has one the session has not announced, else none.
-
-        Only then is the folder read: its FLAGS are announced again with every
-        keyword it holds, other sessions' new ones included (as Dovecot does).
-        """
+    async def _folder_keywords(self, view: View, keywords: Iterable[str]) -> frozenset[str]:
+        """Every keyword of the folder if ``keywords`` has one the session has not announced, else none:
+        its FLAGS are then announced again with every keyword it holds, other sessions' new ones
+        included (as Dovecot does; like Dovecot's, the folder index forgets no keyword)."""
         if all(k in view.keywords for k in keywords):
             return frozenset()
-        async with self.db.read() as s:
-            texts = (
-                await s.scalars(
-                    select(Message.keywords).where(Message.folder_id == view.folder_id).distinct()
-                )
-            ).all()
-        return frozenset({*keywords, *(k for text in texts for k in keywords_of(text))})
+        state = await self.index.current(view.folder_id)
+        return frozenset({*keywords, *state.keywords})
 
     async def cmd_copy(self, cmd: c.Copy) -> str:
         view = self.selected
@@ -1182,52 +1240,36 @@ class Session:
         return tell
 
     async def _report(self, *, allow_expunge: bool, send_uid: bool) -> int | None:
-        """The report of :meth:`sync`; the folder's HIGHESTMODSEQ (None if it is gone)."""
+        """The report of :meth:`sync`; the folder's HIGHESTMODSEQ (None if it is gone).
+
+        Read from the folder index: no statement unless the folder changed (or its recheck is due).
+        """
         view = self.selected
-        async with self.db.read() as s:
-            row = (
-                await s.execute(
-                    select(Folder.highestmodseq, Folder.uidnext, Folder.recent_uid).where(
-                        Folder.id == view.folder_id
-                    )
+        state = await self.index.current(view.folder_id)
+        if state.gone:
+            return None
+        highest, uidnext, recent_uid = state.highest, state.uidnext, state.recent_uid
+        if highest <= view.modseq and uidnext - 1 <= view.max_uid and not (allow_expunge and view.gone):
+            return highest
+        new: list[FlagRow] = []
+        changed: list[FlagRow] = []
+        for e in state.changed_since(view.modseq):
+            row = FlagRow(e.uid, e.sysflags, e.keywords, e.modseq)
+            (new if e.uid > view.max_uid else changed).append(row)
+        expunged = state.expunged_since(view.modseq)
+        if expunged is None:  # older than the index remembers: the database's expunge history
+            async with self.db.read() as s:
+                expunged = list(
+                    (
+                        await s.scalars(
+                            select(Expunge.uid).where(
+                                Expunge.folder_id == view.folder_id,
+                                Expunge.modseq > view.modseq,
+                                Expunge.modseq <= highest,
+                            )
+                        )
+                    ).all()
                 )
-            ).one_or_none()
-            if row is None:
-                return None
-            highest, uidnext, recent_uid = row
-            if highest <= view.modseq and uidnext - 1 <= view.max_uid and not (allow_expunge and view.gone):
-                return int(highest)
-            columns = (Message.uid, Message.sysflags, Message.keywords, Message.modseq)
-            new = [
-                FlagRow(*r)
-                for r in await s.execute(
-                    select(*columns).where(
-                        Message.folder_id == view.folder_id,
-                        Message.uid > view.max_uid,
-                        Message.modseq <= highest,
-                    )
-                )
-            ]
-            changed = [
-                FlagRow(*r)
-                for r in await s.execute(
-                    select(*columns).where(
-                        Message.folder_id == view.folder_id,
-                        Message.modseq > view.modseq,
-                        Message.modseq <= highest,
-                        Message.uid <= view.max_uid,
-                    )
-                )
-            ]
-            expunged = (
-                await s.scalars(
-                    select(Expunge.uid).where(
-                        Expunge.folder_id == view.folder_id,
-                        Expunge.modseq > view.modseq,
-                        Expunge.modseq <= highest,
-                    )
-                )
-            ).all()
         recent: frozenset[int] = frozenset()
         if new:
             upto = max(r.uid for r in new) + 1
@@ -1247,7 +1289,25 @@ class Session:
             qresync=self.qresync,
         ):
             self.untagged(line)
-        return int(highest)
+        if view.updates and (new or changed):
+            await self._search_updates([r.uid for r in (*changed, *new)])
+        self.index.seen(view.folder_id, self._view_key, view.modseq)
+        return highest
+
+    async def _search_updates(self, uids: list[int]) -> None:
+        """After a report: each updating search checked again on the messages that changed or
+        arrived (``uids``), and told what entered or left its result."""
+        view = self.selected
+        ranges: list[tuple[int | None, int | None]] = list(wire.runs(sorted(uids)))
+        for searching in list(view.updates.values()):
+            # bounded: a few ranges as a UID key, else the whole folder searched again
+            only = c.SearchKey("UID", (c.SeqSet(tuple(ranges)),))
+            key = c.SearchKey("AND", (searching.key, only)) if len(ranges) <= CHUNK else searching.key
+            async with self.db.read() as s:
+                found = await search(s, self.blobs, view, key, self.saved)
+            line = view.search_updated(searching, uids, found)
+            if line:
+                self.untagged(line)
 
     async def _vanished(
         self,
@@ -1320,6 +1380,12 @@ class _Ranges:
     def __contains__(self, n: int) -> bool:
         i = bisect_right(self._starts, n) - 1
         return i >= 0 and n <= self.ranges[i][1]
+
+
+def _stored(att: c.FetchAtt) -> bool:
+    """ENVELOPE, BODYSTRUCTURE, BODY: answered from stored columns; the folder index and the blob
+    store answer every other FETCH item."""
+    return att.name in ("ENVELOPE", "BODYSTRUCTURE") or (att.name == "BODY" and att.section is None)
 
 
 def _structure(name: str, raw: bytes) -> bytes:

@@ -24,6 +24,7 @@ worker thread.
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -104,10 +105,12 @@ class Row:
 
 
 def _key(name: str, row: Row) -> Any:
+    # Whole seconds, as INTERNALDATE shows them: messages appended within one second are equal
+    # (and ordered by sequence number), as in Dovecot, whatever fraction the database kept.
     if name == "ARRIVAL":
-        return row.internal_date.timestamp()
+        return math.floor(row.internal_date.timestamp())
     if name == "DATE":
-        return (row.sent_date or row.internal_date).timestamp()
+        return math.floor((row.sent_date or row.internal_date).timestamp())
     if name == "SIZE":
         return row.size
     k = row.keys
@@ -127,20 +130,6 @@ def order(rows: Sequence[Row], criteria: Sequence[tuple[str, bool]]) -> list[Row
 
         out.sort(key=key, reverse=reverse)
     return out
-
-
-def runs(numbers: Sequence[int]) -> bytes:
-    """``numbers`` in their order, each ascending run of consecutive ones as a range (``5,2:4,9``):
-    how Dovecot writes ESORT's ALL."""
-    out: list[bytes] = []
-    i = 0
-    while i < len(numbers):
-        j = i
-        while j + 1 < len(numbers) and numbers[j + 1] == numbers[j] + 1:
-            j += 1
-        out.append(b"%d" % numbers[i] if i == j else b"%d:%d" % (numbers[i], numbers[j]))
-        i = j + 1
-    return b",".join(out)
 
 
 def subject_text(raw: bytes) -> str:

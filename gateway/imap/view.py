@@ -32,6 +32,14 @@ session reports it, and every report goes through :meth:`View.report`:
 The order of one report is Dovecot's: FLAGS, flag FETCHes (numbered before
 the expunges), EXPUNGEs (highest first), EXISTS, RECENT.
 
+Updating searches (CONTEXT=SEARCH, RFC 5267 4.3) live in the view too, so they
+end when the folder is closed: each :class:`Update` keeps the UIDs its search
+matches. When a report tells expunges, the expunged members leave first
+(``REMOVEFROM``, numbered before the EXPUNGEs, sent before the flag FETCHes);
+after the report the session re-checks the search on the messages that
+changed or arrived and :meth:`View.search_updated` tells the difference, as
+Dovecot does: ``REMOVEFROM (0 ...)`` and ``ADDTO (0 ...)``, position 0.
+
 Once the client enabled QRESYNC (RFC 7162 3.2), expunges are told as one
 ``* VANISHED uid-set`` (same place, same rules as EXPUNGE), flag FETCHes
 carry the UID, and after each report :meth:`View.highest_to_tell` decides
@@ -44,11 +52,11 @@ MODSEQ the session's FETCH responses showed since the last report.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass, field
 
 from gateway.imap import wire
-from gateway.imap.commands import SeqSet
+from gateway.imap.commands import SearchKey, SeqSet
 from storage.flags import join_flags
 
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
@@ -78,6 +86,17 @@ class FolderChanges:
     keywords: frozenset[str] = frozenset()  # the folder's keywords, read when a new one shows up
 
 
+@dataclass
+class Update:
+    """An updating search (``RETURN (UPDATE)``): its tag, whether it answers UIDs, its key and the
+    UIDs it matches now."""
+
+    tag: str
+    uid: bool
+    key: SearchKey
+    result: set[int]
+
+
 def keywords_of(text: str) -> list[str]:
     return [k for k in text.split(" ") if k]
 
@@ -100,6 +119,7 @@ class View:
     recent_told: int = 0
     told: int = 0  # QRESYNC: the HIGHESTMODSEQ the client may take as complete
     fetched: int = 0  # the highest MODSEQ shown in a FETCH response since the last report
+    updates: dict[str, Update] = field(default_factory=dict)  # updating searches by tag
 
     @property
     def exists(self) -> int:
@@ -206,6 +226,9 @@ class View:
         out += self.learn_keywords(
             {*changes.keywords, *(k for r in (*rows, *changes.new) for k in keywords_of(r.keywords))}
         )
+        if allow_expunge:  # updating searches lose expunged members before the EXPUNGEs are told
+            lines = (self._update_line(u, removed=u.result & self.gone) for u in self.updates.values())
+            out += [line for line in lines if line]
         for r in sorted(rows, key=lambda r: r.uid):
             seq = self.seq(r.uid)
             if seq is None:
@@ -236,6 +259,29 @@ class View:
         out += self.recent_changed()
         self.modseq = max(self.modseq, changes.highest)
         return out
+
+    def search_updated(self, update: Update, checked: Iterable[int], matching: Iterable[int]) -> bytes:
+        """The ESEARCH update for ``update`` once the messages ``checked`` were searched again and
+        ``matching`` of them matched (empty if its result did not change)."""
+        checked = set(checked) - self.gone
+        matching = set(matching) & checked
+        return self._update_line(
+            update, removed=(update.result & checked) - matching, added=matching - update.result
+        )
+
+    def _update_line(self, update: Update, *, removed: set[int], added: Set[int] = frozenset()) -> bytes:
+        """``ESEARCH (TAG ..) [UID] REMOVEFROM (0 ..) ADDTO (0 ..)``, numbered as the view numbers now
+        (empty if nothing changed); ``update``'s result updated to match."""
+        if not removed and not added:
+            return b""
+        update.result -= removed
+        update.result |= added
+        line = b'ESEARCH (TAG "' + update.tag.encode() + b'")' + (b" UID" if update.uid else b"")
+        for name, uids in ((b"REMOVEFROM", removed), (b"ADDTO", added)):
+            if uids:
+                numbers = uids if update.uid else [self.seq(u) or 0 for u in uids]
+                line += b" " + name + b" (0 " + wire.uid_set(numbers) + b")"
+        return line
 
     def _expunged(self, uids: Iterable[int], *, qresync: bool) -> list[bytes]:
         """EXPUNGE responses (highest first), or one VANISHED under ``qresync``, for ``uids``

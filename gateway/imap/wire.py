@@ -78,16 +78,23 @@ def date_time(value: datetime) -> bytes:
     return b'"' + text.encode("ascii") + b'"'
 
 
+def runs(numbers: Iterable[int]) -> list[tuple[int, int]]:
+    """``numbers`` in their order, each ascending run of consecutive ones as one ``(first, last)``."""
+    out: list[tuple[int, int]] = []
+    for n in numbers:
+        if out and out[-1][1] == n - 1:
+            out[-1] = (out[-1][0], n)
+        else:
+            out.append((n, n))
+    return out
+
+
+def sequence(numbers: Iterable[int]) -> bytes:
+    """``numbers`` in their order as a sequence set, runs as ranges (``5,2:4,9``): how Dovecot writes
+    ESORT's ALL and the ESEARCH items."""
+    return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in runs(numbers))
+
+
 def uid_set(numbers: Iterable[int]) -> bytes:
     """Numbers as a sequence set of ascending runs (``1:3,5``), as UIDPLUS and VANISHED send them."""
-    out: list[bytes] = []
-    start = prev = -2
-    for n in sorted(set(numbers)):
-        if n != prev + 1:
-            if prev >= 0:
-                out.append(b"%d:%d" % (start, prev) if start != prev else b"%d" % start)
-            start = n
-        prev = n
-    if prev >= 0:
-        out.append(b"%d:%d" % (start, prev) if start != prev else b"%d" % start)
-    return b",".join(out)
+    return sequence(sorted(set(numbers)))

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import aioimaplib
 
 from gateway import mutf7
+from gateway.imap import wire
 
 T = TypeVar("T")
 
@@ -54,18 +55,7 @@ class Selected:
 
 def uid_set(uids: Iterable[int]) -> str:
     """Compress UIDs into an IMAP sequence set: ``1:3,7,9:10``."""
-    out: list[str] = []
-    run: list[int] = []
-    for uid in sorted(set(uids)):
-        if run and uid == run[-1] + 1:
-            run.append(uid)
-            continue
-        if run:
-            out.append(f"{run[0]}:{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [uid]
-    if run:
-        out.append(f"{run[0]}:{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(out)
+    return wire.uid_set(uids).decode()
 
 
 def parse_fetch(lines: list[Any]) -> tuple[dict[int, bytes], dict[int, int]]:
