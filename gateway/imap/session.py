@@ -358,27 +358,30 @@ class Session:
         if cmd.condstore:
             self.condstore = True
         resync, vanished, changed, known = None, b"", [], c.SeqSet()
-        async with self.db.write() if not readonly else self.db.read() as s:
+        async with self.db.read() as s:
             folder = await self.folder(s, cmd.mailbox)
-            # The first session to see a message holds its \Recent (RFC 3501 2.3.2); EXAMINE claims none.
-            first_recent = (
-                folder.recent_uid if readonly else await mailstore.claim_recent(s, folder.id, folder.uidnext)
-            )
-            uids = list(
-                (
-                    await s.scalars(
-                        select(Message.uid).where(Message.folder_id == folder.id).order_by(Message.uid)
-                    )
-                ).all()
-            )
-            unseen = await s.scalar(
-                select(func.min(Message.uid)).where(
-                    Message.folder_id == folder.id, Message.sysflags.op("&")(SEEN) == 0
+            state = self.index.loaded(folder.id)
+            if state is not None and state.highest == folder.highestmodseq:
+                # Another session has it open and the index is exactly this snapshot: no scan.
+                uids = sorted(state.messages)
+                unseen = min((e.uid for e in state.messages.values() if not e.sysflags & SEEN), default=None)
+                keywords: Sequence[str] = [" ".join(state.keywords)]
+            else:
+                uids = list(
+                    (
+                        await s.scalars(
+                            select(Message.uid).where(Message.folder_id == folder.id).order_by(Message.uid)
+                        )
+                    ).all()
                 )
-            )
-            keywords = (
-                await s.scalars(select(Message.keywords).where(Message.folder_id == folder.id).distinct())
-            ).all()
+                unseen = await s.scalar(
+                    select(func.min(Message.uid)).where(
+                        Message.folder_id == folder.id, Message.sysflags.op("&")(SEEN) == 0
+                    )
+                )
+                keywords = (
+                    await s.scalars(select(Message.keywords).where(Message.folder_id == folder.id).distinct())
+                ).all()
             resync = cmd.qresync if cmd.qresync and cmd.qresync.uidvalidity == folder.uidvalidity else None
             if resync is not None:  # RFC 7162 3.2.5.1: what changed since the client's last sync
                 known = resync.known_uids or c.SeqSet(((1, max(folder.uidnext - 1, 1)),))
@@ -390,6 +393,12 @@ class Session:
                         .order_by(Message.uid)
                     )
                 )
+        # The first session to see a message holds its \Recent (RFC 3501 2.3.2); EXAMINE claims none.
+        # A write only when some are unclaimed (the claim is a compare-and-set: no race).
+        first_recent = folder.recent_uid
+        if not readonly and folder.recent_uid < folder.uidnext:
+            async with self.db.write() as s:
+                first_recent = await mailstore.claim_recent(s, folder.id, folder.uidnext)
         view = View(folder.id, folder.name, readonly, folder.uidvalidity, uids, folder.highestmodseq)
         view.told = folder.highestmodseq
         view.keywords = {k for text in keywords for k in keywords_of(text)}
