@@ -68,6 +68,7 @@ data_dir = "{tmp_path / "var"}"
 database_url = "{db_url}"
 
 [listen]
+smtp = ""
 submission = "127.0.0.1:{submission}"
 imap = "127.0.0.1:{imap}"
 
