@@ -397,8 +397,8 @@ class Session:
         # A write only when some are unclaimed (the claim is a compare-and-set: no race).
         first_recent = folder.recent_uid
         if not readonly and folder.recent_uid < folder.uidnext:
-            async with self.db.write() as s:
-                first_recent = await mailstore.claim_recent(s, folder.id, folder.uidnext)
+            upto = folder.uidnext
+            first_recent = await self.db.grouped(lambda s: mailstore.claim_recent(s, folder.id, upto))
         view = View(folder.id, folder.name, readonly, folder.uidvalidity, uids, folder.highestmodseq)
         view.told = folder.highestmodseq
         view.keywords = {k for text in keywords for k in keywords_of(text)}
@@ -684,13 +684,17 @@ class Session:
                     describe, raw, parsed, digest, now, frozenset(m.flags), m.internal_date
                 )
             )
-        async with self.db.write() as s:
+
+        async def append(s: AsyncSession) -> tuple[Folder, list[Any]]:
             folder = await mailstore.get_folder(s, self.tenant_id, cmd.mailbox)
             if folder is None or not self.visible(folder.name):
                 raise No(f"no folder {cmd.mailbox}", "TRYCREATE")
             await quotas.check(s, folder, sum(map(len, raws)))
             stored = await mailstore.append(s, folder, new)
             await self._claim_recent(s, folder.id, stored[-1].uid + 1)
+            return folder, stored
+
+        folder, stored = await self.db.grouped(append)
         self.changes.publish([folder.id])
         uids = f"{stored[0].uid}:{stored[-1].uid}" if len(stored) > 1 else str(stored[0].uid)
         return f"[APPENDUID {folder.uidvalidity} {uids}] APPEND completed"
@@ -792,11 +796,13 @@ class Session:
         view = self.selected
         if view.readonly:
             raise No("the folder is read-only", "READ-ONLY")
-        uids = None
-        if isinstance(cmd, c.UidExpunge):
-            uids = view.resolve(cmd.sequence, uid=True, saved=self.saved)
-        async with self.db.write() as s:
+        named = (
+            view.resolve(cmd.sequence, uid=True, saved=self.saved) if isinstance(cmd, c.UidExpunge) else None
+        )
+
+        async def expunge(s: AsyncSession) -> None:
             folder = await self._selected_folder(s)
+            uids = named
             if uids is not None:
                 rows = await s.scalars(
                     select(Message.uid).where(
@@ -807,6 +813,8 @@ class Session:
                 )
                 uids = list(rows.all())
             await mailstore.expunge(s, folder, uids)
+
+        await self.db.grouped(expunge)
         self.changes.publish([view.folder_id])
         return "EXPUNGE completed"
 
@@ -1058,7 +1066,7 @@ class Session:
         return "FETCH completed"
 
     async def _mark_seen(self, uids: list[int]) -> None:
-        async with self.db.write() as s:
+        async def mark(s: AsyncSession) -> list[Any]:
             folder = await self._selected_folder(s)
             changed = await mailstore.store_flags(s, folder, uids, ["\\Seen"], "add")
             ids = (
@@ -1067,6 +1075,9 @@ class Session:
                 )
             ).all()
             await events.record_reads(s, self.tenant_id, self.me.agent_id, ids, datetime.now(UTC))
+            return changed
+
+        changed = await self.db.grouped(mark)
         for change in changed:  # the FETCH shows the new flags: the next report need not
             self.selected.answered(change.uid, change.modseq)
         self.changes.publish([self.selected.folder_id])
@@ -1119,11 +1130,12 @@ class Session:
         if view.readonly:
             raise No("the folder is read-only", "READ-ONLY")
         uids = view.resolve(cmd.sequence, uid=cmd.uid, saved=self.saved)
-        modified: list[int] = []
         if cmd.unchanged_since is not None:
             self._enable_condstore()
-        async with self.db.write() as s:
+
+        async def store(s: AsyncSession) -> tuple[list[int], list[Any], Sequence[Any]]:
             folder = await self._selected_folder(s)
+            targets, modified = uids, []
             if cmd.unchanged_since is not None and uids:
                 too_new = await s.scalars(
                     select(Message.uid).where(
@@ -1133,8 +1145,8 @@ class Session:
                     )
                 )
                 modified = list(too_new.all())
-                uids = [u for u in uids if u not in set(modified)]
-            stored = await mailstore.store_flags(s, folder, uids, cmd.flags, cmd.mode)
+                targets = [u for u in uids if u not in set(modified)]
+            stored = await mailstore.store_flags(s, folder, targets, cmd.flags, cmd.mode)
             rows = (
                 await s.execute(
                     select(Message.id, Message.uid, Message.sysflags, Message.keywords, Message.modseq).where(
@@ -1147,6 +1159,9 @@ class Session:
                 await events.record_reads(
                     s, self.tenant_id, self.me.agent_id, [r.id for r in rows], datetime.now(UTC)
                 )
+            return modified, stored, rows
+
+        modified, stored, rows = await self.db.grouped(store)
         if stored:
             self.changes.publish([view.folder_id])
         await self._announce_keywords(view)
@@ -1283,8 +1298,7 @@ class Session:
         if new:
             upto = max(r.uid for r in new) + 1
             if not view.readonly and recent_uid < upto:  # a write only if some are still unclaimed
-                async with self.db.write() as s:
-                    recent_uid = await mailstore.claim_recent(s, view.folder_id, upto)
+                recent_uid = await self.db.grouped(lambda s: mailstore.claim_recent(s, view.folder_id, upto))
             recent = frozenset(r.uid for r in new if r.uid >= recent_uid)
         keywords = await self._folder_keywords(
             view, [k for r in (*new, *changed) for k in keywords_of(r.keywords)]

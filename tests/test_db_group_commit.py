@@ -1,0 +1,77 @@
+"""Database.grouped: concurrent writers share one commit; one that fails is undone alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event, select, update
+
+from gateway.config import parse_config
+from gateway.daemon import open_store
+from storage import mailstore
+from storage.db import Database
+from storage.models import Folder
+from tests.conftest import config_dict
+
+
+@pytest.fixture
+async def db(tmp_path: Path, db_url: str) -> AsyncIterator[Database]:
+    config = parse_config(config_dict(tmp_path, db_url))
+    database, _ = await open_store(config)
+    yield database
+    await database.close()
+
+
+async def test_concurrent_writers_share_one_commit_and_a_failure_is_undone_alone(db: Database) -> None:
+    async with db.read() as s:
+        folder = await mailstore.get_folder(s, "acme", "INBOX")
+    assert folder is not None
+    commits: list[int] = []
+    event.listen(db.writer.sync_engine, "commit", lambda conn: commits.append(1))
+
+    def bump(n: int, fail: bool = False):  # type: ignore[no-untyped-def]
+        async def fn(s):  # type: ignore[no-untyped-def]
+            await s.execute(
+                update(Folder).where(Folder.id == folder.id).values(uidvalidity=Folder.uidvalidity + n)
+            )
+            if fail:
+                raise ValueError("refused")
+            return n
+
+        return fn
+
+    before = folder.uidvalidity
+    results = await asyncio.gather(
+        db.grouped(bump(1)), db.grouped(bump(10, fail=True)), db.grouped(bump(100)), return_exceptions=True
+    )
+    assert results[0] == 1
+    assert isinstance(results[1], ValueError)
+    assert results[2] == 100
+    assert len(commits) == 1, commits
+    async with db.read() as s:
+        after = await s.scalar(select(Folder.uidvalidity).where(Folder.id == folder.id))
+    assert after == before + 101
+
+
+async def test_a_cancelled_caller_does_not_cut_the_transaction_off(db: Database) -> None:
+    async with db.read() as s:
+        folder = await mailstore.get_folder(s, "acme", "INBOX")
+    assert folder is not None
+    started = asyncio.Event()
+
+    async def slow(s):  # type: ignore[no-untyped-def]
+        started.set()
+        await asyncio.sleep(0.2)
+        await s.execute(update(Folder).where(Folder.id == folder.id).values(uidvalidity=4242))
+
+    task = asyncio.create_task(db.grouped(slow))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await db.grouped(lambda s: asyncio.sleep(0))  # queued behind it: runs once it committed
+    async with db.read() as s:
+        assert await s.scalar(select(Folder.uidvalidity).where(Folder.id == folder.id)) == 4242
