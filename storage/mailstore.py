@@ -117,11 +117,14 @@ class Stored:
 
 @dataclass(frozen=True, slots=True)
 class FlagChange:
-    """A message whose flags a STORE changed."""
+    """A message whose flags a STORE changed: its new flags, as names and as stored."""
 
     uid: int
     modseq: int
     flags: tuple[str, ...]
+    id: int = 0
+    sysflags: int = 0
+    keywords: str = ""
 
 
 def _text(value: str | None) -> str | None:
@@ -348,11 +351,11 @@ async def store_flags(
     if not pending:
         return []
     _, modseq = await _allocate(s, folder.id, 0)
-    for id_, _uid, bits_, text in pending:
-        await s.execute(
-            update(Message).where(Message.id == id_).values(sysflags=bits_, keywords=text, modseq=modseq)
-        )
-    return [FlagChange(uid, modseq, join_flags(b, k)) for _, uid, b, k in pending]
+    await s.execute(  # one executemany, by primary key
+        update(Message),
+        [{"id": id_, "sysflags": b, "keywords": k, "modseq": modseq} for id_, _uid, b, k in pending],
+    )
+    return [FlagChange(uid, modseq, join_flags(b, k), id_, b, k) for id_, uid, b, k in pending]
 
 
 async def copy(

@@ -183,7 +183,10 @@ async def test_writes_of_other_processes_are_seen_after_the_recheck(
     c.close()
 
 
-async def test_the_last_session_out_evicts_the_folder(imap: Server) -> None:
+async def test_a_folder_nobody_has_open_is_evicted_after_a_while(
+    imap: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(index_module, "IDLE_TTL", 0.0)  # at once
     a, b = await run(Raw, imap.server.port), await run(Raw, imap.server.port)
     for c in (a, b):
         await run(c.command, b"LOGIN anna@acme.test " + PASSWORD.encode())
@@ -240,11 +243,14 @@ def test_index_subscribes_to_change_notices(tmp_path: Path) -> None:
     changes = Changes()
     index = FolderIndex(Database(f"sqlite+aiosqlite:///{tmp_path}/unused.sqlite3"), changes)
     key = index.open(7, 0)
-    index.folders[7].stale = False
+    index.folders[7].read = index.folders[7].notices
+    assert not index.folders[7].stale
     changes.publish([7, 8])
     assert index.folders[7].stale
-    index.close(7, key)
-    assert index.folders == {}
+    index.close(7, key)  # kept a while with nobody on it, still told of changes
+    index.folders[7].read = index.folders[7].notices
+    changes.publish([7])
+    assert index.folders[7].stale
 
 
 async def test_status_unseen_of_an_open_folder_is_counted_by_the_index(imap: Server) -> None:

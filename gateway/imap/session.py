@@ -1080,7 +1080,8 @@ class Session:
         changed = await self.db.grouped(mark)
         for change in changed:  # the FETCH shows the new flags: the next report need not
             self.selected.answered(change.uid, change.modseq)
-        self.changes.publish([self.selected.folder_id])
+        if changed:
+            self._wrote(changed)
 
     async def _fetch_one(self, view: View, row: Message | Entry, atts: Sequence[c.FetchAtt]) -> None:
         """One FETCH response; ``row`` is the folder index's entry unless ENVELOPE or BODYSTRUCTURE
@@ -1133,7 +1134,7 @@ class Session:
         if cmd.unchanged_since is not None:
             self._enable_condstore()
 
-        async def store(s: AsyncSession) -> tuple[list[int], list[Any], Sequence[Any]]:
+        async def store(s: AsyncSession) -> tuple[list[int], list[mailstore.FlagChange]]:
             folder = await self._selected_folder(s)
             targets, modified = uids, []
             if cmd.unchanged_since is not None and uids:
@@ -1147,23 +1148,16 @@ class Session:
                 modified = list(too_new.all())
                 targets = [u for u in uids if u not in set(modified)]
             stored = await mailstore.store_flags(s, folder, targets, cmd.flags, cmd.mode)
-            rows = (
-                await s.execute(
-                    select(Message.id, Message.uid, Message.sysflags, Message.keywords, Message.modseq).where(
-                        Message.folder_id == folder.id, Message.uid.in_([f.uid for f in stored])
-                    )
-                )
-            ).all()
             seen = cmd.mode != "remove" and any(f.lower() == "\\seen" for f in cmd.flags)
-            if seen and rows:
+            if seen and stored:
                 await events.record_reads(
-                    s, self.tenant_id, self.me.agent_id, [r.id for r in rows], datetime.now(UTC)
+                    s, self.tenant_id, self.me.agent_id, [r.id for r in stored], datetime.now(UTC)
                 )
-            return modified, stored, rows
+            return modified, stored
 
-        modified, stored, rows = await self.db.grouped(store)
-        if stored:
-            self.changes.publish([view.folder_id])
+        modified, rows = await self.db.grouped(store)
+        if rows:
+            self._wrote(rows)
         await self._announce_keywords(view)
         # Only messages whose flags changed are answered (as Dovecot does); the
         # change is the session's own, so the next report does not tell it again.
@@ -1183,6 +1177,13 @@ class Session:
             numbers = modified if cmd.uid else [view.seq(u) or 0 for u in modified]
             return f"[MODIFIED {_seqset(numbers).decode()}] conditional STORE failed for some"
         return "STORE completed"
+
+    def _wrote(self, changes: Sequence[mailstore.FlagChange]) -> None:
+        """Committed flag changes of the selected folder: announced, and handed to the folder index
+        (which then need not read them back)."""
+        folder_id = self.selected.folder_id
+        self.changes.publish([folder_id])
+        self.index.wrote(folder_id, changes[0].modseq, [(c.uid, c.sysflags, c.keywords) for c in changes])
 
     async def _announce_keywords(self, view: View) -> None:
         """FLAGS first if messages changed since the session last looked carry a new keyword
