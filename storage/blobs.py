@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -64,6 +65,10 @@ class BlobStore:
     async def get(self, digest: str) -> bytes:
         """The bytes of a blob (read in a thread)."""
         return await asyncio.to_thread(self.path(digest).read_bytes)
+
+    async def get_many(self, digests: Sequence[str]) -> list[bytes]:
+        """The bytes of several blobs, read in one thread hop (the caller bounds how many)."""
+        return await asyncio.to_thread(lambda: [self.path(d).read_bytes() for d in digests])
 
     def exists(self, digest: str) -> bool:
         """True when the blob is present."""

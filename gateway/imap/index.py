@@ -69,6 +69,13 @@ class Entry:
     blob: str  # the blob store's address of the message
 
 
+# The columns an Entry is made of, in its order.
+ENTRY_COLUMNS = (
+    Message.uid, Message.sysflags, Message.keywords, Message.modseq, Message.size, Message.internal_date,
+    Message.blob,
+)  # fmt: skip
+
+
 @dataclass
 class FolderState:
     """An open folder: its messages and what changed while it was open."""
@@ -184,11 +191,18 @@ class FolderIndex:
         if state is not None and key in state.users:
             state.users[key] = modseq
 
-    def wrote(self, folder_id: int, modseq: int, flags: Iterable[tuple[int, int, str]]) -> None:
-        """This process just committed, and announced, flag changes ``(uid, sysflags, keywords)`` of
-        the folder at ``modseq`` (its HIGHESTMODSEQ was ``modseq - 1``): taken as if read back, so
-        nobody reads them. Only when nothing else is outstanding: no other notice since the last
-        read, no gap in MODSEQ, no read in flight; otherwise the folder stays stale and is read."""
+    def wrote(
+        self,
+        folder_id: int,
+        modseq: int,
+        flags: Iterable[tuple[int, int, str]] = (),
+        expunged: Iterable[int] = (),
+    ) -> None:
+        """This process just committed, and announced, flag changes ``(uid, sysflags, keywords)`` or
+        expunges of the folder at ``modseq`` (its HIGHESTMODSEQ was ``modseq - 1``): taken as if
+        read back, so nobody reads them. Only when nothing else is outstanding: no other notice
+        since the last read, no gap in MODSEQ, no read in flight; otherwise the folder stays stale
+        and is read."""
         state = self.folders.get(folder_id)
         if (
             state is None
@@ -205,7 +219,7 @@ class FolderIndex:
                 return
             rows.append(replace(old, sysflags=sysflags, keywords=keywords, modseq=modseq))
         state.highest = modseq
-        state.apply(rows, [])
+        state.apply(rows, [(modseq, uid) for uid in expunged])
         state.read = state.notices
 
     def loaded(self, folder_id: int) -> FolderState | None:
@@ -228,10 +242,7 @@ class FolderIndex:
     async def _refresh(self, state: FolderState) -> None:
         state.read = state.notices  # a notice arriving while we read makes it stale again
         state.checked = time.monotonic()
-        columns = (
-            Message.uid, Message.sysflags, Message.keywords, Message.modseq, Message.size,
-            Message.internal_date, Message.blob,
-        )  # fmt: skip
+        columns = ENTRY_COLUMNS
         async with self.db.read() as s:
             row = (
                 await s.execute(

@@ -1406,6 +1406,8 @@ def _header_fields(data: bytes, part: _Part, fields: tuple[str, ...], exclude: b
 
 def section(raw: bytes, part: tuple[int, ...], text: str | None, fields: tuple[str, ...] = ()) -> bytes:
     """The bytes of ``BODY[<part>.<text>]``; ``b""`` for a part that does not exist."""
+    if not part and text is None:  # BODY[]: the whole message, no structure needed
+        return _normalise(bytes(raw))
     data, root = _parse(raw)
     target = _find(root, part) if part else root
     if target is None:

@@ -48,7 +48,7 @@ from gateway.auth import Authenticator, AuthUnavailable, Identity
 from gateway.config import Config
 from gateway.imap import commands as c
 from gateway.imap import imapurl, mime, sort, thread, wire
-from gateway.imap.index import Entry, FolderIndex
+from gateway.imap.index import ENTRY_COLUMNS, Entry, FolderIndex
 from gateway.imap.search import search, uses
 from gateway.imap.view import FlagRow, FolderChanges, Update, View, keywords_of
 from gateway.imap.wildcard import Matcher
@@ -96,6 +96,8 @@ _NO_UID_EXPUNGE = {"SEARCH", "SORT", "THREAD"}
 _SPECIAL_USE_ATTRS = {"\\Archive", "\\Drafts", "\\Junk", "\\Sent", "\\Trash"}
 CHUNK = 1000
 STREAM = 256 * 1024  # a FETCH's responses are sent on once this much is waiting
+BLOB_BATCH = 4 * 2**20  # message bytes a FETCH reads per thread hop
+_META = frozenset({"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "MODSEQ"})  # FETCH items in the index
 APPEND_LIMIT = 50 * 10**6
 MAX_UPDATES = 10  # updating searches per session (CONTEXT=SEARCH), as Dovecot's CLIENT_MAX_SEARCH_UPDATES
 SENT_COPY_WINDOW = timedelta(hours=24)  # how long a client's own copy of a sent message is recognised
@@ -800,7 +802,7 @@ class Session:
             view.resolve(cmd.sequence, uid=True, saved=self.saved) if isinstance(cmd, c.UidExpunge) else None
         )
 
-        async def expunge(s: AsyncSession) -> None:
+        async def expunge(s: AsyncSession) -> tuple[list[int], int]:
             folder = await self._selected_folder(s)
             uids = named
             if uids is not None:
@@ -812,11 +814,27 @@ class Session:
                     )
                 )
                 uids = list(rows.all())
-            await mailstore.expunge(s, folder, uids)
+            removed = await mailstore.expunge(s, folder, uids)
+            modseq = (
+                await s.scalar(select(Folder.highestmodseq).where(Folder.id == folder.id)) if removed else 0
+            )
+            return removed, int(modseq or 0)
 
-        await self.db.grouped(expunge)
-        self.changes.publish([view.folder_id])
+        removed, modseq = await self.db.grouped(expunge)
+        if removed:
+            self.changes.publish([view.folder_id])
+            self.index.wrote(view.folder_id, modseq, expunged=removed)
         return "EXPUNGE completed"
+
+    def _resolve(self, sequence: c.SeqSet, *, uid: bool) -> list[int]:
+        """The UIDs a FETCH, STORE, COPY or MOVE names. By sequence number, a number past the last
+        message (``*`` in an empty folder too) is BAD (RFC 3501 9, seq-number; as Dovecot answers)."""
+        view = self.selected
+        if not uid and not sequence.saved:
+            for n in (n for r in sequence.ranges for n in r):
+                if (n if n is not None else view.exists) > view.exists or view.exists == 0:
+                    raise Bad("Invalid messageset")
+        return view.resolve(sequence, uid=uid, saved=self.saved)
 
     async def _selected_folder(self, s: AsyncSession) -> Folder:
         folder = await s.get(Folder, self.selected.folder_id)
@@ -1016,7 +1034,7 @@ class Session:
 
     async def cmd_fetch(self, cmd: c.Fetch) -> str:
         view = self.selected
-        uids = view.resolve(cmd.sequence, uid=cmd.uid, saved=self.saved)
+        uids = self._resolve(cmd.sequence, uid=cmd.uid)
         atts = list(dict.fromkeys(cmd.atts))  # an item named twice is answered once
         names = {a.name for a in atts}
         if cmd.vanished and not self.qresync:  # RFC 7162 3.2.6
@@ -1045,24 +1063,45 @@ class Session:
                 atts.append(c.FetchAtt("FLAGS"))
         if not any(map(_stored, atts)):
             state = await self.index.current(view.folder_id)
-            for uid in uids:
-                entry = state.messages.get(uid)
-                if entry is not None and (cmd.changed_since is None or entry.modseq > cmd.changed_since):
+            since = cmd.changed_since
+            found = [
+                e
+                for e in map(state.messages.get, uids)
+                if e is not None and (since is None or e.modseq > since)
+            ]
+            if all(a.name in _META for a in atts):
+                for entry in found:
                     await self._fetch_one(view, entry, atts)
+                return "FETCH completed"
+            # Bodies: read a batch of blobs per thread hop (bounded in count and bytes).
+            start = 0
+            while start < len(found):
+                end, size = start, 0
+                while end < len(found) and end - start < 256 and (size < BLOB_BATCH or end == start):
+                    size += found[end].size
+                    end += 1
+                batch = found[start:end]
+                for entry, raw in zip(batch, await self.blobs.get_many([e.blob for e in batch]), strict=True):
+                    await self._fetch_one(view, entry, atts, raw)
+                start = end
             return "FETCH completed"
         for start in range(0, len(uids), CHUNK):
             chunk = uids[start : start + CHUNK]
             async with self.db.read() as s:
-                query = select(Message).where(
+                query = select(*ENTRY_COLUMNS, Message.envelope, Message.bodystructure, Message.body).where(
                     Message.folder_id == view.folder_id, Message.uid.between(chunk[0], chunk[-1])
                 )
                 if cmd.changed_since is not None:
                     query = query.where(Message.modseq > cmd.changed_since)
-                rows = (await s.scalars(query.order_by(Message.uid))).all()
+                rows = (await s.execute(query.order_by(Message.uid))).all()
             wanted = set(chunk)
             for row in rows:
                 if row.uid in wanted:
-                    await self._fetch_one(view, row, atts)
+                    stored = {"ENVELOPE": row.envelope, "BODYSTRUCTURE": row.bodystructure, "BODY": row.body}
+                    entry = Entry(
+                        row.uid, row.sysflags, row.keywords, row.modseq, row.size, row.internal_date, row.blob
+                    )
+                    await self._fetch_one(view, entry, atts, stored=stored)
         return "FETCH completed"
 
     async def _mark_seen(self, uids: list[int]) -> None:
@@ -1083,14 +1122,20 @@ class Session:
         if changed:
             self._wrote(changed)
 
-    async def _fetch_one(self, view: View, row: Message | Entry, atts: Sequence[c.FetchAtt]) -> None:
-        """One FETCH response; ``row`` is the folder index's entry unless ENVELOPE or BODYSTRUCTURE
-        (stored columns) is asked for."""
+    async def _fetch_one(
+        self,
+        view: View,
+        row: Entry,
+        atts: Sequence[c.FetchAtt],
+        raw: bytes | None = None,
+        stored: dict[str, bytes | None] | None = None,
+    ) -> None:
+        """One FETCH response: ``row`` as the folder index has it, ``raw`` the message if read already,
+        ``stored`` its ENVELOPE, BODYSTRUCTURE and BODY columns (when one of them is asked for)."""
         seq = view.seq(row.uid)
         if seq is None:
             return
         items: list[bytes] = []
-        raw: bytes | None = None
         for att in atts:
             name = att.name
             if name == "UID":
@@ -1107,15 +1152,11 @@ class Session:
                 items.append(b"MODSEQ (%d)" % row.modseq)
                 view.showed_modseq(row.modseq)
             elif _stored(att):
-                if not isinstance(row, Message):
-                    raise TypeError(f"{name} is not in the folder index")
-                stored = {"ENVELOPE": row.envelope, "BODYSTRUCTURE": row.bodystructure, "BODY": row.body}[
-                    name
-                ]
-                if stored is None:
+                structure = (stored or {}).get(name)
+                if structure is None:  # a message stored before the column existed
                     raw = raw if raw is not None else await self.blobs.get(row.blob)
-                    stored = _structure(name, raw)
-                items.append(name.encode() + b" " + stored)
+                    structure = _structure(name, raw)
+                items.append(name.encode() + b" " + structure)
             elif name in ("BINARY", "BINARY.SIZE"):
                 raw = raw if raw is not None else await self.blobs.get(row.blob)
                 items.append(_binary_item(att, raw))
@@ -1130,7 +1171,7 @@ class Session:
         view = self.selected
         if view.readonly:
             raise No("the folder is read-only", "READ-ONLY")
-        uids = view.resolve(cmd.sequence, uid=cmd.uid, saved=self.saved)
+        uids = self._resolve(cmd.sequence, uid=cmd.uid)
         if cmd.unchanged_since is not None:
             self._enable_condstore()
 
@@ -1204,7 +1245,7 @@ class Session:
 
     async def cmd_copy(self, cmd: c.Copy) -> str:
         view = self.selected
-        uids = view.resolve(cmd.sequence, uid=cmd.uid, saved=self.saved)
+        uids = self._resolve(cmd.sequence, uid=cmd.uid)
         move = cmd.name == "MOVE"
         if move and view.readonly:
             raise No("the folder is read-only", "READ-ONLY")
