@@ -558,6 +558,30 @@ def test_search_result_options_as_dovecot_answers_them(
     compare(dovecot_server, mailgate_server, [("B", r"STORE 2,4 +FLAGS (\Seen)"), ("B", line)])
 
 
+def test_sequence_numbers_past_the_end_are_bad_as_dovecot_answers(
+    dovecot_server: Server, mailgate_server: Server
+) -> None:
+    """The defect: FETCH 1:* in an empty folder and STORE of a number past the last message were
+    answered OK (doing nothing); RFC 3501 9 (seq-number) and Dovecot say BAD. By UID, OK."""
+    script = [
+        ("B", "FETCH 9 (FLAGS)"),
+        ("B", "FETCH 3:9 (UID)"),
+        ("B", "FETCH 3:* (UID)"),
+        ("B", r"STORE 9 +FLAGS (\Seen)"),
+        ("B", "COPY 4:9 {g}"),
+        ("B", "MOVE 9 {g}"),
+        ("B", "UID FETCH 9 (FLAGS)"),
+        ("B", "SEARCH 9"),
+        ("B", "SELECT {g}"),
+        ("B", "FETCH 1:* (FLAGS)"),
+        ("B", "FETCH * (FLAGS)"),
+        ("B", r"STORE 1:* +FLAGS (\Seen)"),
+        ("B", "UID FETCH 1:* (FLAGS)"),
+        ("B", "FETCH $ (FLAGS)"),
+    ]
+    compare(dovecot_server, mailgate_server, script)
+
+
 if __name__ == "__main__":  # a probe: python -m tests.test_imap_multisession 'A:EXPUNGE' ...
     import sys
     import tempfile
