@@ -75,31 +75,19 @@ async def check(s: AsyncSession, folder: Folder, adding: int, *, tenant_adding: 
     if adding <= 0 or folder.special_use == JUNK:
         return
     tenant_adding = adding if tenant_adding is None else tenant_adding
-    folder_row = (
-        await s.execute(select(Folder.used_bytes, Folder.quota_bytes).where(Folder.id == folder.id))
-    ).one()
-    if folder_row.quota_bytes is not None and folder_row.used_bytes + adding > folder_row.quota_bytes:
-        raise QuotaExceeded(
-            f"folder {folder.name!r}",
-            folder_row.used_bytes,
-            folder_row.quota_bytes,
-            adding,
-            folder_id=folder.id,
+    row = (  # one statement: the folder's and the tenant's usage and limits
+        await s.execute(
+            select(Folder.used_bytes, Folder.quota_bytes, Tenant.used_bytes, Tenant.quota_bytes)
+            .join(Tenant, Tenant.id == Folder.tenant_id)
+            .where(Folder.id == folder.id)
         )
-    tenant = (
-        await s.execute(select(Tenant.used_bytes, Tenant.quota_bytes).where(Tenant.id == folder.tenant_id))
     ).one()
-    if (
-        tenant_adding > 0
-        and tenant.quota_bytes is not None
-        and tenant.used_bytes + tenant_adding > tenant.quota_bytes
-    ):
+    folder_used, folder_quota, tenant_used, tenant_quota = row
+    if folder_quota is not None and folder_used + adding > folder_quota:
+        raise QuotaExceeded(f"folder {folder.name!r}", folder_used, folder_quota, adding, folder_id=folder.id)
+    if tenant_adding > 0 and tenant_quota is not None and tenant_used + tenant_adding > tenant_quota:
         raise QuotaExceeded(
-            f"tenant {folder.tenant_id!r}",
-            tenant.used_bytes,
-            tenant.quota_bytes,
-            tenant_adding,
-            folder_id=None,
+            f"tenant {folder.tenant_id!r}", tenant_used, tenant_quota, tenant_adding, folder_id=None
         )
 
 

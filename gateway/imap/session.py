@@ -1081,7 +1081,8 @@ class Session:
                     size += found[end].size
                     end += 1
                 batch = found[start:end]
-                for entry, raw in zip(batch, await self.blobs.get_many([e.blob for e in batch]), strict=True):
+                raws = await self.blobs.get_many([e.blob for e in batch], size)
+                for entry, raw in zip(batch, raws, strict=True):
                     await self._fetch_one(view, entry, atts, raw)
                 start = end
             return "FETCH completed"
