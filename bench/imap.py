@@ -733,21 +733,32 @@ def open_idle(server: Server, ctx: Context) -> tuple[list[Client], float]:
         ctx.check(exists >= args.messages, f"{server.name}: an idle SELECT says {exists} messages")
         return client
 
-    clients: list[Client] = []
     started = time.perf_counter()
-    with ThreadPoolExecutor(args.login_parallel) as pool:
-        futures = [pool.submit(one, i) for i in range(args.idle)]
-        error: BaseException | None = None
+    clients = open_many(
+        one, args.idle, args.login_parallel, args.timeout, f"{server.name}: opening idle sessions"
+    )
+    return clients, time.perf_counter() - started
+
+
+def open_many(
+    open_one: Callable[[int], Client], n: int, parallel: int, timeout: float, what: str
+) -> list[Client]:
+    """``n`` sessions opened by ``open_one``, ``parallel`` at a time; on any failure every opened one
+    is closed and the first error raised as a BenchError naming ``what``."""
+    clients: list[Client] = []
+    error: BaseException | None = None
+    with ThreadPoolExecutor(max(1, min(n, parallel))) as pool:
+        futures = [pool.submit(open_one, i) for i in range(n)]
         for f in futures:
             try:
-                clients.append(f.result(timeout=args.timeout))
+                clients.append(f.result(timeout=timeout))
             except Exception as exc:  # noqa: BLE001 (reported after closing the others)
                 error = error or exc
     if error is not None:
         for c in clients:
             c.close()
-        raise BenchError(f"{server.name}: opening idle sessions: {error}")
-    return clients, time.perf_counter() - started
+        raise BenchError(f"{what}: {error}")
+    return clients
 
 
 def raise_nofile(need: int) -> None:

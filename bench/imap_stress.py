@@ -58,7 +58,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +82,7 @@ from bench.imap import (  # noqa: E402
     free_port,
     load_mailgate,
     make_corpus,
+    open_many,
     raise_nofile,
     write_mailgate_config,
 )
@@ -223,20 +223,9 @@ class Script:
 
 def log_in(server: Server, n: int, args: argparse.Namespace) -> list[Client]:
     """``n`` logged-in sessions (argon2 on both servers: 8 logins at a time)."""
-    clients: list[Client] = []
-    error: BaseException | None = None
-    with ThreadPoolExecutor(min(n, 8)) as pool:
-        futures = [pool.submit(connect, server, args) for _ in range(n)]
-        for f in futures:
-            try:
-                clients.append(f.result(timeout=args.timeout))
-            except Exception as exc:  # noqa: BLE001 (reported after closing the others)
-                error = error or exc
-    if error is not None:
-        for c in clients:
-            c.close()
-        raise BenchError(f"{server.name}: logging in {n} clients: {error}")
-    return clients
+    return open_many(
+        lambda _: connect(server, args), n, 8, args.timeout, f"{server.name}: logging in {n} clients"
+    )
 
 
 def run_phase(server: Server, n: int, script: Script, args: argparse.Namespace) -> tuple[Phase, list[str]]:
