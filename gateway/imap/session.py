@@ -53,7 +53,7 @@ from gateway.imap.search import search, uses
 from gateway.imap.view import FlagRow, FolderChanges, Update, View, keywords_of
 from gateway.imap.wildcard import Matcher
 from gateway.ingest import describe
-from gateway.message import parse_headers
+from gateway.message import Headers, parse_headers
 from gateway.notify import Changes
 from storage import events, mailstore
 from storage.blobs import BlobStore
@@ -670,22 +670,26 @@ class Session:
         raws = [m.message if not m.catenate else await self._catenate(m.catenate) for m in cmd.messages]
         if sum(map(len, raws)) > APPEND_LIMIT:
             raise No("message too large", "TOOBIG")
+
         # Stored as an IMAP server stores it: CRLF line ends, no NUL (as Dovecot does).
-        raws = [await asyncio.to_thread(mime.stored_form, raw) for raw in raws]
-        headers = [parse_headers(raw) for raw in raws]
-        if len(raws) == 1:
+        def stored_forms() -> list[tuple[bytes, Headers]]:
+            return [(form, parse_headers(form)) for form in map(mime.stored_form, raws)]
+
+        forms = await asyncio.to_thread(stored_forms)
+        if len(forms) == 1:
             first = cmd.messages[0]
-            existing = await self._own_sent_copy(cmd.mailbox, first.flags, headers[0].message_id, now)
+            existing = await self._own_sent_copy(cmd.mailbox, first.flags, forms[0][1].message_id, now)
             if existing is not None:
                 return existing
-        new = []
-        for raw, parsed, m in zip(raws, headers, cmd.messages, strict=True):
-            digest = await self.blobs.put(raw)
-            new.append(
-                await asyncio.to_thread(
-                    describe, raw, parsed, digest, now, frozenset(m.flags), m.internal_date
-                )
-            )
+        raws = [raw for raw, _ in forms]
+
+        def store_blobs() -> list[mailstore.NewMessage]:  # one thread hop: blobs (fsynced) and structures
+            return [
+                describe(raw, parsed, self.blobs.put_sync(raw), now, frozenset(m.flags), m.internal_date)
+                for (raw, parsed), m in zip(forms, cmd.messages, strict=True)
+            ]
+
+        new = await asyncio.to_thread(store_blobs)
 
         async def append(s: AsyncSession) -> tuple[Folder, list[Any]]:
             folder = await mailstore.get_folder(s, self.tenant_id, cmd.mailbox)
@@ -752,17 +756,22 @@ class Session:
         agent = self.config().tenant(self.tenant_id).agent(self.me.login)
         if message_id is None or agent is None or agent.save_sent != "auto":
             return None
-        async with self.db.write() as s:
+        async with self.db.read() as s:  # most APPENDs are not to Sent: no write for them
             folder = await mailstore.get_folder(s, self.tenant_id, mailbox)
             if folder is None or folder.special_use != "\\Sent" or not self.visible(folder.name):
                 return None
             since = now - SENT_COPY_WINDOW
             uid = await mailstore.submitted_copy(s, folder, self.me.agent_id, message_id, since)
-            if uid is None:
-                return None
-            changed = await mailstore.store_flags(s, folder, [uid], flags, "add") if flags else []
-        if changed:
-            self.changes.publish([folder.id])
+        if uid is None:
+            return None
+        folder_id = folder.id
+
+        async def add_flags(s: AsyncSession) -> list[mailstore.FlagChange]:
+            current = await s.get(Folder, folder_id)
+            return await mailstore.store_flags(s, current, [uid], flags, "add") if current and flags else []
+
+        if await self.db.grouped(add_flags):
+            self.changes.publish([folder_id])
         self.log.info("imap.sent_copy_kept", uid=uid, message_id=message_id)
         return f"[APPENDUID {folder.uidvalidity} {uid}] APPEND completed (mailgate filed it on sending)"
 
