@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import random
+import re
 import socket
 import time
 import tracemalloc
@@ -31,7 +33,7 @@ from gateway.imap.server import IMAPServer
 from gateway.ingest import Pipeline
 from gateway.notify import Changes
 from storage.db import Database
-from storage.flags import SEEN
+from storage.flags import SEEN, join_flags
 from storage.models import Folder, Message
 from tests.conftest import config_dict
 from tests.test_imap import HASH, PASSWORD, Server, message, run
@@ -276,3 +278,60 @@ async def test_status_unseen_of_an_open_folder_is_counted_by_the_index(imap: Ser
     ]
     a.close()
     b.close()
+
+
+async def test_sessions_agree_with_the_database_after_random_concurrent_changes(imap: Server) -> None:
+    """Three sessions STORE, EXPUNGE and APPEND at random, at the same time (group commit, the
+    index taking a session's own writes); afterwards each one's view, after a NOOP, is what the
+    database holds: the same UIDs, the same flags."""
+    clients = [await run(Raw, imap.server.port) for _ in range(3)]
+    for c in clients:
+        await run(c.command, b"LOGIN anna@acme.test " + PASSWORD.encode())
+        await run(c.command, b"SELECT INBOX")
+    body = b"From: a@example.org\r\nSubject: random\r\n\r\nx\r\n"
+
+    top = [5]  # the highest UID so far (from APPENDUID)
+
+    def work(n: int) -> None:
+        rng = random.Random(n)
+        c = clients[n]
+        for _ in range(60):
+            c.command(b"NOOP")
+            action = rng.random()
+            if action < 0.6:  # by UID: one that is gone is simply not changed
+                flag = rng.choice([b"\\Seen", b"\\Flagged", b"Urgent", b"\\Answered", b"\\Deleted"])
+                sign = rng.choice([b"+", b"-"])
+                c.command(
+                    b"UID STORE %d %sFLAGS (%s)" % (rng.randint(max(1, top[0] - 8), top[0]), sign, flag)
+                )
+            elif action < 0.7:
+                c.command(b"EXPUNGE")
+            else:
+                c.n += 1
+                tag = b"x%d " % c.n
+                c.sock.sendall(tag + b"APPEND INBOX {%d+}\r\n" % len(body) + body + b"\r\n")
+                m = re.search(rb"APPENDUID \d+ (\d+)", c.until(tag)[-1])
+                assert m is not None
+                top[0] = max(top[0], int(m[1]))
+
+    await asyncio.gather(*(run(work, n) for n in range(3)))
+    async with imap.db.read() as s:
+        folder = await s.scalar(select(Folder.id).where(Folder.tenant_id == "acme", Folder.name == "INBOX"))
+        truth = {
+            uid: set(join_flags(bits, words))
+            for uid, bits, words in await s.execute(
+                select(Message.uid, Message.sysflags, Message.keywords).where(Message.folder_id == folder)
+            )
+        }
+    assert len(truth) > 5
+    assert any(truth.values())  # the random work left some flags
+    for c in clients:
+        await run(c.command, b"NOOP")
+        answer = await run(c.command, b"FETCH 1:* (UID FLAGS)") if truth else []
+        seen = {}
+        for line in answer:
+            m = re.match(rb"\* \d+ FETCH \(UID (\d+) FLAGS \(([^)]*)\)\)", line)
+            if m:
+                seen[int(m[1])] = {f.decode() for f in m[2].split()} - {"\\Recent"}
+        assert seen == truth
+        c.close()
