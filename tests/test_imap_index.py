@@ -335,3 +335,23 @@ async def test_sessions_agree_with_the_database_after_random_concurrent_changes(
                 seen[int(m[1])] = {f.decode() for f in m[2].split()} - {"\\Recent"}
         assert seen == truth
         c.close()
+
+
+async def test_a_folder_deleted_under_a_session_serves_nothing_more(imap: Server) -> None:
+    """The index forgets a deleted folder at once (DELETE announces it): the session that still has
+    it selected gets no stale FETCH answers, as before the index (it read no rows then)."""
+    a, b = await run(Raw, imap.server.port), await run(Raw, imap.server.port)
+    for c in (a, b):
+        await run(c.command, b"LOGIN anna@acme.test " + PASSWORD.encode())
+    await run(a.command, b"CREATE Doomed")
+    body = b"Subject: x\r\n\r\nx\r\n"
+    a.n += 1
+    await run(a.sock.sendall, b"x%d APPEND Doomed {%d+}\r\n" % (a.n, len(body)) + body + b"\r\n")
+    await run(a.until, b"x%d " % a.n)
+    await run(a.command, b"SELECT Doomed")
+    assert any(b"FETCH" in line for line in await run(a.command, b"FETCH 1:* (UID FLAGS)"))
+    assert (await run(b.command, b"DELETE Doomed"))[-1].startswith(b"x2 OK")
+    after = await run(a.command, b"UID FETCH 1:* (FLAGS)")
+    assert not any(b"FETCH (" in line for line in after), after
+    a.close()
+    b.close()

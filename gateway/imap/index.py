@@ -251,8 +251,9 @@ class FolderIndex:
                     )
                 )
             ).one_or_none()
-            if row is None:
+            if row is None:  # deleted: nothing of it is served any more
                 state.gone = True
+                state.messages.clear()
                 return
             highest = int(row.highestmodseq)
             rows: list[Entry] = []

@@ -455,6 +455,7 @@ class Session:
             if folder.special_use:
                 raise No(f"{folder.name} is a {folder.special_use} folder", "CANNOT")
             await mailstore.delete_folder(s, self.tenant_id, folder.name)
+        self.changes.publish([folder.id])  # sessions that have it selected learn it is gone
         if self.view is not None and self.view.folder_id == folder.id:
             self.view = None
             self.state = State.AUTHENTICATED
