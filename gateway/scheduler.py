@@ -186,6 +186,7 @@ class Scheduler:
             report = await retention.purge_spam(
                 self.db, self.blobs, self.clock(), config.retention.spam_days, dry_run=dry_run
             )
+        self.pipeline.changes.publish(report.folders)  # open IMAP sessions are told of the expunges
         if report.messages:
             log.info("retention.purged", messages=dict(report.messages), dry_run=dry_run)
             if not dry_run:

@@ -33,6 +33,7 @@ class PurgeReport:
     messages: Counter[str] = field(default_factory=Counter)
     bytes: Counter[str] = field(default_factory=Counter)
     blobs_removed: int = 0
+    folders: set[int] = field(default_factory=set)  # the folders it expunged from
 
 
 async def purge_spam(
@@ -68,6 +69,7 @@ async def purge_spam(
                 folder = await s.get(Folder, folder_id)
                 if folder is not None:
                     await mailstore.expunge(s, folder, uids)
+                    report.folders.add(folder_id)
         return len(rows)
 
     while await uninterrupted(batch()) == BATCH:  # shutdown stops it between batches

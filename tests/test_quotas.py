@@ -155,8 +155,12 @@ async def test_spam_purge_by_received_date_with_a_moved_clock(env: Env) -> None:
     dry = await env.scheduler.purge_spam(dry_run=True)
     assert dict(dry.messages) == {"acme": 1}
     assert (await env.folders())["Spam"][0] == 2
+    spam_id = (await env.rows("Spam"))[0].folder_id
+    told: list[set[int]] = []
+    env.changes.subscribe(told.append)
     done = await env.scheduler.purge_spam()
     assert dict(done.messages) == dict(dry.messages)
+    assert spam_id in set().union(*told)  # open IMAP sessions (the folder index) hear of it at once
     folders = await env.folders()
     assert folders["Spam"][0] == 1
     assert folders["INBOX"][0] == 1  # old non-spam is never touched
