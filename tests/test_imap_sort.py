@@ -285,11 +285,16 @@ def test_hostile_sort_and_thread_get_dovecots_status(
 
 @pytest.mark.peers
 def test_unsupported_charsets_get_badcharset(mailgate: imaplib.IMAP4) -> None:
-    """Dovecot hands any name to iconv (it takes 'UTF-8"'); mailgate names the two it takes."""
+    """Dovecot hands any name to iconv (it takes 'UTF-8"'); mailgate names the two it takes.
+
+    The defect (SEARCH): a SEARCH under another CHARSET was answered OK, its strings decoded
+    as UTF-8 with replacement characters, so it silently found nothing or the wrong messages."""
     for line in (
         b'SORT (DATE) "UTF-8\\"" ALL',
         b"THREAD REFERENCES ISO-8859-2 ALL",
         b"UID SORT (DATE) KOI8-R ALL",
+        b"SEARCH CHARSET FOO SUBJECT x",
+        b"UID SEARCH RETURN (COUNT) CHARSET ISO-8859-2 SUBJECT x",
     ):
         tag = b"S%d" % next(_tags)
         mailgate.send(tag + b" " + line + b"\r\n")

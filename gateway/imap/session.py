@@ -109,7 +109,8 @@ class Bad(Exception):
 
 
 def _supported(charset: str) -> None:
-    """SORT and THREAD name a charset; search strings are UTF-8 only (RFC 5256: NO, not BAD)."""
+    """SEARCH, SORT and THREAD name a charset; search strings are UTF-8 only (RFC 3501 6.4.4 and
+    RFC 5256: NO [BADCHARSET], not BAD)."""
     if charset not in ("UTF-8", "US-ASCII"):
         raise No("unsupported charset", "BADCHARSET (US-ASCII UTF-8)")
 
@@ -951,6 +952,8 @@ class Session:
         return "THREAD completed"
 
     async def cmd_search(self, cmd: c.Search) -> str:
+        if cmd.charset is not None:  # strings in another charset were decoded leniently: refuse them
+            _supported(cmd.charset)
         self._new_update_tag(cmd)
         view = self.selected
         by_modseq = uses(cmd.key, {"MODSEQ"})
