@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -108,13 +109,18 @@ async def _consistent(db: Database) -> AsyncIterator[AsyncSession]:
 async def create(
     db: Database, blobs: BlobStore, directory: Path, now: datetime, data_dir: Path
 ) -> SnapshotInfo:
-    """Take a snapshot of everything into ``directory/<timestamp>``."""
-    name = now.astimezone(UTC).strftime(NAME_FORMAT)
-    final = directory / name
-    partial = directory / f".{name}.partial"
-    await asyncio.to_thread(_fresh_dir, partial)
+    """Take a snapshot of everything into ``directory/<timestamp>`` (``<timestamp>-2`` and so on
+    for a second one within the same second: names sort in the order they were taken)."""
     pool = directory / POOL
-    async with maintenance_lock(data_dir):
+    async with maintenance_lock(data_dir):  # one snapshot at a time: the name below stays ours
+        base = name = now.astimezone(UTC).strftime(NAME_FORMAT)
+        for n in itertools.count(2):
+            if not (directory / name).exists():
+                break
+            name = f"{base}-{n}"
+        final = directory / name
+        partial = directory / f".{name}.partial"
+        await asyncio.to_thread(_fresh_dir, partial)
         if db.is_sqlite:
             # SQLite's online backup copies the pages of one consistent instant.
             await asyncio.to_thread(_backup, db, partial / "metadata.db")
@@ -124,15 +130,15 @@ async def create(
         # committed) and stay (the lock keeps garbage collection out).
         messages, size, digests = await asyncio.to_thread(_message_blobs, partial / "metadata.db")
         await asyncio.to_thread(_link, blobs, pool, digests)
-    tenants = await asyncio.to_thread(_count_tenants, partial / "metadata.db")
-    manifest = {
-        "name": name,
-        "created_at": now.isoformat(),
-        "messages": messages,
-        "bytes": size,
-        "tenants": tenants,
-    }
-    await asyncio.to_thread(_finish, partial, final, manifest)
+        tenants = await asyncio.to_thread(_count_tenants, partial / "metadata.db")
+        manifest = {
+            "name": name,
+            "created_at": now.isoformat(),
+            "messages": messages,
+            "bytes": size,
+            "tenants": tenants,
+        }
+        await asyncio.to_thread(_finish, partial, final, manifest)
     return SnapshotInfo(name, final, now, messages, size, tenants)
 
 

@@ -167,6 +167,16 @@ async def test_spam_purge_by_received_date_with_a_moved_clock(env: Env) -> None:
     assert [r.subject for r in await env.rows("Spam")] == ["hello 2"]
 
 
+async def test_two_snapshots_in_one_second_get_distinct_names(env: Env) -> None:
+    """The defect: a second snapshot within the same second (the scheduler's and `mailgate snapshot
+    create`, or two creates) failed with 'Directory not empty' (tests/test_operator_docs.py, CI)."""
+    first = await env.scheduler.snapshot()  # the clock stands still: both at NOW
+    second = await env.scheduler.snapshot()
+    assert second.name == first.name + "-2"
+    assert [i.name for i in snapshots.listing(first.path.parent)][:2] == [second.name, first.name]
+    assert snapshots.verify(second.path) == []
+
+
 async def test_snapshot_restore_is_byte_exact_and_idempotent(env: Env) -> None:
     for n in range(5):
         await env.deliver(mail(n, 1000), received_at=NOW - timedelta(hours=n))
