@@ -25,9 +25,10 @@ with no change issues no statement at all.
 A folder is loaded when the first session opens it (SELECT/EXAMINE); when
 the last one closes it, it is kept for a while (clients go back and forth
 between two folders), at most 64 such folders for 5 minutes, then evicted.
-A writer of this process that changed only flags hands its changes to the
-index itself (:meth:`FolderIndex.wrote`) when nothing else is outstanding,
-so its own STORE is not read back. Expunge records older than every open
+A session of this process that changed flags or expunged (STORE, EXPUNGE, the
+\\Seen a FETCH sets) hands its committed changes to the index itself
+(:meth:`FolderIndex.wrote`) when nothing else is outstanding, so its own
+write is not read back. Expunge records older than every open
 session's view are dropped, and the change log is compacted when it grows to
 twice the folder. Memory: about 400 bytes per message of an open folder
 (measured in tests/test_imap_index.py).
