@@ -100,7 +100,7 @@ def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
         print(
             f"tenant {t.id} ({t.name or 'no name'}): domains {', '.join(t.domains)}; "
             f"{len(t.agents)} agent(s), {len(t.rules)} rule(s), {len(t.mailboxes)} mailbox(es); "
-            f"quota {_human_size(t.quota)}, max message {_human_size(t.max_message_size)}"
+            f"quota {_human_size(t.effective_quota)}, max message {_human_size(t.max_message_size)}"
         )
     return EXIT_OK
 

@@ -18,7 +18,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from datetime import time, timedelta
+from datetime import date, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -194,6 +194,22 @@ class ListenSection(_Model):
     imap: ListenAddress = ""
     imaps: ListenAddress = ""
     metrics: ListenAddress = ""
+    admin: ListenAddress = ""  # admin API, its OpenAPI document, and client autoconfiguration
+
+
+class AdminSection(SecretRef):
+    """The admin API's operator credential: a bearer token read from a file."""
+
+    token_file: Path | None = None
+
+    @field_validator("token_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if v == "" else v
+
+    def token(self) -> SecretStr | None:
+        """The operator's token; None when no file is set (then only tenant admins get in)."""
+        return self._read(self.token_file, None, "admin.token")
 
 
 class TLSSection(_Model):
@@ -281,6 +297,10 @@ class AgentSection(_Model):
     name: str = ""
     password_hash: str = Field(pattern=r"^\$argon2(id|i|d)\$")
     folders: tuple[str, ...] = ()
+    # "admin": also manages the tenant's agents, rules, footers and templates (admin API, Templates).
+    role: Literal["agent", "admin"] = "agent"
+    footer: str = Field("", max_length=4000)  # appended to each message the agent submits
+    disabled: bool = False  # kept, but may not log in (e.g. over the plan's seats)
     # Who files the agent's sent mail in \Sent: "auto" mailgate, and a client's own copy of it
     # (same Message-ID, within 24 h) is answered with mailgate's; "always" both; "never" the client.
     save_sent: Literal["auto", "always", "never"] = "auto"
@@ -429,6 +449,32 @@ class RuleSection(_Model):
         )
 
 
+class PlanSection(_Model):
+    """What a tenant buys (``[plans.NAME]``); 0 means unlimited for the counts."""
+
+    quota: Size | None = None  # None: set per tenant
+    seats: int = Field(0, ge=0)  # agents that may log in
+    max_mailboxes: int = Field(0, ge=0)  # upstream mailboxes
+    max_outbound_per_month: int = Field(0, ge=0)  # messages submitted per calendar month (UTC)
+    trial_days: int = Field(0, ge=0)  # a new tenant on this plan runs a trial this long
+    convert_days: int = Field(14, ge=0)  # after a trial: read-only this long, then deleted
+    notice_days: int = Field(30, ge=0)  # the "your plan ends" notice this long before the end
+    read_only_days: int = Field(30, ge=0)  # after a paid plan ends: read-only this long, then deleted
+
+
+# The tiers of DESIGN.md section 2; [plans.NAME] in the file adds plans or replaces these.
+BUILTIN_PLANS: Mapping[str, PlanSection] = {
+    "1.2gb": PlanSection(quota=1_200_000_000, seats=3, max_mailboxes=2),
+    "3gb": PlanSection(quota=3 * 10**9, seats=5, max_mailboxes=3),
+    "6gb": PlanSection(quota=6 * 10**9, seats=10, max_mailboxes=5),
+    "12gb": PlanSection(quota=12 * 10**9, seats=20, max_mailboxes=10),
+    "custom": PlanSection(),  # "above that set individually": quota and limits per tenant
+    "trial": PlanSection(
+        quota=5 * 10**9, seats=3, max_mailboxes=1, max_outbound_per_month=100, trial_days=60, convert_days=14
+    ),
+}
+
+
 class TenantSection(_Model):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     name: str = ""
@@ -445,8 +491,14 @@ class TenantSection(_Model):
     folders: tuple[FolderSection, ...] = ()
     mailboxes: tuple[MailboxSection, ...] = ()
     rules: tuple[RuleSection, ...] = ()
+    plan: str | None = None  # a name in [plans]; None: no plan rules (quota as set here)
+    paid_until: date | None = None  # the last day of the paid plan
+    trial_until: date | None = None  # the last day of the trial
+    contact: Address | None = None  # the customer's own address: plan notices go here too
+    suspended: bool = False  # by the operator: read-only until resumed
 
     _ruleset: RuleSet = PrivateAttr()
+    _plan: PlanSection | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check(self) -> TenantSection:
@@ -466,6 +518,18 @@ class TenantSection(_Model):
     def ruleset(self) -> RuleSet:
         """The tenant's rules, compiled once."""
         return self._ruleset
+
+    @property
+    def plan_section(self) -> PlanSection | None:
+        """The tenant's plan, resolved against the configuration's plans."""
+        return self._plan
+
+    @property
+    def effective_quota(self) -> int | None:
+        """The tenant's own quota, else its plan's."""
+        if self.quota is not None:
+            return self.quota
+        return self._plan.quota if self._plan is not None else None
 
     def agent(self, login: str) -> AgentSection | None:
         """The agent with this login (lower case), if the tenant has one."""
@@ -612,7 +676,14 @@ class Config(_Model):
     queue: QueueSection = QueueSection()
     limits: LimitsSection = LimitsSection()
     srs: SRSSection = SRSSection()
+    admin: AdminSection = AdminSection()
+    plans: dict[str, PlanSection] = Field(default_factory=lambda: dict(BUILTIN_PLANS))
     tenants: tuple[TenantSection, ...] = ()
+
+    @field_validator("plans", mode="before")
+    @classmethod
+    def _builtin_plans(cls, v: object) -> object:
+        return {**BUILTIN_PLANS, **v} if isinstance(v, Mapping) else v
 
     @model_validator(mode="after")
     def _implicit_tls_needs_a_certificate(self) -> Config:
@@ -623,24 +694,13 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _unique(self) -> Config:
-        seen_ids: set[str] = set()
-        owner: dict[str, str] = {}
-        logins: set[str] = set()
-        for i, t in enumerate(self.tenants):
-            if t.id in seen_ids:
-                raise _error_at(("tenants", i, "id"), f"tenant id {t.id!r} is used twice")
-            seen_ids.add(t.id)
-            for j, d in enumerate(t.domains):
-                if d in owner:
-                    message = f"domain {d!r} belongs to tenants {owner[d]!r} and {t.id!r}"
-                    raise _error_at(("tenants", i, "domains", j), message)
-                owner[d] = t.id
-            for j, a in enumerate(t.agents):
-                if a.login in logins:
-                    message = f"agent login {a.login!r} is used twice"
-                    raise _error_at(("tenants", i, "agents", j, "login"), message)
-                logins.add(a.login)
+        check_tenants(self.tenants, self.plans)
         return self
+
+    def with_tenants(self, tenants: tuple[TenantSection, ...]) -> Config:
+        """This configuration serving ``tenants`` (from the database) instead of the file's."""
+        check_tenants(tenants, self.plans)
+        return self.model_copy(update={"tenants": tenants})
 
     def tenant(self, tenant_id: str) -> TenantSection:
         """The tenant with this id; KeyError names it if there is none."""
@@ -659,6 +719,31 @@ class Config(_Model):
             if domain in t.domains:
                 return t
         return None
+
+
+def check_tenants(tenants: tuple[TenantSection, ...], plans: Mapping[str, PlanSection]) -> None:
+    """Checks across tenants (ids, domains and logins unique), and each tenant's plan resolved."""
+    seen_ids: set[str] = set()
+    owner: dict[str, str] = {}
+    logins: set[str] = set()
+    for i, t in enumerate(tenants):
+        if t.id in seen_ids:
+            raise _error_at(("tenants", i, "id"), f"tenant id {t.id!r} is used twice")
+        seen_ids.add(t.id)
+        if t.plan is not None and t.plan not in plans:
+            known = ", ".join(sorted(plans))
+            raise _error_at(("tenants", i, "plan"), f"unknown plan {t.plan!r} (known: {known})")
+        t._plan = plans[t.plan] if t.plan is not None else None
+        for j, d in enumerate(t.domains):
+            if d in owner:
+                message = f"domain {d!r} belongs to tenants {owner[d]!r} and {t.id!r}"
+                raise _error_at(("tenants", i, "domains", j), message)
+            owner[d] = t.id
+        for j, a in enumerate(t.agents):
+            if a.login in logins:
+                message = f"agent login {a.login!r} is used twice"
+                raise _error_at(("tenants", i, "agents", j, "login"), message)
+            logins.add(a.login)
 
 
 # --------------------------------------------------------------------------- loading

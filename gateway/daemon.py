@@ -57,7 +57,7 @@ def tenant_specs(config: Config) -> list[TenantSpec]:
         TenantSpec(
             id=t.id,
             name=t.name,
-            quota_bytes=t.quota,
+            quota_bytes=t.effective_quota,
             domains=t.domains,
             agents=tuple(AgentSpec(a.login, a.name, a.password_hash) for a in t.agents),
             folders=tuple(FolderSpec(f.name, f.quota, f.special_use) for f in t.folders),
