@@ -13,7 +13,7 @@ transitions (:mod:`gateway.lifecycle`); the protocol front-ends ask
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Literal
 
 from gateway.config import PlanSection, TenantSection
@@ -34,8 +34,14 @@ class Standing:
         return self.state in ("active", "notice")
 
 
-def standing(tenant: TenantSection, today: date) -> Standing:
-    """The tenant's state on ``today``."""
+def today() -> date:
+    """The day (UTC) that plan dates are compared with; the one clock every front-end asks."""
+    return datetime.now(UTC).date()
+
+
+def standing(tenant: TenantSection, on: date | None = None) -> Standing:
+    """The tenant's state on a day (default: :func:`today`)."""
+    today_ = on or today()
     plan = tenant.plan_section or PlanSection()
     name = tenant.plan or "no plan"
     if tenant.paid_until is not None:
@@ -49,10 +55,10 @@ def standing(tenant: TenantSection, today: date) -> Standing:
     if end is None:
         return Standing("active", None, None, f"{what} has no end date")
     deleted_on = end + timedelta(days=grace + 1)
-    if today <= end:
-        state: State = "notice" if (end - today).days <= plan.notice_days else "active"
+    if today_ <= end:
+        state: State = "notice" if (end - today_).days <= plan.notice_days else "active"
         return Standing(state, end, deleted_on, f"{what} ends on {end.isoformat()}")
-    if today < deleted_on:
+    if today_ < deleted_on:
         last = deleted_on - timedelta(days=1)
         why = f"{what} ended on {end.isoformat()}; read-only until {last.isoformat()}"
         return Standing("read_only", end, deleted_on, why)
