@@ -149,6 +149,18 @@ async def open_for_reading(config: Config) -> Database:
     return db
 
 
+async def served(config: Config) -> Config:
+    """The configuration with the database's tenants and plans (the file's alone if none is set up)."""
+    from gateway import tenants
+    from storage.migrate import is_current
+
+    db = Database(config.gateway.effective_database_url)
+    try:
+        return await tenants.load(db, config) if await is_current(db) else config
+    finally:
+        await db.close()
+
+
 def cmd_hash_password(args: argparse.Namespace) -> int:
     from argon2 import PasswordHasher
 
@@ -547,6 +559,8 @@ def cmd_stats_agents(config: Config, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``mailgate``."""
+    from gateway.admin.cli import add_parsers
+
     p = argparse.ArgumentParser(prog="mailgate", description="Mail gateway for shared mailboxes.")
     p.add_argument(
         "-c",
@@ -570,17 +584,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--from", dest="mail_from", help="envelope sender (MAIL FROM)")
     t.add_argument("--rcpt", action="append", help="envelope recipient (repeatable)")
     t.add_argument("file", metavar="FILE.eml")
-    t.set_defaults(func=cmd_rules_test)
+    t.set_defaults(func=cmd_rules_test, serves_tenants=True)
     f = sub.add_parser("folders", help="a tenant's folders with usage")
     f.add_argument("--tenant", required=True)
     f.add_argument("--format", choices=["table", "json"], default="table")
-    f.set_defaults(func=cmd_folders)
+    f.set_defaults(func=cmd_folders, serves_tenants=True)
     m = sub.add_parser(
         "mailboxes", help="upstream mailboxes: state, last success, last error, messages pulled"
     )
     m.add_argument("--tenant")
     m.add_argument("--format", choices=["table", "json"], default="table")
-    m.set_defaults(func=cmd_mailboxes)
+    m.set_defaults(func=cmd_mailboxes, serves_tenants=True)
     q = sub.add_parser("queue", help="the outbound relay queue").add_subparsers(
         dest="queue_command", required=True
     )
@@ -616,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--tenant", required=True)
     sa.add_argument("--since", default="7d", help="period, e.g. 7d, 24h (default 7d)")
     sa.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    sa.set_defaults(func=cmd_stats_agents)
+    sa.set_defaults(func=cmd_stats_agents, serves_tenants=True)
     r = sub.add_parser("restore", help="copy mail back from a snapshot, additively")
     r.add_argument("--snapshot", required=True, help="a name from 'snapshot list', or 'latest'")
     r.add_argument("--tenant", required=True)
@@ -625,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--in-place", action="store_true", help="into the original folders, skipping what is there"
     )
-    r.set_defaults(func=cmd_restore)
+    r.set_defaults(func=cmd_restore, serves_tenants=True)
+    add_parsers(sub)
     return p
 
 
@@ -646,6 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     try:
+        if getattr(args, "serves_tenants", False):
+            config = asyncio.run(served(config))
         return func(config, args)
     except KeyError as exc:  # an unknown --tenant
         print(f"error: {exc.args[0]}", file=sys.stderr)

@@ -28,6 +28,7 @@ from pydantic import (
     ConfigDict,
     Field,
     IPvAnyNetwork,
+    PlainSerializer,
     PrivateAttr,
     SecretStr,
     ValidationError,
@@ -111,7 +112,18 @@ def _parse_listen(value: object) -> str:
 
 
 Size = Annotated[int, BeforeValidator(parse_size, json_schema_input_type=int | str)]
-Duration = Annotated[timedelta, BeforeValidator(parse_duration, json_schema_input_type=int | float | str)]
+
+
+def _duration_text(value: timedelta) -> str:
+    """A duration as the file writes it (``"90s"``), so a dumped definition loads again."""
+    return f"{value.total_seconds():g}s"
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration, json_schema_input_type=int | float | str),
+    PlainSerializer(_duration_text, return_type=str, when_used="json"),
+]
 ListenAddress = Annotated[str, BeforeValidator(_parse_listen)]
 Domain = Annotated[
     str,
@@ -416,12 +428,25 @@ def _action(item: object) -> Action:
     return Action(kind, value, rewrite_from)
 
 
+def _action_table(action: Action) -> dict[str, str | bool]:
+    """An action as the file writes it (``{ folder = "Orders" }``)."""
+    table: dict[str, str | bool] = {action.kind.value: action.value or True}
+    if action.kind is ActionKind.FORWARD and not action.rewrite_from:
+        table["rewrite_from"] = False
+    return table
+
+
 class RuleSection(_Model):
     name: str = Field(min_length=1)
     match: Literal["any", "all"] = "any"
     conditions: tuple[ConditionSection, ...] = ()
     actions: tuple[
-        Annotated[Action, BeforeValidator(_action, json_schema_input_type=dict[str, str | bool])], ...
+        Annotated[
+            Action,
+            BeforeValidator(_action, json_schema_input_type=dict[str, str | bool]),
+            PlainSerializer(_action_table, return_type=dict[str, str | bool]),
+        ],
+        ...,
     ]
     stop: bool = False
 
@@ -496,6 +521,7 @@ class TenantSection(_Model):
     trial_until: date | None = None  # the last day of the trial
     contact: Address | None = None  # the customer's own address: plan notices go here too
     suspended: bool = False  # by the operator: read-only until resumed
+    seats: int | None = Field(None, ge=0)  # agents that may log in, when bought apart from the plan
 
     _ruleset: RuleSet = PrivateAttr()
     _plan: PlanSection | None = PrivateAttr(default=None)
@@ -523,6 +549,13 @@ class TenantSection(_Model):
     def plan_section(self) -> PlanSection | None:
         """The tenant's plan, resolved against the configuration's plans."""
         return self._plan
+
+    @property
+    def effective_seats(self) -> int:
+        """Agents that may be enabled: the tenant's own count, else its plan's (0: unlimited)."""
+        if self.seats is not None:
+            return self.seats
+        return self._plan.seats if self._plan is not None else 0
 
     @property
     def effective_quota(self) -> int | None:

@@ -24,6 +24,7 @@ import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import systemd
+from gateway.admin.api import AdminServer, Context, build_app
 from gateway.auth import Authenticator
 from gateway.config import Config, ConfigError, load_config
 from gateway.connections import ConnectionGate
@@ -38,10 +39,10 @@ from gateway.relay.worker import RelayWorker
 from gateway.scheduler import Scheduler
 from gateway.smtp.outbox import Outbox
 from gateway.smtp.server import RelayServer
+from gateway.tenants import Watcher, apply
 from gateway.tls import server_context
 from storage import instances, queue
 from storage.blobs import BlobStore
-from storage.catalog import AgentSpec, FolderSpec, TenantSpec, sync_tenants
 from storage.db import Database, uninterrupted
 from storage.migrate import migrate
 from storage.models import Heartbeat
@@ -51,27 +52,11 @@ log = structlog.get_logger(__name__)
 READY_TIMEOUT = 5.0
 
 
-def tenant_specs(config: Config) -> list[TenantSpec]:
-    """The storage view of the configured tenants."""
-    return [
-        TenantSpec(
-            id=t.id,
-            name=t.name,
-            quota_bytes=t.effective_quota,
-            domains=t.domains,
-            agents=tuple(AgentSpec(a.login, a.name, a.password_hash) for a in t.agents),
-            folders=tuple(FolderSpec(f.name, f.quota, f.special_use) for f in t.folders),
-        )
-        for t in config.tenants
-    ]
-
-
 async def open_store(config: Config, db: Database | None = None) -> tuple[Database, BlobStore]:
-    """Open (unless given) and migrate the database, and open the blob store."""
+    """Open (unless given) and migrate the database, apply the file's tenants and plans, open the blobs."""
     db = db or Database(config.gateway.effective_database_url)
     await migrate(db)
-    async with db.write() as s:
-        await sync_tenants(s, tenant_specs(config))
+    await apply(db, config)
     return db, BlobStore(config.gateway.data_dir / "blobs")
 
 
@@ -85,7 +70,8 @@ class Daemon:
     """The running gateway."""
 
     def __init__(self, config: Config, config_path: Path | None = None) -> None:
-        self.config = config
+        self.file_config = config  # the file's settings, tenants and plans
+        self.config = config  # what is served: the file's settings, the database's tenants and plans
         self.config_path = config_path
         self.stopping = asyncio.Event()
         self.smtp: list[RelayServer] = []
@@ -93,10 +79,12 @@ class Daemon:
         self.relay: RelayWorker | None = None
         self.scheduler: Scheduler | None = None
         self.metrics: MetricsServer | None = None
+        self.admin: AdminServer | None = None
         self.tls: ssl.SSLContext | None = None
         self._beat: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.pull: PullManager | None = None
+        self.catalog: Watcher | None = None
         self.auth: Authenticator | None = None
         self.db: Database | None = None
         self.lock: instances.Lock | None = None
@@ -121,7 +109,9 @@ class Daemon:
         except instances.InstanceConflict as exc:
             log.error("instance.conflict", error=str(exc))
             raise
-        _, blobs = await open_store(self.config, self.db)
+        _, blobs = await open_store(self.file_config, self.db)
+        self.catalog = Watcher(self.db, lambda: self.file_config, self._serve)
+        await self.catalog.refresh()
         instance = self.config.gateway.effective_instance
         await self.lock.register(instance, os.uname().nodename, datetime.now(UTC))
         async with self.db.write() as s:
@@ -141,6 +131,7 @@ class Daemon:
             asyncio.create_task(self.relay.run(), name="relay"),
             asyncio.create_task(self.scheduler.run(), name="scheduler"),
             asyncio.create_task(self._instance_heartbeat(self.lock), name="instance"),
+            asyncio.create_task(self.catalog.run(), name="catalog"),
         ]
         outbox = Outbox(self.db, blobs, changes, self.relay.wake.set)
         for name, submission, implicit in (
@@ -192,6 +183,17 @@ class Daemon:
                 await self.metrics.start(*split_hostport(listen.metrics))
             self._tasks.append(asyncio.create_task(refresh_forever(collector), name="metrics"))
             log.info("listener.started", listener="metrics", address=listen.metrics, port=self.metrics.port)
+        if listen.admin or "admin" in inherited:
+            context = Context(self.db, self.current_config, lambda: self.file_config, auth, blobs)
+            limits = self.config.limits.http
+            self.admin = AdminServer(
+                build_app(context), limits.connections, limits.timeout.total_seconds(), self.config.tls
+            )
+            if "admin" in inherited:
+                await self.admin.start_on_socket(inherited.pop("admin"))
+            else:
+                await self.admin.start(*split_hostport(listen.admin))
+            log.info("listener.started", listener="admin", address=listen.admin, port=self.admin.port)
         for name in inherited:
             log.warning("listener.unknown_socket", name=name, reason="no [listen] key of that name")
 
@@ -241,16 +243,14 @@ class Daemon:
                 log.warning("instance.heartbeat_failed", error=str(exc))
 
     async def reload(self) -> None:
-        """Re-read the configuration file; keep the old one if the new one is invalid."""
-        if self.config_path is None or self.db is None:
+        """Re-read the configuration file and apply its tenants; an invalid one is refused."""
+        if self.config_path is None or self.db is None or self.catalog is None:
             return
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
             log.error("config.reload_refused", errors=exc.errors)
             return
-        async with self.db.write() as s:
-            await sync_tenants(s, tenant_specs(new))
         if self.tls is not None and new.tls.cert_file is not None and new.tls.key_file is not None:
             # Every listener holds this context: new handshakes use the new certificate.
             try:
@@ -258,19 +258,28 @@ class Daemon:
             except (OSError, ssl.SSLError) as exc:
                 log.error("config.reload_refused", errors=[f"tls: {exc}"])
                 return
-        self.config = new
+        await apply(self.db, new)
+        self.file_config = new
         if self.auth is not None:
             self.auth.forget()
+        self.catalog.seen = None  # the file's settings changed even if no tenant did
+        await self.catalog.refresh()
+        log.info("config.reloaded", tenants=len(self.config.tenants))
+
+    async def _serve(self, config: Config) -> None:
+        """Serve a new configuration: the file's, or tenants and plans changed in the database."""
+        self.config = config
         if self.pull is not None:
-            self.pull.apply(new)
+            self.pull.apply(config)
         if self.scheduler is not None:
             self.scheduler.reschedule()
-        log.info("config.reloaded", tenants=len(new.tenants))
 
     async def stop(self) -> None:
         """Drain and close everything, in reverse order of start."""
         if self.metrics is not None:
             await self.metrics.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         for smtp in self.smtp:
             await smtp.stop()
         for server in self.imap:

@@ -1,4 +1,5 @@
-"""Jobs the daemon runs on its own: quota notices, the spam purge, the expunge history, the daily snapshot.
+"""Jobs the daemon runs on its own: quota notices, the spam purge, the expunge history, the plan
+lifecycle, the daily snapshot.
 
 Each job runs on a timer in one task; a failing job is logged and tried
 again at its next time, never taking the daemon down. Nothing depends on
@@ -20,7 +21,7 @@ from email.utils import format_datetime, make_msgid
 import structlog
 
 import quotas
-from gateway import metrics
+from gateway import lifecycle, metrics
 from gateway.config import Config
 from gateway.ingest import Delivery, Pipeline
 from storage import mailstore, retention, snapshots
@@ -31,6 +32,7 @@ log = structlog.get_logger(__name__)
 
 QUOTA_EVERY = 60.0
 PURGE_EVERY = 3600.0
+LIFECYCLE_EVERY = 600.0
 
 
 def _human(n: int) -> str:
@@ -194,6 +196,10 @@ class Scheduler:
                     metrics.SPAM_PURGED.labels(tenant).inc(n)
         return report
 
+    async def plan_lifecycle(self) -> None:
+        """Take the tenants' due plan steps: notice, read-only, deletion (:mod:`gateway.lifecycle`)."""
+        await lifecycle.step(self.config(), self.db, self.blobs, self.pipeline, self.clock())
+
     async def prune_expunges(self) -> int:
         """Forget expunged UIDs older than ``mailstore.EXPUNGE_HISTORY`` (IMAP QRESYNC's history)."""
         async with self.db.write() as s:
@@ -226,6 +232,7 @@ class Scheduler:
             self.quota_jobs(),
             self._every(PURGE_EVERY, self.purge_spam),
             self._every(PURGE_EVERY, self.prune_expunges),
+            self._every(LIFECYCLE_EVERY, self.plan_lifecycle),
             self._daily_snapshots(),
         )
 

@@ -80,6 +80,31 @@ class Tenant(Base):
     # Bytes and messages stored in every folder but the \Junk one.
     used_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     used_messages: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The tenant's definition (JSON: the keys of a [[tenants]] table), its agents,
+    # rules and mailboxes included; the rows above and in domains/agents/folders follow it.
+    spec: Mapped[str | None] = mapped_column(Text)
+    # The plan lifecycle's steps, when the scheduler took them (gateway.lifecycle).
+    noticed_at: Mapped[datetime | None] = mapped_column()
+    read_only_at: Mapped[datetime | None] = mapped_column()
+    renewed_at: Mapped[datetime | None] = mapped_column()
+
+
+class Plan(Base):
+    """A plan's definition (JSON: the keys of a [plans.NAME] table)."""
+
+    __tablename__ = "plans"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    spec: Mapped[str] = mapped_column(Text)
+
+
+class CatalogGeneration(Base):
+    """One row: bumped by every change of a tenant or plan, so each instance notices it by polling."""
+
+    __tablename__ = "catalog_generation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class Domain(Base):

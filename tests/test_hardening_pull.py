@@ -25,14 +25,14 @@ from sqlalchemy import func, select
 
 from gateway.auth import Authenticator
 from gateway.config import Config, load_config
-from gateway.daemon import open_store, tenant_specs
+from gateway.daemon import open_store
 from gateway.imap.server import IMAPServer
 from gateway.ingest import Delivery, Pipeline
 from gateway.notify import Changes
 from gateway.pull.manager import PullManager
 from gateway.pull.puller import BACKOFF_FIRST, BACKOFF_MAX, FolderPuller, HostLimits, jobs
+from gateway.tenants import apply
 from storage.blobs import BlobStore
-from storage.catalog import sync_tenants
 from storage.db import Database
 from storage.models import Message
 from tests import corpus
@@ -276,8 +276,7 @@ async def test_quota_change_wakes_waiting_folder(gate: Any, dovecot: Dovecot, ch
         else:
             g.path.write_text(g.path.read_text().replace('quota = "300 KB"', 'quota = "10 MB"'))
             new = load_config(g.path)
-            async with g.db.write() as s:  # what the daemon's reload does
-                await sync_tenants(s, tenant_specs(new))
+            await apply(g.db, new)  # what the daemon's reload does
             g.config = new
             manager.apply(new)
         await time.parked_again(seen)  # after the pass, at the poll interval

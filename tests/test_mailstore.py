@@ -13,10 +13,10 @@ from alembic.migration import MigrationContext
 from sqlalchemy import select, text, update
 
 from gateway.config import Config, parse_config
-from gateway.daemon import open_store, tenant_specs
+from gateway.daemon import open_store
+from gateway.tenants import apply
 from storage import mailstore
 from storage.blobs import BlobStore
-from storage.catalog import sync_tenants
 from storage.db import Database
 from storage.errors import FolderExists, NoSuchFolder, StoreError
 from storage.models import Agent, Base, Expunge, Folder, Message, Tenant
@@ -59,31 +59,31 @@ async def test_sync_creates_default_and_configured_folders(store: tuple[Database
         "Trash": "\\Trash",
         "Spam": "\\Junk",
         "Archive": "\\Archive",
+        "Templates": None,
         "Orders": None,
     }
     assert agent is not None
     assert agent.active
 
 
-async def test_sync_is_idempotent_and_deactivates_removed(
+async def test_apply_is_idempotent_keeps_unmentioned_tenants_and_deactivates_removed_agents(
     config: Config, store: tuple[Database, BlobStore]
 ) -> None:
     db, _ = store
     data = config_dict(Path("/tmp"), config.gateway.database_url, agents=[])
     data["tenants"] = data["tenants"][:1]
     smaller = parse_config(data)
-    for _ in range(2):
-        async with db.write() as s:
-            await sync_tenants(s, tenant_specs(smaller))
+    assert await apply(db, smaller) == ["tenant acme"]
+    assert await apply(db, smaller) == []
     async with db.read() as s:
         beta = await s.get(Tenant, "beta")
         agent = await s.scalar(select(Agent).where(Agent.login == "anna@acme.test"))
         folders = await mailstore.list_folders(s, "acme")
     assert beta is not None
-    assert not beta.active
+    assert beta.active  # a file that does not mention a tenant never removes it (only --prune does)
     assert agent is not None
     assert not agent.active
-    assert len(folders) == 7
+    assert len(folders) == 8
 
 
 async def test_append_allocates_strictly_increasing_uids_and_counts(
