@@ -650,6 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # files 0640, directories 0750 (systemd's UMask= says the same).
     os.umask(UMASK)
     args = build_parser().parse_args(argv)
+    logs.configure(level="warning")  # log lines go to stderr: stdout is the command's output
     func: Callable[..., int] = args.func
     if not getattr(args, "needs_config", True):
         return func(args)
