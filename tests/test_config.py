@@ -56,7 +56,7 @@ def test_example_config_is_valid_and_its_rules_compile() -> None:
     config = load_config(EXAMPLE_CONFIG)
     tenant = config.tenant("example")
     assert tenant.domains == ("example.test",)
-    assert tenant.quota == 1_200_000_000
+    assert tenant.effective_quota == 1_200_000_000
     assert tenant.max_message_size == 20_000_000
     assert [r.name for r in tenant.ruleset.rules] == ["orders", "invoices"]
     assert len(tenant.ruleset.compiled) == 2
