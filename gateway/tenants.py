@@ -146,7 +146,7 @@ async def apply(db: Database, config: Config, *, prune: bool = False) -> list[st
     """
     changes = []
     async with db.write() as s:
-        if await catalog.put_plans(s, {name: document(p) for name, p in config.plans.items()}):
+        if await catalog.put_plans(s, _declared_plans(config)):
             changes.append("plans")
         for t in config.tenants:
             if await catalog.put_tenant(s, storage_spec(t), document(t)):
@@ -158,9 +158,14 @@ async def apply(db: Database, config: Config, *, prune: bool = False) -> list[st
     return changes
 
 
+def _declared_plans(config: Config) -> dict[str, dict[str, Any]]:
+    """The plans that are not built in as they are: those a file (or the database) declares."""
+    return {name: document(p) for name, p in sorted(config.plans.items()) if BUILTIN_PLANS.get(name) != p}
+
+
 def export(config: Config) -> str:
     """The served plans (those not built in as they are) and tenants as TOML that :func:`apply` takes."""
-    plans = {name: document(p) for name, p in sorted(config.plans.items()) if BUILTIN_PLANS.get(name) != p}
+    plans = _declared_plans(config)
     data: dict[str, Any] = {}
     if plans:
         data["plans"] = plans

@@ -325,3 +325,19 @@ def test_file_tenants_still_validate_with_the_same_errors() -> None:
     data["tenants"][0]["plan"] = "gold"
     with pytest.raises(Exception, match=r"tenants\[0\]\.plan: unknown plan 'gold'"):
         parse_config(data)
+
+
+async def test_only_declared_plans_are_stored_so_files_without_them_change_nothing(
+    tmp_path: Path, db_url: str, store: tuple[Database, BlobStore]
+) -> None:
+    db, _ = store
+    data = config_dict(tmp_path, db_url)
+    data["plans"] = {"big": {"quota": "50 GB", "seats": 40}}
+    await tenants.apply(db, parse_config(data))
+    await tenants.apply(db, parse_config(config_dict(tmp_path, db_url)))  # another instance's file: no plans
+    async with db.read() as s:
+        _, stored = await catalog.definitions(s)
+    assert stored == {"big": {"quota": 50 * 10**9, "seats": 40}}
+    served = await tenants.load(db, parse_config(config_dict(tmp_path, db_url)))
+    assert served.plans["big"].seats == 40
+    assert served.plans["3gb"].seats == 5
