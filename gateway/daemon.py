@@ -1,13 +1,16 @@
 """The daemon's lifecycle: one function owns start-up and shutdown order.
 
 Start-up: the database's single-instance lock (a second instance exits 1
-naming the first, see :mod:`storage.instances`), migrations, this instance
-registered and its old relay claims released, configuration synchronised into
-the database, blob store and ingest pipeline, then the listeners. Shutdown
+naming the first, see :mod:`storage.instances`), migrations, the file's
+tenants and plans applied to the catalog, this instance registered and its
+old relay claims released, blob store and ingest pipeline, then the
+listeners. The daemon serves the file's settings with the catalog's tenants
+and plans (:mod:`gateway.tenants`), and switches to a new such configuration
+whenever the catalog changes, wherever the change was made. Shutdown
 (SIGTERM/SIGINT): listeners stop accepting, in-flight transactions commit,
 sessions close, the instance's row and lock go, the database closes, exit 0
-(1 if the lock was lost). SIGHUP re-reads the
-configuration; an invalid one is refused and the old one stays in force.
+(1 if the lock was lost). SIGHUP re-reads the file and applies it; an
+invalid one is refused and the old one stays in force.
 """
 
 from __future__ import annotations
