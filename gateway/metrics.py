@@ -7,8 +7,9 @@ and agree between instances; so do queue, storage, upstream, quota
 deferral and snapshot gauges. A refresh task reads them every :data:`REFRESH` seconds into a
 snapshot that the collector serves: a scrape never waits on the database
 and never blocks the event loop. Counters of things this process did
-(messages received by source, relay results, spam purged, SMTP/IMAP
-sessions and auth failures) live in memory. Labels are only tenant, agent
+(messages received by source, relay results, messages refused at the
+monthly sending limit, spam purged, SMTP/IMAP sessions and auth failures)
+live in memory. Labels are only tenant, agent
 (the configured login), folder, mailbox, source, result and listener: never
 a message or an address.
 """
@@ -51,6 +52,12 @@ RELAY_MESSAGES = Counter(
     "mailgate_relay_messages", "Relay attempts by outcome (sent, deferred, bounced)", ["tenant", "result"],
     registry=REGISTRY,
 )  # fmt: skip
+OUTBOUND_LIMITED = Counter(
+    "mailgate_outbound_limited",
+    "Messages to relay refused at the plan's monthly sending limit (agent \"\": a trusted server's)",
+    ["tenant", "agent"],
+    registry=REGISTRY,
+)
 SPAM_PURGED = Counter("mailgate_spam_purged_messages", "Spam messages purged", ["tenant"], registry=REGISTRY)
 SESSIONS = Counter("mailgate_sessions", "Client sessions by listener", ["listener"], registry=REGISTRY)
 CONNECTIONS_CLOSED = Counter(
@@ -143,6 +150,7 @@ class DatabaseCollector(Collector):
                 for values in (data.reads, data.replies, data.collisions):
                     values.setdefault((section.id, configured.login), 0)
                 data.first_response.setdefault((section.id, configured.login), [])
+                OUTBOUND_LIMITED.labels(section.id, configured.login)
             for mailbox in section.mailboxes:
                 data.upstream.setdefault((section.id, mailbox.name), 0.0)
             for source in quotas.SOURCES:

@@ -23,6 +23,20 @@ first reply to it in the queue: a newer customer message in the thread is a
 new message to answer, so replying to it never collides. A collision
 counts (a ``collision`` event) once per agent and customer message, whether
 the reply is held (``450``, committed before the reply) or sent.
+
+The tenant's plan: a read-only tenant (:func:`gateway.plans.standing`)
+sends nothing (``554 5.7.1``, saying why). Under a plan with
+``max_outbound_per_month`` the message that would go over it in the calendar
+month (UTC) is refused (``554 5.7.0``). The count is of messages, not
+recipients: the ``queued`` entries of the tenant's outbound history (never
+pruned), so every message queued for the tenant's relay counts, forwards and
+bounces too. It is taken in the transaction that queues the message, after
+locking the tenant's row (PostgreSQL; SQLite serialises writers), so two
+messages sent at once cannot both take the last one.
+
+An agent's footer (:mod:`gateway.footer`) is added after the limits (which
+judge the client's message) and before anything is stored: the queued
+message and the ``\\Sent`` copy are the same bytes, the same blob.
 """
 
 from __future__ import annotations
@@ -34,20 +48,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import quotas
+from gateway import metrics
 from gateway.auth import Identity
 from gateway.config import TenantSection
+from gateway.footer import add_footer
 from gateway.ingest import describe
 from gateway.message import Headers, parse_headers
 from gateway.notify import Changes
+from gateway.plans import standing
 from gateway.smtp import policy
 from storage import events, mailstore, queue
 from storage.blobs import BlobStore
 from storage.db import Database
-from storage.models import Agent, Event, Folder, Message, Outbound
+from storage.models import Agent, Event, Folder, Message, Outbound, OutboundLog, Tenant
 
 log = structlog.get_logger(__name__)
 
@@ -98,6 +115,10 @@ class Outbox:
     ) -> Submitted:
         """Check, queue and file one message, as ``queue_id`` if that id is unused (else a fresh one)."""
         queue_id = queue_id or queue.new_id()
+        where = standing(tenant)
+        if not where.writable:
+            log.info("outbox.read_only", tenant=tenant.id, state=where.state, reason=where.why)
+            return Submitted(policy.read_only(where.why))
         if len(data) > tenant.max_message_size:
             return Submitted(policy.too_big(tenant.max_message_size))
         attachments = await asyncio.to_thread(policy.count_attachments, data)
@@ -118,15 +139,22 @@ class Outbox:
             return Submitted(refused)
         now = self.clock()
         original = await self._original(tenant.id, headers)
-        digest = await self.blobs.put(data)
         agent = tenant.agent(identity.login) if identity is not None else None
         save_sent = agent.save_sent if agent is not None else "auto"
+        if agent is not None and agent.footer:
+            data = await asyncio.to_thread(add_footer, data, agent.footer)
+        digest = await self.blobs.put(data)
         sent_copy = dataclasses.replace(
             await asyncio.to_thread(describe, data, headers, digest, now, frozenset({"\\Seen"})),
             submitted_by=identity.agent_id if identity is not None else None,
         )
         collision = None
         async with self.db.write() as s:
+            limit = await self._over_monthly_limit(s, tenant, now)
+            if limit is not None:
+                metrics.OUTBOUND_LIMITED.labels(tenant.id, identity.login if identity else "").inc()
+                logger.info("outbox.monthly_limit", limit=limit, plan=tenant.plan)
+                return Submitted(policy.monthly_limit(limit, tenant.plan or ""))
             if identity is not None and original is not None and tenant.collision != "off":
                 # Checked inside the write transaction, with the answered message's
                 # row locked (SQLite serialises writers anyway): two agents replying
@@ -178,6 +206,25 @@ class Outbox:
             collision=collision is not None,
         )
         return Submitted(f"{policy.OK} queued as {row.queue_id}", row.queue_id)
+
+    @staticmethod
+    async def _over_monthly_limit(s: AsyncSession, tenant: TenantSection, now: datetime) -> int | None:
+        """The plan's monthly limit when this month's messages have reached it, else None.
+
+        Call it in the write transaction that queues the message: it locks the
+        tenant's row first, so concurrent submissions count one after another.
+        """
+        limit = tenant.plan_section.max_outbound_per_month if tenant.plan_section is not None else 0
+        if not limit:
+            return None
+        await s.execute(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update())
+        month = now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        sent = await s.scalar(
+            select(func.count()).where(
+                OutboundLog.tenant_id == tenant.id, OutboundLog.event == "queued", OutboundLog.at >= month
+            )
+        )
+        return limit if (sent or 0) >= limit else None
 
     async def _original(self, tenant_id: str, headers: Headers) -> Original | None:
         ids = [*headers.in_reply_to, *headers.references]

@@ -111,6 +111,23 @@ NO_HEADER_FROM = "553 5.7.1 The message has no From: address; it must name an ad
 TOO_MANY_ATTACHMENTS = "552 5.3.4 Too many attachments: {count}, the limit is {limit}"
 COLLISION = "450 4.7.1 Collision: {who} already answered this customer at {when}; your reply was not sent"
 INVALID_SRS = "550 5.1.1 <{addr}>: invalid or expired SRS address"
+READ_ONLY = "554 5.7.1 {why}"
+MONTHLY_LIMIT = "554 5.7.0 Monthly sending limit reached: limit of {limit} messages this month on plan {plan}"
+
+
+def _printable(text: str) -> str:
+    """Printable ASCII and spaces only: configured names never break a reply line."""
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
+
+
+def read_only(why: str) -> str:
+    """The refusal of a message to relay from a read-only tenant; ``why`` is its standing's."""
+    return READ_ONLY.format(why=_printable(why))
+
+
+def monthly_limit(limit: int, plan: str) -> str:
+    """The refusal of the first message over the plan's monthly sending limit."""
+    return MONTHLY_LIMIT.format(limit=limit, plan=_printable(plan))
 
 
 def count_attachments(raw: bytes) -> int:
