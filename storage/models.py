@@ -350,9 +350,13 @@ class Instance(Base):
 
 
 class OutboundLog(Base):
-    """The history of an outgoing message (``mailgate queue show``), kept after it leaves the queue."""
+    """The history of an outgoing message (``mailgate queue show``), kept after it leaves the queue.
+
+    Its ``queued`` rows also count a tenant's messages per month (a plan's ``max_outbound_per_month``).
+    """
 
     __tablename__ = "outbound_log"
+    __table_args__ = (Index("ix_outbound_log_tenant_id_event_at", "tenant_id", "event", "at"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     queue_id: Mapped[str] = mapped_column(String(32), index=True)
