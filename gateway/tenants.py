@@ -14,8 +14,11 @@ unchanged.
 Every change is a read-modify-write of one tenant's document in one write
 transaction (:func:`edit`): the row is locked, the change applied to a copy,
 the result validated as the file would be (errors name the field), checked
-against the other tenants (ids, domains, logins unique) and against the
-plan's limits (seats, mailboxes), then stored with the rows that follow it.
+against the other tenants (ids, domains, logins unique), against the
+plan's limits (seats, mailboxes) and against what storage and the lifecycle
+hold (:func:`_check_storable`: text that fits its column, without NUL; 64-bit
+numbers; an end date that leaves room for the read-only days), then stored
+with the rows that follow it: a refusal is a 400, never a failed write.
 The daemon serves :func:`load`'s configuration: the file's settings with the
 database's plans and tenants. It polls the catalog's generation
 (:class:`Watcher`) and switches to the new configuration when it moves, so a
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -50,9 +53,11 @@ from gateway.config import (
     check_tenants,
     format_errors,
 )
-from gateway.plans import today
+from gateway.plans import standing, today
+from rules import ActionKind
 from storage import catalog
 from storage.db import Database, uninterrupted
+from storage.models import Agent, Folder, Tenant, UpstreamFolder, UpstreamMailbox
 
 log = structlog.get_logger(__name__)
 
@@ -84,6 +89,8 @@ def validate(data: Mapping[str, Any], prefix: str = "") -> TenantSection:
     except ValidationError as exc:
         path, _, message = format_errors(exc)[0].partition(": ")
         raise CatalogError(400, message, prefix + path if path != "(top level)" else prefix or None) from None
+    except OverflowError:  # a duration or size past what datetime and float hold: not a ValueError
+        raise CatalogError(400, "a duration or size too large", prefix or None) from None
 
 
 def storage_spec(t: TenantSection) -> catalog.TenantSpec:
@@ -216,6 +223,66 @@ def _check_limits(old: TenantSection | None, new: TenantSection, data: dict[str,
     return False
 
 
+INT64 = 2**63 - 1  # the database's integer columns
+
+
+def _check_values(value: Any, field: str = "") -> None:
+    """Refuse what no column holds, anywhere in a definition: NUL or lone surrogates, integers over 64 bits.
+
+    SQLite would take a NUL that PostgreSQL refuses: refused on both, the
+    engines stay alike.
+    """
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise CatalogError(400, "text may not contain NUL", field or None)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CatalogError(400, "text must be Unicode (a lone surrogate is not)", field or None) from None
+    elif isinstance(value, int) and not isinstance(value, bool) and not -INT64 - 1 <= value <= INT64:
+        raise CatalogError(400, "a number over 64 bits", field or None)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_values(key, f"{field}.{key}" if field else str(key))
+            _check_values(item, f"{field}.{key}" if field else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_values(item, f"{field}[{i}]")
+
+
+def _texts(t: TenantSection) -> Iterator[tuple[str, str, Any]]:
+    """(field, text, the column it is stored in) for the tenant's text that has a bounded column."""
+    yield "name", t.name, Tenant.name
+    for i, a in enumerate(t.agents):
+        yield f"agents[{i}].login", a.login, Agent.login
+        yield f"agents[{i}].name", a.name, Agent.name
+    for i, m in enumerate(t.mailboxes):
+        yield f"mailboxes[{i}].name", m.name, UpstreamMailbox.name
+        for upstream, local in m.folders.items():
+            yield f"mailboxes[{i}].folders.{upstream}", upstream, UpstreamFolder.folder
+            yield f"mailboxes[{i}].folders.{upstream}", local, Folder.name
+    for i, r in enumerate(t.rules):
+        for j, action in enumerate(r.actions):
+            if action.kind is ActionKind.FOLDER and action.value is not None:
+                yield f"rules[{i}].actions[{j}].folder", action.value, Folder.name
+
+
+def _check_storable(t: TenantSection) -> None:
+    """Refuse a definition the database or the plan lifecycle cannot hold; the error names the field."""
+    _check_values(document(t))
+    for field, text, column in _texts(t):
+        length = getattr(column.type, "length", None)
+        if length is not None and len(text) > length:
+            raise CatalogError(400, f"at most {length} characters", field)
+    try:
+        standing(t)
+    except OverflowError:
+        field = "paid_until" if t.paid_until is not None else "trial_until"
+        raise CatalogError(
+            400, "too late: the plan's days after it would run past the year 9999", field
+        ) from None
+
+
 Change = Callable[[dict[str, Any]], None]
 
 
@@ -234,6 +301,12 @@ async def edit(
     ``force`` lets lowered seats disable the newest agents instead of refusing;
     ``stamps`` records lifecycle steps in the same transaction.
     """
+    try:
+        _check_values(tenant_id, "id")
+    except CatalogError:
+        if create:
+            raise
+        raise CatalogError(404, f"no tenant {tenant_id!r}") from None  # none could have this id
     async with db.write() as s:
         current = await catalog.definition(s, tenant_id, lock=True)
         if create and current is not None:
@@ -263,6 +336,7 @@ async def edit(
         if _check_limits(old, new, data, force):
             new = validate(data)
             config.with_tenants((*others, new))
+        _check_storable(new)
         await catalog.put_tenant(s, storage_spec(new), document(new))
         if stamps:
             await catalog.set_lifecycle(s, tenant_id, stamps)

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from email import message_from_bytes
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,15 @@ def free_port() -> int:
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A fresh, empty database URL: every storage test runs on both engines."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'mailgate.db'}"
+    async with new_database(request.param, tmp_path / "mailgate.db") as url:
+        yield url
+
+
+@asynccontextmanager
+async def new_database(engine: str, sqlite_path: Path) -> AsyncIterator[str]:
+    """An empty database on ``engine`` ("sqlite": the file ``sqlite_path``), dropped afterwards."""
+    if engine == "sqlite":
+        yield f"sqlite+aiosqlite:///{sqlite_path}"
         return
     name = f"mailgate_test_{uuid.uuid4().hex[:12]}"
     try:

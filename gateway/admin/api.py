@@ -7,7 +7,8 @@ A FastAPI application, served by uvicorn inside the daemon's event loop
 change goes through :func:`gateway.tenants.edit`, as the CLI's do: field
 names are the TOML keys, errors are ``{"error": ..., "field": ...}`` with
 400/401/403/404/409, and every daemon on the database serves the change
-within a second.
+within a second. Reads come from the database too, not from what this daemon
+serves yet, so a client reads its own writes at once.
 
 Who may do what:
 
@@ -206,11 +207,9 @@ def build_app(ctx: Context) -> FastAPI:
             {"error": first.get("msg", "invalid request"), "field": ".".join(loc) or None}, 400
         )
 
-    def tenant(tenant_id: str) -> TenantSection:
-        for t in served().tenants:
-            if t.id == tenant_id:
-                return t
-        raise tenants.CatalogError(404, f"no tenant {tenant_id!r}")
+    async def tenant(tenant_id: str) -> TenantSection:
+        # From the database, not the served configuration: a read sees the writes before it.
+        return await tenants.get(db, base(), tenant_id)
 
     async def shown(t: TenantSection) -> Document:
         async with db.read() as s:
@@ -252,7 +251,8 @@ def build_app(ctx: Context) -> FastAPI:
 
     @app.get(f"{v1}/tenants", responses=r, tags=["tenants"])
     async def list_tenants(who: Who) -> list[Document]:
-        return [await shown(t) for t in served().tenants if who.tenant in (None, t.id)]
+        listed = (await tenants.load(db, base())).tenants
+        return [await shown(t) for t in listed if who.tenant in (None, t.id)]
 
     @app.post(f"{v1}/tenants", status_code=201, responses=r, tags=["tenants"])
     async def add_tenant(who: Who, data: Body_) -> Document:
@@ -266,7 +266,7 @@ def build_app(ctx: Context) -> FastAPI:
     @app.get(f"{v1}/tenants/{{tenant_id}}", responses=r, tags=["tenants"])
     async def get_tenant(who: Who, tenant_id: str) -> Document:
         who.may(tenant_id)
-        return await shown(tenant(tenant_id))
+        return await shown(await tenant(tenant_id))
 
     @app.patch(f"{v1}/tenants/{{tenant_id}}", responses=r, tags=["tenants"])
     async def set_tenant(who: Who, tenant_id: str, data: Body_) -> Document:
@@ -279,7 +279,7 @@ def build_app(ctx: Context) -> FastAPI:
     async def delete(who: Who, tenant_id: str) -> Response:
         who.may(tenant_id)
         who.operator()
-        tenant(tenant_id)
+        await tenant(tenant_id)
         await delete_tenant(db, ctx.blobs, base(), tenant_id, datetime.now(UTC))
         return Response(status_code=204)
 
@@ -359,7 +359,7 @@ def _lists(
     key: str,
     ident: str,
     admin_may: bool,
-    tenant: Callable[[str], TenantSection],
+    tenant: Callable[[str], Awaitable[TenantSection]],
     item: Callable[[TenantSection, str, str], Document],
     edit: Callable[..., Awaitable[TenantSection]],
     agent_fields: Callable[[Document], Awaitable[Document]],
@@ -378,7 +378,7 @@ def _lists(
 
     async def list_items(who: Who, tenant_id: str) -> list[Document]:
         allowed(who, tenant_id)
-        return list(tenants.show(tenant(tenant_id)).get(key, []))
+        return list(tenants.show(await tenant(tenant_id)).get(key, []))
 
     async def add(who: Who, tenant_id: str, data: Body_) -> Document:
         allowed(who, tenant_id)
@@ -390,7 +390,7 @@ def _lists(
 
     async def get(who: Who, tenant_id: str, name: str) -> Document:
         allowed(who, tenant_id)
-        return item(tenant(tenant_id), key, name)
+        return item(await tenant(tenant_id), key, name)
 
     async def change(who: Who, tenant_id: str, name: str, data: Body_) -> Document:
         allowed(who, tenant_id)
