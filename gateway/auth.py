@@ -26,9 +26,10 @@ it was checked against, and an expiry ``cache_ttl`` later (``[limits.auth]``,
 at most ``cache_size`` logins, the oldest dropped first). A login with the
 same password within that time skips argon2. An entry goes when it expires,
 when the agent's hash changes (a new password), on reload, and on any
-failed attempt for that login. The trade: for ``cache_ttl`` after a login,
-someone who can read the daemon's memory can test guesses of that password
-at HMAC speed instead of argon2 speed.
+failed attempt for that login. A disabled agent (``disabled = true``) is
+refused as an unknown login is, whatever the cache holds. The trade: for
+``cache_ttl`` after a login, someone who can read the daemon's memory can
+test guesses of that password at HMAC speed instead of argon2 speed.
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ class Authenticator:
         Raises :class:`AuthUnavailable` when the daemon's check budget is exhausted.
         """
         login = login.strip().lower()
-        agents = ((t, a) for t in self.config().tenants for a in t.agents)
+        # A disabled agent is refused as an unknown login is: a dummy check, never the cache.
+        agents = ((t, a) for t in self.config().tenants for a in t.agents if not a.disabled)
         found = next(((t, a) for t, a in agents if a.login == login), None) if login else None
         ok = False
         hashed = found[1].password_hash if found else None

@@ -43,14 +43,19 @@ INBOX = "INBOX"
 DELIMITER = "/"
 JUNK = "\\Junk"
 
-# Folders every tenant has: name and special-use.
-DEFAULT_FOLDERS: tuple[tuple[str, str], ...] = (
+# The tenant's shared message templates (Thunderbird finds them by this name): every agent sees
+# and reads them, only the tenant's admins change them.
+TEMPLATES = "Templates"
+
+# Folders every tenant has: name and special-use (None: found by its name).
+DEFAULT_FOLDERS: tuple[tuple[str, str | None], ...] = (
     (INBOX, "\\Inbox"),
     ("Sent", "\\Sent"),
     ("Drafts", "\\Drafts"),
     ("Trash", "\\Trash"),
     ("Spam", JUNK),
     ("Archive", "\\Archive"),
+    (TEMPLATES, None),
 )
 
 
@@ -140,6 +145,11 @@ def _text(value: str | None) -> str | None:
 def canonical_name(name: str) -> str:
     """Folder name with ``INBOX`` matched case-insensitively, as IMAP requires."""
     return INBOX if name.upper() == INBOX else name
+
+
+def in_templates(name: str) -> bool:
+    """Whether ``name`` is the Templates folder or one below it."""
+    return name == TEMPLATES or name.startswith(TEMPLATES + DELIMITER)
 
 
 # --------------------------------------------------------------------------- folders

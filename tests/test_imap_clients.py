@@ -368,7 +368,7 @@ async def test_mbsync_pulls_every_folder_byte_exact(gateway: Gateway, tmp_path: 
     await mb.run()
     far = await assert_mirrors(gateway, mb)
     assert set(far) == {
-        *("INBOX", "Orders", "Sent", "Spam", "Drafts", "Trash", "Archive"),
+        *("INBOX", "Orders", "Sent", "Spam", "Drafts", "Trash", "Archive", "Templates"),
         *("Projects", "Projects/2024", "Klient A", "Zamówienia"),
     }
     assert [len(far[n]) for n in ("INBOX", "Orders", "Spam", "Sent", "Projects/2024", "Klient A")] == [
@@ -502,7 +502,7 @@ async def test_mbsync_sees_only_the_agents_folders(gateway: Gateway, tmp_path: P
     await populate(gateway)
     mb = Mbsync(tmp_path, gateway.port, user="piotr@acme.test", sync="Pull", create="Near", expunge="Near")
     await mb.run()
-    assert mb.mailboxes() == {"INBOX", "Orders"}
+    assert mb.mailboxes() == {"INBOX", "Orders", "Templates"}  # the tenant's templates: every agent's
     far = await gateway.messages()
     for name in ("INBOX", "Orders"):
         near = mb.local(name)

@@ -26,6 +26,14 @@ UID FETCH (CHANGEDSINCE ... VANISHED) answer ``VANISHED (EARLIER)`` from the
 store's expunge history (:meth:`Session._vanished`), or, for a MODSEQ older
 than the history kept, from the UIDs the folder lacks, range by range.
 
+Who may change what is one question, :meth:`Session.refusal`, asked per
+command (the configuration can change under a running session): nothing
+while the tenant is read-only (its plan ended, or it is suspended: ``NO
+[CANNOT]`` with the reason), and the shared ``Templates`` folder only for the
+tenant's admins (``NO [NOPERM]``). A SELECT the answer refuses is an EXAMINE
+(``[READ-ONLY]``), so reading never sets ``\\Seen`` there; the commands that
+write ask it before anything else.
+
 Domain errors carry their wire reply (``StoreError.imap_code``); this module
 is the one place where they become ``NO [CODE] text``.
 """
@@ -44,6 +52,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import quotas
+from gateway import plans
 from gateway.auth import Authenticator, AuthUnavailable, Identity
 from gateway.config import Config
 from gateway.imap import commands as c
@@ -339,9 +348,41 @@ class Session:
         return self.me.tenant_id
 
     def visible(self, name: str) -> bool:
-        """Whether the agent may see a folder (its ``folders`` list, or all)."""
+        """Whether the agent may see a folder (its ``folders`` list, or all; Templates always)."""
         allowed = self.me.folders
-        return not allowed or any(name == f or name.startswith(f + mailstore.DELIMITER) for f in allowed)
+        return (
+            not allowed
+            or mailstore.in_templates(name)
+            or any(name == f or name.startswith(f + mailstore.DELIMITER) for f in allowed)
+        )
+
+    def refusal(self, *names: str) -> No | None:
+        """Why the agent may not change these folders now (None: it may); see the module docstring."""
+        tenant = next((t for t in self.config().tenants if t.id == self.tenant_id), None)
+        if tenant is None:
+            return No("the account is no longer served here", "CANNOT")
+        standing = plans.standing(tenant)
+        if not standing.writable:
+            return No(standing.why, "CANNOT")
+        if any(mailstore.in_templates(mailstore.canonical_name(n)) for n in names):
+            agent = tenant.agent(self.me.login)
+            if agent is None or agent.role != "admin":
+                return No("only the tenant's admins change Templates", "NOPERM")
+        return None
+
+    def may_change(self, *names: str) -> None:
+        """Raise :meth:`refusal`'s answer, if any."""
+        if (no := self.refusal(*names)) is not None:
+            raise no
+
+    def writable_view(self) -> View:
+        """The selected folder, for a command that changes it: refused as :meth:`refusal` says,
+        or as EXAMINE'd (``[READ-ONLY]``)."""
+        view = self.selected
+        self.may_change(view.name)
+        if view.readonly:
+            raise No("the folder is read-only", "READ-ONLY")
+        return view
 
     async def folder(self, s: AsyncSession, name: str) -> Folder:
         """A visible folder of the agent's tenant; NO [NONEXISTENT] otherwise."""
@@ -357,12 +398,13 @@ class Session:
         self.state = State.AUTHENTICATED
         if cmd.qresync is not None and not self.qresync:  # RFC 7162 3.2.5 (closed first, as Dovecot)
             raise Bad("QRESYNC is not enabled (ENABLE QRESYNC first)")
-        readonly = cmd.name == "EXAMINE"
         if cmd.condstore:
             self.condstore = True
         resync, vanished, changed, known = None, b"", [], c.SeqSet()
         async with self.db.read() as s:
             folder = await self.folder(s, cmd.mailbox)
+            # A folder the agent may not change now is EXAMINEd, whatever was asked.
+            readonly = cmd.name == "EXAMINE" or self.refusal(folder.name) is not None
             state = self.index.loaded(folder.id)
             if state is not None and state.highest == folder.highestmodseq:
                 # Another session has it open and the index is exactly this snapshot: no scan.
@@ -434,6 +476,7 @@ class Session:
 
     async def cmd_create(self, cmd: c.MailboxCommand) -> str:
         name = cmd.mailbox.rstrip(mailstore.DELIMITER)
+        self.may_change(name)
         if not self.visible(name):
             raise No("not allowed here", "NOPERM")
         if len(name) > MAX_NAME:
@@ -451,6 +494,7 @@ class Session:
         return "CREATE completed"
 
     async def cmd_delete(self, cmd: c.MailboxCommand) -> str:
+        self.may_change(cmd.mailbox)
         async with self.db.write() as s:
             folder = await self.folder(s, cmd.mailbox)
             if folder.special_use:
@@ -463,6 +507,7 @@ class Session:
         return "DELETE completed"
 
     async def cmd_rename(self, cmd: c.Rename) -> str:
+        self.may_change(cmd.old, cmd.new)
         if not self.visible(cmd.new):
             raise No("not allowed here", "NOPERM")
         async with self.db.write() as s:
@@ -668,6 +713,7 @@ class Session:
     async def cmd_append(self, cmd: c.Append) -> str:
         """APPEND of one message or several (MULTIAPPEND, RFC 3502: one transaction, all or none),
         each a literal or CATENATEd (RFC 4469) from text and URLs of messages the agent may read."""
+        self.may_change(cmd.mailbox)
         now = datetime.now(UTC)
         raws = [m.message if not m.catenate else await self._catenate(m.catenate) for m in cmd.messages]
         if sum(map(len, raws)) > APPEND_LIMIT:
@@ -790,7 +836,7 @@ class Session:
 
     async def cmd_close(self, cmd: c.Command) -> str:
         view = self.selected
-        if not view.readonly:
+        if not view.readonly and self.refusal(view.name) is None:
             async with self.db.write() as s:
                 folder = await s.get(Folder, view.folder_id)
                 if folder is not None:
@@ -806,9 +852,7 @@ class Session:
         return "UNSELECT completed"
 
     async def cmd_expunge(self, cmd: c.Command) -> str:
-        view = self.selected
-        if view.readonly:
-            raise No("the folder is read-only", "READ-ONLY")
+        view = self.writable_view()
         named = (
             view.resolve(cmd.sequence, uid=True, saved=self.saved) if isinstance(cmd, c.UidExpunge) else None
         )
@@ -1067,8 +1111,12 @@ class Session:
             atts.insert(0, c.FetchAtt("UID"))
         if cmd.changed_since is not None and "MODSEQ" not in names:  # RFC 7162 3.1.4.1
             atts.append(c.FetchAtt("MODSEQ"))
-        marks_seen = not view.readonly and any(
-            a.name in ("RFC822", "RFC822.TEXT") or (a.section is not None and not a.peek) for a in atts
+        marks_seen = (
+            not view.readonly
+            and any(
+                a.name in ("RFC822", "RFC822.TEXT") or (a.section is not None and not a.peek) for a in atts
+            )
+            and self.refusal(view.name) is None
         )
         if marks_seen and uids:
             await self._mark_seen(uids)
@@ -1182,9 +1230,7 @@ class Session:
             await self.flush(self.take())
 
     async def cmd_store(self, cmd: c.Store) -> str:
-        view = self.selected
-        if view.readonly:
-            raise No("the folder is read-only", "READ-ONLY")
+        view = self.writable_view()
         uids = self._resolve(cmd.sequence, uid=cmd.uid)
         if cmd.unchanged_since is not None:
             self._enable_condstore()
@@ -1258,11 +1304,10 @@ class Session:
         return frozenset({*keywords, *state.keywords})
 
     async def cmd_copy(self, cmd: c.Copy) -> str:
-        view = self.selected
-        uids = self._resolve(cmd.sequence, uid=cmd.uid)
         move = cmd.name == "MOVE"
-        if move and view.readonly:
-            raise No("the folder is read-only", "READ-ONLY")
+        view = self.writable_view() if move else self.selected
+        self.may_change(cmd.mailbox)
+        uids = self._resolve(cmd.sequence, uid=cmd.uid)
         async with self.db.write() as s:
             target = await mailstore.get_folder(s, self.tenant_id, cmd.mailbox)
             if target is None or not self.visible(target.name):

@@ -36,7 +36,8 @@ class PullManager:
     def apply(self, config: Config) -> None:
         """Make the running pullers those of ``config`` (on start and on reload).
 
-        Pullers kept are woken: one waiting for room looks whether a quota was raised.
+        Pullers kept are woken: one waiting for room looks whether a quota was raised, a paused
+        one whether its tenant is writable again (see :mod:`gateway.pull.puller`).
         """
         wanted: dict[tuple[str, str, str], tuple[str, FolderJob]] = {
             job.key: (job.mailbox.model_dump_json() + job.target, job) for job in jobs(config)

@@ -36,6 +36,15 @@ two), over one connection. A *pass*:
 Between passes the task IDLEs (re-issued every :data:`IDLE_SECONDS`) when the
 server offers it and the mailbox allows it, or sleeps ``poll_interval``.
 
+While the tenant is read-only (:func:`gateway.plans.standing`: its plan ended,
+or it is suspended) the folder is *paused*: asked before connecting and after
+every wait, it logs out and stays away from the server, its mail waiting
+upstream untouched, until a configuration change wakes it
+(:meth:`FolderPuller.wake`, from :meth:`PullManager.apply
+<gateway.pull.manager.PullManager.apply>`) or :data:`PAUSED_RECHECK` passes;
+then it asks again, and pulls once the tenant is writable. The pause is
+recorded as the state ``paused`` with the reason, for ``mailgate mailboxes``.
+
 Every failure of a folder (connection, refused login, a refused command such
 as SELECT of a missing folder, a message that cannot be stored now) backs
 that folder off, with jitter, from :data:`BACKOFF_FIRST` doubling up to
@@ -75,6 +84,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import quotas
+from gateway import plans
 from gateway.config import Config, MailboxSection
 from gateway.ingest import Delivery, Outcome, Pipeline
 from gateway.pull.imap_client import AuthFailed, UpstreamError, UpstreamIMAP
@@ -91,6 +101,7 @@ BATCH_BYTES = 16 * 2**20
 SEARCH_SIZES_CHUNK = 200
 IDLE_SECONDS = 28 * 60
 BACKOFF_FIRST, BACKOFF_MAX = 5.0, 15 * 60.0  # seconds; each delay is jittered down to half
+PAUSED_RECHECK = 3600.0  # seconds a paused folder waits, unless woken, before it asks again
 LOGINS_PER_HOST = 10
 CONNECTIONS_PER_ACCOUNT = 10
 
@@ -130,6 +141,10 @@ def batches(uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
         total += size
     if batch:
         yield batch
+
+
+class Paused(Exception):
+    """The tenant is read-only: its upstream mail waits there until the tenant is writable again."""
 
 
 class MailWaits(Exception):
@@ -206,6 +221,7 @@ class FolderPuller:
         while True:
             box = self.job.mailbox
             try:
+                self._check_writable()
                 async with self.limits.account(box.host, box.username):
                     async with self.limits.login(box.host):
                         client = await self.connect()
@@ -213,6 +229,8 @@ class FolderPuller:
                         await self._watch(client)
                     finally:
                         await client.logout()
+            except Paused as exc:
+                await self._pause(str(exc))
             except AuthFailed as exc:
                 await self._back_off("auth_failed", str(exc), BACKOFF_MAX)
             except UpstreamError as exc:
@@ -226,9 +244,16 @@ class FolderPuller:
                 await self._back_off("store_failed", f"cannot store now ({exc})")
 
     def wake(self) -> None:
-        """Look again whether a folder waiting for room has it now (e.g. a quota was raised)."""
+        """Look again whether a folder waiting for room has it now (e.g. a quota was raised), or a
+        paused one's tenant is writable again."""
         if self._wakeup is not None:
             self._wakeup.set()
+
+    def _check_writable(self) -> None:
+        """Raise :class:`Paused` while the tenant is read-only."""
+        standing = plans.standing(self.config().tenant(self.job.tenant_id))
+        if not standing.writable:
+            raise Paused(standing.why)
 
     async def connect(self) -> UpstreamIMAP:
         """Connect and authenticate with the mailbox's credentials."""
@@ -261,6 +286,7 @@ class FolderPuller:
                 await client.idle(IDLE_SECONDS)
             else:
                 await self.sleep(poll)
+            self._check_writable()
 
     @staticmethod
     def _waits(done: Pass) -> str:
@@ -462,6 +488,30 @@ class FolderPuller:
             await self.sleep(delay)
         else:
             await self._wait_for_room(delay, *full)
+
+    async def _pause(self, why: str) -> None:
+        """Record that the folder is paused, then wait until woken or :data:`PAUSED_RECHECK` passes."""
+        if why != self._last_error:
+            self.log.info("pull.paused", reason=why)
+            self._last_error = why
+        self._backoff = BACKOFF_FIRST  # a pause is no failure of the upstream server
+        job, at = self.job, self.clock()
+        retry_at = at + timedelta(seconds=PAUSED_RECHECK)
+        await self.db.transaction(
+            lambda s: upstream.record_error(
+                s, job.tenant_id, job.mailbox.name, job.folder, "paused", why, at, retry_at
+            )
+        )
+        woken = asyncio.Event()
+        sleeping = asyncio.ensure_future(self.sleep(PAUSED_RECHECK))
+        waiting = asyncio.ensure_future(woken.wait())
+        self._wakeup = woken
+        try:
+            await asyncio.wait({sleeping, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._wakeup = None
+            sleeping.cancel()
+            waiting.cancel()
 
     async def _wait_for_room(self, delay: float, root: int | None, size: int) -> None:
         """Sleep ``delay``, or less: until ``root`` (a folder; None: the tenant) has room for ``size``."""

@@ -112,6 +112,7 @@ TOO_MANY_ATTACHMENTS = "552 5.3.4 Too many attachments: {count}, the limit is {l
 COLLISION = "450 4.7.1 Collision: {who} already answered this customer at {when}; your reply was not sent"
 INVALID_SRS = "550 5.1.1 <{addr}>: invalid or expired SRS address"
 READ_ONLY = "554 5.7.1 {why}"
+READ_ONLY_DEFERRED = "450 4.2.1 {why}"  # relay-in: the sender retries until the tenant is renewed
 MONTHLY_LIMIT = "554 5.7.0 Monthly sending limit reached: limit of {limit} messages this month on plan {plan}"
 
 
@@ -123,6 +124,11 @@ def _printable(text: str) -> str:
 def read_only(why: str) -> str:
     """The refusal of a message to relay from a read-only tenant; ``why`` is its standing's."""
     return READ_ONLY.format(why=_printable(why))
+
+
+def read_only_deferred(why: str) -> str:
+    """The deferral of mail for a read-only tenant (relay-in); ``why`` is its standing's."""
+    return READ_ONLY_DEFERRED.format(why=_printable(why))
 
 
 def monthly_limit(limit: int, plan: str) -> str:

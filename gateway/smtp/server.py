@@ -25,7 +25,7 @@ from typing import Any, AnyStr
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
-from gateway import metrics, srs
+from gateway import metrics, plans, srs
 from gateway.auth import Authenticator, AuthUnavailable, Identity
 from gateway.config import Config, TenantSection
 from gateway.connections import ConnectionGate
@@ -171,8 +171,9 @@ class RelayHandler:
     pipeline; mail for other domains is relayed only for a client that
     authenticated as one of a tenant's agents or connects from a tenant's
     ``trusted_networks``, and only with a sender address that tenant owns
-    (no open relay, ever). On submission, AUTH is required and every
-    recipient is relayed.
+    (no open relay, ever); mail for a read-only tenant is deferred at RCPT
+    (``450 4.2.1``: its sender retries). On submission, AUTH is required
+    and every recipient is relayed.
     """
 
     def __init__(
@@ -304,6 +305,9 @@ class RelayHandler:
                 if tenant is None:
                     log.info("smtp.rcpt_refused", peer=_peer(session), rcpt=address, reply=routed[:9])
                     return routed
+            elif (deferred := _read_only(routed)) is not None:
+                log.info("smtp.rcpt_refused", peer=_peer(session), rcpt=address, reply=deferred[:9])
+                return deferred
         elif "@" not in address:
             return policy.BAD_ADDRESS
         envelope.rcpt_tos.append(address.lower())
@@ -358,6 +362,8 @@ class RelayHandler:
         for tenant, _ in local.values():
             if len(data) > tenant.max_message_size:
                 return policy.too_big(tenant.max_message_size)
+            if (deferred := _read_only(tenant)) is not None:
+                return deferred  # it became read-only since RCPT
         if relaying is not None and self.outbox is not None:
             identity = session.auth_data if isinstance(session.auth_data, Identity) else None
             submitted = await self.outbox.submit(
@@ -451,6 +457,12 @@ class RelayHandler:
     async def handle_exception(self, error: Exception) -> str:
         log.error("smtp.protocol_error", error_type=type(error).__name__)
         return policy.TEMPFAIL
+
+
+def _read_only(tenant: TenantSection) -> str | None:
+    """The deferral of mail for ``tenant`` while it is read-only, naming why; None when it takes mail."""
+    standing = plans.standing(tenant)
+    return None if standing.writable else policy.read_only_deferred(standing.why)
 
 
 def _peer(session: Session) -> str:
