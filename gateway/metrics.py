@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 Agent statistics come from the database (events), so they survive restarts
 and agree between instances; so do queue, storage, upstream, quota
-deferral and snapshot gauges. A refresh task reads them every :data:`REFRESH` seconds into a
+deferral and snapshot gauges, and each tenant's plan end (from the served
+configuration). A refresh task reads them every :data:`REFRESH` seconds into a
 snapshot that the collector serves: a scrape never waits on the database
 and never blocks the event loop. Counters of things this process did
 (messages received by source, relay results, messages refused at the
@@ -21,7 +22,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import structlog
@@ -32,6 +33,7 @@ from sqlalchemy import func, select
 
 import quotas
 from gateway.config import Config
+from gateway.plans import standing
 from storage import events, snapshots
 from storage.db import Database
 from storage.models import Agent, Event, Folder, Outbound, QuotaDeferral, Tenant, UpstreamMailbox
@@ -97,6 +99,7 @@ class _Snapshot:
     storage: list[tuple[str, str, int, int | None]] = field(default_factory=list)
     upstream: dict[tuple[str, str], float] = field(default_factory=dict)
     deferred: dict[tuple[str, str], int] = field(default_factory=dict)
+    expiry: dict[str, float] = field(default_factory=dict)
     snapshot: float | None = None
 
 
@@ -159,6 +162,10 @@ class DatabaseCollector(Collector):
                 MESSAGES_RECEIVED.labels(section.id, source)
             for result in ("sent", "deferred", "bounced"):
                 RELAY_MESSAGES.labels(section.id, result)
+            ends = standing(section).ends
+            if ends is not None:  # full service ends with that day: read-only from the next (UTC)
+                first = ends + timedelta(days=1)
+                data.expiry[section.id] = datetime(first.year, first.month, first.day, tzinfo=UTC).timestamp()
         newest = await asyncio.to_thread(snapshots.listing, config.snapshots.dir)
         data.snapshot = newest[0].created_at.timestamp() if newest else None
         self.data = data
@@ -230,6 +237,14 @@ class DatabaseCollector(Collector):
         for (tenant, source), n in sorted(d.deferred.items()):
             deferred.add_metric([tenant, source], n)
         yield deferred
+        expiry = GaugeMetricFamily(
+            "mailgate_tenant_expiry_timestamp_seconds",
+            "When the tenant's paid plan or trial ends: the start (UTC) of its first read-only day",
+            labels=["tenant"],
+        )
+        for tenant, ts in sorted(d.expiry.items()):
+            expiry.add_metric([tenant], ts)
+        yield expiry
         snap = GaugeMetricFamily(
             "mailgate_snapshot_last_success_timestamp_seconds", "When the newest snapshot was taken"
         )

@@ -53,6 +53,8 @@ ALERT_NAMES = {
     "QuotaDeferring",
     "QuotaAbove95",
     "SnapshotTooOld",
+    "MailgateTenantPlanEnding",
+    "MailgateTenantReadOnly",
 }
 # The dashboard shows each of these (the contract metrics of DESIGN.md section 6).
 DASHBOARD_METRICS = {
@@ -199,6 +201,7 @@ def synthetic_exposition() -> str:
     data.queue["acme"] = (2, 120.0)
     data.storage.extend([("acme", "", 100, 1000), ("acme", "Orders", 10, 500), ("acme", "Spam", 5, None)])
     data.upstream[("acme", "biuro")] = 1.7e9
+    data.expiry["acme"] = 1.7e9
     data.snapshot = 1.7e9
     registry = CollectorRegistry()
     registry.register(collector)
