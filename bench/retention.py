@@ -13,7 +13,7 @@ The chunks of the three kinds are interleaved in arrival order, so ids of
 survivors sit between the ids of expired rows, as in a real store.
 
 Blobs: one row per message but not one blob per row. ``--blobs`` distinct
-~2-4 KB spam messages (written with ``BlobStore.put_sync``) are shared
+~2-4 KB spam messages (written with ``FsBlobStore.put_sync``) are shared
 round-robin by the N expired rows (a spam wave repeats itself; a million
 distinct files would only measure the file system). A few of them are also
 referenced by a ham row (must survive the garbage collection) and a few were
@@ -72,7 +72,7 @@ from gateway.daemon import open_store  # noqa: E402
 from gateway.ingest import describe  # noqa: E402
 from gateway.message import parse_headers  # noqa: E402
 from storage import mailstore, retention  # noqa: E402
-from storage.blobs import BlobStore  # noqa: E402
+from storage.blobs import FsBlobStore  # noqa: E402
 from storage.db import Database  # noqa: E402
 from storage.models import Expunge, Folder, Message, Tenant  # noqa: E402
 
@@ -172,7 +172,7 @@ def raw_message(rng: random.Random, n: int, kind: str) -> bytes:
     return head.encode() + "\r\n".join(lines).encode() + b"\r\n"
 
 
-def templates(blobs: BlobStore, rng: random.Random, count: int, kind: str) -> list[mailstore.NewMessage]:
+def templates(blobs: FsBlobStore, rng: random.Random, count: int, kind: str) -> list[mailstore.NewMessage]:
     """``count`` distinct blobs written to the store, each with its parsed metadata."""
     out = []
     for n in range(count):
@@ -426,7 +426,7 @@ async def sqlite_plan(db: Database, cutoff: datetime) -> str:
 
 async def verify(
     db: Database,
-    blobs: BlobStore,
+    blobs: FsBlobStore,
     loaded: dict[str, Any],
     cutoff: datetime,
     args: argparse.Namespace,
@@ -487,9 +487,9 @@ async def verify(
     expected_removed = len(gone) if args.rows >= len(loaded["expired_blobs"]) else None
     if expected_removed is not None and report.blobs_removed != expected_removed:
         problems.append(f"{report.blobs_removed} blobs removed, expected {expected_removed}")
-    if expected_removed is not None and any(blobs.exists(d) for d in gone):
+    if expected_removed is not None and any(blobs.path(d).exists() for d in gone):
         problems.append("an unreferenced old blob is still there")
-    missing = [d for d in (*spared, *loaded["survivor_blobs"]) if not blobs.exists(d)]
+    missing = [d for d in (*spared, *loaded["survivor_blobs"]) if not blobs.path(d).exists()]
     if missing:
         problems.append(f"{len(missing)} blobs that must survive were deleted, e.g. {missing[0]}")
     print(

@@ -6,7 +6,7 @@ messages of 2-5 KB over ``--tenants`` tenants (INBOX 60 %, Archive 25 %, Sent
 structures, as ingest stores them). The rows go in through
 ``mailstore.append`` (``--batch`` per transaction). The blob files are written
 straight into the blob store's layout (``ab/cd/<sha256>``) without the
-per-blob fsyncs of ``BlobStore.put_sync``, followed by one ``sync()``: the
+per-blob fsyncs of ``FsBlobStore.put_sync``, followed by one ``sync()``: the
 files are the same, only loading is faster.
 
 Then it measures, in this process:
@@ -26,7 +26,7 @@ Then it measures, in this process:
    (directories, metadata.db, manifest; a hard-linked blob is not new), and
    *apparent* = the sum of the file sizes there (what copying it would take);
 3. ``--change`` (1 %) of the messages change: 50 % of those changes are new
-   deliveries (new blobs through ``BlobStore.put``), 45 % flag changes
+   deliveries (new blobs through ``FsBlobStore.put``), 45 % flag changes
    (``mailstore.store_flags``, one per message), 5 % expunges;
 4. a second ``snapshots.create`` a day later, measured the same way (*new*
    now also excludes inodes the first snapshot created), and the ratios
@@ -76,7 +76,7 @@ from gateway.daemon import open_store  # noqa: E402
 from gateway.ingest import describe  # noqa: E402
 from gateway.message import parse_headers  # noqa: E402
 from storage import mailstore, snapshots  # noqa: E402
-from storage.blobs import BlobStore  # noqa: E402
+from storage.blobs import FsBlobStore  # noqa: E402
 from storage.db import Database  # noqa: E402
 from storage.models import Folder, Message  # noqa: E402
 
@@ -130,7 +130,7 @@ def raw_message(rng: random.Random, n: int, tenant: str) -> bytes:
     return head.encode() + "\r\n".join(lines).encode() + b"\r\n"
 
 
-def write_blob(blobs: BlobStore, data: bytes) -> str:
+def write_blob(blobs: FsBlobStore, data: bytes) -> str:
     """Put a blob in the store's layout without fsyncs (the caller syncs once at the end)."""
     digest = hashlib.sha256(data).hexdigest()
     path = blobs.path(digest)
@@ -152,7 +152,7 @@ def random_flags(rng: random.Random, folder: str) -> frozenset[str]:
     return frozenset(flags)
 
 
-async def load(db: Database, blobs: BlobStore, args: argparse.Namespace, now: datetime) -> None:
+async def load(db: Database, blobs: FsBlobStore, args: argparse.Namespace, now: datetime) -> None:
     rng = random.Random(7)
     tenants = [f"t{i}" for i in range(args.tenants)]
     async with db.read() as s:
@@ -178,7 +178,7 @@ async def load(db: Database, blobs: BlobStore, args: argparse.Namespace, now: da
     await asyncio.to_thread(os.sync)
 
 
-async def change(db: Database, blobs: BlobStore, args: argparse.Namespace, now: datetime) -> Counter[str]:
+async def change(db: Database, blobs: FsBlobStore, args: argparse.Namespace, now: datetime) -> Counter[str]:
     """Change ``--change`` of the messages: deliveries, flag changes, expunges."""
     rng = random.Random(11)
     total = max(1, round(args.messages * args.change))
@@ -349,7 +349,7 @@ class Shot:
 
 
 async def take(
-    db: Database, blobs: BlobStore, config: Config, now: datetime, known: set[tuple[int, int]]
+    db: Database, blobs: FsBlobStore, config: Config, now: datetime, known: set[tuple[int, int]]
 ) -> Shot:
     phases = Phases()
     pool = config.snapshots.dir / getattr(snapshots, "POOL", "blobs")  # shared pool, if this version has one
@@ -399,7 +399,7 @@ def report(label: str, shot: Shot) -> None:
     )
 
 
-async def reference(db: Database, blobs: BlobStore, data_dir: Path) -> None:
+async def reference(db: Database, blobs: FsBlobStore, data_dir: Path) -> None:
     """Floors for the same work done without Python in the loop: ``cp -al`` and SQLite's backup."""
     ref = data_dir / "reference"
     ref.mkdir()

@@ -415,6 +415,7 @@ def cmd_purge_spam(config: Config, args: argparse.Namespace) -> int:
         try:
             return await scheduler.purge_spam(dry_run=args.dry_run)
         finally:
+            await scheduler.blobs.close()
             await db.close()
 
     report = asyncio.run(go())
@@ -463,6 +464,7 @@ def cmd_snapshot(config: Config, args: argparse.Namespace) -> int:
         try:
             return await scheduler.snapshot()
         finally:
+            await scheduler.blobs.close()
             await db.close()
 
     info = asyncio.run(go())
@@ -502,6 +504,7 @@ def cmd_restore(config: Config, args: argparse.Namespace) -> int:
                 progress=_progress("restore"),
             )
         finally:
+            await scheduler.blobs.close()
             await db.close()
 
     report = asyncio.run(go())

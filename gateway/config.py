@@ -250,6 +250,43 @@ class SnapshotsSection(_Model):
     keep: int = Field(7, ge=1)
 
 
+class BlobsSection(SecretRef):
+    """Where message blobs live (docs/blobs.md): the local directory, PostgreSQL or an S3 bucket."""
+
+    backend: Literal["fs", "postgresql", "s3"] = "fs"
+    s3_endpoint: str = ""  # "" : AWS; or e.g. http://127.0.0.1:9000 (MinIO)
+    s3_bucket: str = ""
+    s3_region: str = ""
+    s3_access_key_file: Path | None = None  # both or neither; neither: the standard AWS credential chain
+    s3_secret_key_file: Path | None = None
+
+    @field_validator("s3_access_key_file", "s3_secret_key_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if v == "" else v
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v and not re.fullmatch(r"https?://[^/\s]+/?", v):
+            raise ValueError("expected '' (AWS) or an http(s)://host[:port] URL")
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> BlobsSection:
+        if (self.s3_access_key_file is None) != (self.s3_secret_key_file is None):
+            raise ValueError("s3_access_key_file and s3_secret_key_file must be set together")
+        if self.backend == "s3" and not self.s3_bucket:
+            raise _error_at(("s3_bucket",), 'backend "s3" needs s3_bucket')
+        return self
+
+    def s3_credentials(self) -> tuple[SecretStr, SecretStr] | None:
+        """The access and secret key read from their files; None when no files are set."""
+        access = self._read(self.s3_access_key_file, None, "blobs.s3_access_key")
+        secret = self._read(self.s3_secret_key_file, None, "blobs.s3_secret_key")
+        return None if access is None or secret is None else (access, secret)
+
+
 # Outbound presets (DESIGN.md section 2, contract).
 SMTP_PRESETS: Mapping[str, tuple[str, int, Security]] = {
     "gmail": ("smtp.gmail.com", 587, "starttls"),
@@ -710,6 +747,7 @@ class Config(_Model):
     limits: LimitsSection = LimitsSection()
     srs: SRSSection = SRSSection()
     admin: AdminSection = AdminSection()
+    blobs: BlobsSection = BlobsSection()
     plans: dict[str, PlanSection] = Field(default_factory=lambda: dict(BUILTIN_PLANS))
     tenants: tuple[TenantSection, ...] = ()
 
@@ -723,6 +761,14 @@ class Config(_Model):
         for name in ("imaps", "submissions"):
             if getattr(self.listen, name) and self.tls.cert_file is None:
                 raise _error_at(("listen", name), "implicit TLS needs [tls] cert_file and key_file")
+        return self
+
+    @model_validator(mode="after")
+    def _blobs_in_postgresql_need_it(self) -> Config:
+        if self.blobs.backend == "postgresql" and not self.gateway.database_url.startswith("postgresql"):
+            raise _error_at(
+                ("blobs", "backend"), 'backend "postgresql" needs a PostgreSQL gateway.database_url'
+            )
         return self
 
     @model_validator(mode="after")

@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import systemd
 from gateway.admin.api import AdminServer, Context, build_app
 from gateway.auth import Authenticator
+from gateway.blobs import open_blobs
 from gateway.config import Config, ConfigError, load_config
 from gateway.connections import ConnectionGate
 from gateway.forward import load_signer
@@ -60,7 +61,7 @@ async def open_store(config: Config, db: Database | None = None) -> tuple[Databa
     db = db or Database(config.gateway.effective_database_url)
     await migrate(db)
     await apply(db, config)
-    return db, BlobStore(config.gateway.data_dir / "blobs")
+    return db, await open_blobs(config, db)
 
 
 def split_hostport(address: str) -> tuple[str, int]:
@@ -90,6 +91,7 @@ class Daemon:
         self.catalog: Watcher | None = None
         self.auth: Authenticator | None = None
         self.db: Database | None = None
+        self.blobs: BlobStore | None = None
         self.lock: instances.Lock | None = None
         self.exit_code = 0
 
@@ -113,6 +115,7 @@ class Daemon:
             log.error("instance.conflict", error=str(exc))
             raise
         _, blobs = await open_store(self.file_config, self.db)
+        self.blobs = blobs
         self.catalog = Watcher(self.db, lambda: self.file_config, self._serve)
         await self.catalog.refresh()
         instance = self.config.gateway.effective_instance
@@ -300,6 +303,8 @@ class Daemon:
             await self.relay.drain()
         if self.lock is not None:
             await self.lock.release()
+        if self.blobs is not None:
+            await self.blobs.close()
         if self.db is not None:
             await self.db.close()
 

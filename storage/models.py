@@ -399,3 +399,39 @@ class QuotaDeferral(Base):
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     since: Mapped[datetime] = mapped_column()
     last_at: Mapped[datetime] = mapped_column()
+
+
+class Blob(Base):
+    """A blob stored in the database (``[blobs] backend = "postgresql"``); its bytes are in chunks."""
+
+    __tablename__ = "blobs"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256, hex
+    size: Mapped[int] = mapped_column(BigInteger)
+    chunks: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column()
+    touched_at: Mapped[datetime] = mapped_column()  # last written or reused: garbage collection's grace
+
+
+class BlobChunk(Base):
+    """Piece ``n`` (from 0) of a blob, at most ``storage.blobs.CHUNK`` bytes."""
+
+    __tablename__ = "blob_chunks"
+
+    digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest", ondelete="CASCADE"), primary_key=True)
+    n: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class BlobLocation(Base):
+    """Where ``mailgate blobs migrate`` put the blobs (one row, none before the first move).
+
+    ``previous`` is the backend they came from while it still holds copies to delete.
+    """
+
+    __tablename__ = "blob_location"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    backend: Mapped[str] = mapped_column(String(16))
+    previous: Mapped[str | None] = mapped_column(String(16))
+    switched_at: Mapped[datetime] = mapped_column()

@@ -82,7 +82,7 @@ async def collect_blobs(db: Database, blobs: BlobStore, candidates: Iterable[str
     """Remove the candidate blobs that nothing references and nobody touched lately."""
     removed = 0
     for digest in candidates:
-        age = blobs.age(digest, now)
+        age = await blobs.age(digest, now)
         if age is None or age < BLOB_GRACE:
             continue
         async with db.read() as s:
@@ -90,6 +90,6 @@ async def collect_blobs(db: Database, blobs: BlobStore, candidates: Iterable[str
                 select(exists().where(Outbound.blob == digest))
             )
         if not used:
-            blobs.delete(digest)
+            await blobs.delete(digest)
             removed += 1
     return removed

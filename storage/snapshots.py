@@ -4,11 +4,14 @@ Theory of operation
 -------------------
 Each snapshot is a directory with ``metadata.db`` (SQLite, the same schema)
 and ``manifest.json``; the message files are in ``blobs/`` beside the
-snapshots, shared by all of them: hard links to the immutable,
-content-addressed files of the live store (no data is copied, a snapshot
-survives the live file's deletion, and a snapshot adds only the blobs the
-earlier ones lack, so a second one costs little). The snapshot directory is
-readable without the live database, whichever engine the live one is.
+snapshots, shared by all of them, laid out as the local blob directory is.
+With the local directory backend they are hard links to the immutable,
+content-addressed files of the live store (no data is copied); with blobs in
+PostgreSQL or S3 they are copies, each checked against its sha256. Either
+way a snapshot survives the live blob's deletion, and a snapshot adds only
+the blobs the earlier ones lack, so a second one costs little. The snapshot
+directory is readable without the live database or blob store, whichever
+backends they are.
 
 Consistency while the daemon runs: on SQLite the online backup API copies
 the database pages of one instant; on PostgreSQL the mail tables are read in
@@ -46,7 +49,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage import mailstore
-from storage.blobs import BlobStore
+from storage.blobs import BlobStore, FsBlobStore
 from storage.db import Database
 from storage.flags import join_flags
 from storage.models import Base, Folder, Message
@@ -129,7 +132,7 @@ async def create(
         # Blobs named by the copied rows exist (written before their rows were
         # committed) and stay (the lock keeps garbage collection out).
         messages, size, digests = await asyncio.to_thread(_message_blobs, partial / "metadata.db")
-        await asyncio.to_thread(_link, blobs, pool, digests)
+        await _pool(blobs, pool, digests)
         tenants = await asyncio.to_thread(_count_tenants, partial / "metadata.db")
         manifest = {
             "name": name,
@@ -188,7 +191,22 @@ def _blob_path(root: Path, digest: str) -> Path:
     return root / digest[:2] / digest[2:4] / digest
 
 
-def _link(blobs: BlobStore, root: Path, digests: set[str]) -> None:
+async def _pool(blobs: BlobStore, pool: Path, digests: set[str]) -> None:
+    """Put the blobs into the snapshots' pool: hard links from a local store, checked copies from others."""
+    if isinstance(blobs, FsBlobStore):
+        await asyncio.to_thread(_link, blobs, pool, digests)
+        return
+    target = FsBlobStore(pool)
+    for digest in sorted(digests):
+        if await target.exists(digest):
+            continue
+        stored = await target.put(await blobs.get(digest))
+        if stored != digest:
+            await target.delete(stored)
+            raise OSError(f"blob {digest} read back from the blob store with sha256 {stored}")
+
+
+def _link(blobs: FsBlobStore, root: Path, digests: set[str]) -> None:
     for digest in digests:
         target = _blob_path(root, digest)
         if target.exists():
@@ -371,8 +389,8 @@ async def restore(
                     report.skipped += 1
                     continue
                 source = _blob_path(path.parent / POOL, row["blob"])
-                if not blobs.exists(row["blob"]):
-                    await asyncio.to_thread(blobs.put_sync, source.read_bytes())
+                if not await blobs.exists(row["blob"]):
+                    await blobs.put(await asyncio.to_thread(source.read_bytes))
                 message = mailstore.NewMessage(
                     blob=row["blob"],
                     size=row["size"],

@@ -16,7 +16,7 @@ from gateway.config import Config, parse_config
 from gateway.daemon import open_store
 from gateway.tenants import apply
 from storage import mailstore
-from storage.blobs import BlobStore
+from storage.blobs import BlobStore, FsBlobStore
 from storage.db import Database
 from storage.errors import FolderExists, NoSuchFolder, StoreError
 from storage.models import Agent, Base, Expunge, Folder, Message, Tenant
@@ -222,7 +222,7 @@ async def test_restart_reopens_the_same_store(config: Config) -> None:
 
 
 def test_blob_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
-    blobs = BlobStore(tmp_path / "blobs")
+    blobs = FsBlobStore(tmp_path / "blobs")
     data = b"Subject: x\r\n\r\nbody\r\n"
     digest = blobs.put_sync(data)
     assert digest == hashlib.sha256(data).hexdigest()
@@ -233,10 +233,10 @@ def test_blob_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
 
 
 async def test_blob_store_async(tmp_path: Path) -> None:
-    blobs = BlobStore(tmp_path / "blobs")
+    blobs = FsBlobStore(tmp_path / "blobs")
     digest = await blobs.put(b"abc")
     assert await blobs.get(digest) == b"abc"
-    assert blobs.exists(digest)
+    assert await blobs.exists(digest)
 
 
 async def test_sqlite_runs_durable_and_strict(store: tuple[Database, BlobStore]) -> None:

@@ -162,11 +162,14 @@ def cmd_tenant(config: Config, args: argparse.Namespace) -> int:
         elif verb == "delete":
             if not args.yes:
                 raise tenants.CatalogError(400, "deleting a tenant deletes its mail: add --yes to confirm")
+            from gateway.blobs import open_blobs
             from gateway.lifecycle import delete_tenant
-            from storage.blobs import BlobStore
 
-            blobs = BlobStore(config.gateway.data_dir / "blobs")
-            snapshot = await delete_tenant(db, blobs, config, args.id, datetime.now(UTC))
+            blobs = await open_blobs(config, db)
+            try:
+                snapshot = await delete_tenant(db, blobs, config, args.id, datetime.now(UTC))
+            finally:
+                await blobs.close()
             print(f"tenant {args.id} deleted; its last snapshot is {snapshot}")
 
     return _run(config, work)
@@ -344,8 +347,8 @@ def cmd_config(config: Config, args: argparse.Namespace) -> int:
         return 1
 
     async def apply(db: Database) -> None:
+        from gateway.blobs import open_blobs
         from gateway.lifecycle import delete_tenant
-        from storage.blobs import BlobStore
 
         changes = await tenants.apply(
             db,
@@ -355,8 +358,11 @@ def cmd_config(config: Config, args: argparse.Namespace) -> int:
         for change in changes:
             if change.startswith("delete "):
                 tenant_id = change.removeprefix("delete ")
-                blobs = BlobStore(config.gateway.data_dir / "blobs")
-                snapshot = await delete_tenant(db, blobs, config, tenant_id, datetime.now(UTC))
+                blobs = await open_blobs(config, db)
+                try:
+                    snapshot = await delete_tenant(db, blobs, config, tenant_id, datetime.now(UTC))
+                finally:
+                    await blobs.close()
                 print(f"tenant {tenant_id} deleted (not in {args.file}); its last snapshot is {snapshot}")
             else:
                 print(f"applied: {change}")

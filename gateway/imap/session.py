@@ -731,13 +731,15 @@ class Session:
                 return existing
         raws = [raw for raw, _ in forms]
 
-        def store_blobs() -> list[mailstore.NewMessage]:  # one thread hop: blobs (fsynced) and structures
+        digests = [await self.blobs.put(raw) for raw, _ in forms]  # durable before the rows name them
+
+        def structures() -> list[mailstore.NewMessage]:  # one thread hop for all the messages
             return [
-                describe(raw, parsed, self.blobs.put_sync(raw), now, frozenset(m.flags), m.internal_date)
-                for (raw, parsed), m in zip(forms, cmd.messages, strict=True)
+                describe(raw, parsed, digest, now, frozenset(m.flags), m.internal_date)
+                for (raw, parsed), digest, m in zip(forms, digests, cmd.messages, strict=True)
             ]
 
-        new = await asyncio.to_thread(store_blobs)
+        new = await asyncio.to_thread(structures)
 
         async def append(s: AsyncSession) -> tuple[Folder, list[Any]]:
             folder = await mailstore.get_folder(s, self.tenant_id, cmd.mailbox)

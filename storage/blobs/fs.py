@@ -1,10 +1,10 @@
-"""Content-addressed blob store for raw RFC 5322 messages.
+"""The local directory backend: the default, for one instance.
 
 A blob is stored once under its sha256 (``ab/cd/abcd…``), written to a
 temporary file, fsynced, renamed into place, and its directory fsynced: after
-:meth:`BlobStore.put` returns, the bytes survive a crash. Blobs are immutable,
-so snapshots can hard-link them and two messages with the same bytes share
-one file.
+:meth:`FsBlobStore.put` returns, the bytes survive a crash. Blobs are
+immutable, so snapshots can hard-link them and two messages with the same
+bytes share one file. A file's mtime is its last write or reuse.
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ import asyncio
 import hashlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-INLINE_READ = 64 * 1024  # bytes of blobs read without a thread hop (see BlobStore.get_many)
+from storage.blobs.interface import CHUNK, MissingBlob
+
+INLINE_READ = 64 * 1024  # bytes of blobs read without a thread hop (see FsBlobStore.get_many)
 
 
-class BlobStore:
+class FsBlobStore:
     """Immutable blobs under ``root``."""
 
     def __init__(self, root: Path) -> None:
@@ -66,7 +68,7 @@ class BlobStore:
 
     async def get(self, digest: str) -> bytes:
         """The bytes of a blob (read in a thread)."""
-        return await asyncio.to_thread(self.path(digest).read_bytes)
+        return await asyncio.to_thread(self._read_one, digest)
 
     async def get_many(self, digests: Sequence[str], size: int) -> list[bytes]:
         """The bytes of several blobs (``size`` in all), read in one thread hop (the caller bounds
@@ -77,22 +79,60 @@ class BlobStore:
         return await asyncio.to_thread(self._read, digests)
 
     def _read(self, digests: Sequence[str]) -> list[bytes]:
-        return [self.path(d).read_bytes() for d in digests]
+        return [self._read_one(d) for d in digests]
 
-    def exists(self, digest: str) -> bool:
+    def _read_one(self, digest: str) -> bytes:
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise MissingBlob(f"no blob {digest}") from None
+
+    async def stream(self, digest: str) -> AsyncIterator[bytes]:
+        """The blob in pieces of :data:`CHUNK` bytes, each read in a thread."""
+        try:
+            f = await asyncio.to_thread(self.path(digest).open, "rb")
+        except FileNotFoundError:
+            raise MissingBlob(f"no blob {digest}") from None
+        try:
+            while chunk := await asyncio.to_thread(f.read, CHUNK):
+                yield chunk
+        finally:
+            f.close()
+
+    async def exists(self, digest: str) -> bool:
         """True when the blob is present."""
         return self.path(digest).exists()
 
-    def age(self, digest: str, now: float) -> float | None:
+    async def age(self, digest: str, now: float) -> float | None:
         """Seconds since the blob was last written or reused, None if absent."""
         try:
             return now - self.path(digest).stat().st_mtime
         except FileNotFoundError:
             return None
 
-    def delete(self, digest: str) -> None:
+    async def delete(self, digest: str) -> None:
         """Remove a blob (garbage collection only)."""
-        self.path(digest).unlink(missing_ok=True)
+        await asyncio.to_thread(self.path(digest).unlink, missing_ok=True)
+
+    async def digests(self) -> AsyncIterator[str]:
+        """Every stored blob's digest, listed a directory at a time in a thread."""
+        if not self.root.exists():
+            return
+        for top in await asyncio.to_thread(_subdirs, self.root):
+            for sub in await asyncio.to_thread(_subdirs, top):
+                for name in await asyncio.to_thread(_names, sub):
+                    yield name
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and len(p.name) == 2)
+
+
+def _names(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
 
 
 def _fsync_dir(path: Path) -> None:
