@@ -55,6 +55,10 @@ _SIZE_UNITS = {
 }
 
 
+MAX_SIZE = 2**63 - 1  # what the database's 64-bit counters hold
+MAX_DURATION = timedelta(days=36500)
+
+
 def parse_size(value: object) -> int:
     """Parse ``"20 MB"``, ``"1.2 GB"``, ``"512 KiB"`` or a plain integer into bytes.
 
@@ -65,6 +69,8 @@ def parse_size(value: object) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError("a size cannot be negative")
+        if value > MAX_SIZE:
+            raise ValueError("a size this large cannot be stored")
         return value
     if not isinstance(value, str):
         raise ValueError("expected a size such as '20 MB'")
@@ -72,7 +78,10 @@ def parse_size(value: object) -> int:
     if not m:
         raise ValueError(f"invalid size {value!r}: expected a number and a unit such as '20 MB'")
     number, unit = m.groups()
-    return int(float(number) * _SIZE_UNITS[(unit or "b").lower()])
+    size = float(number) * _SIZE_UNITS[(unit or "b").lower()]
+    if size > MAX_SIZE:
+        raise ValueError(f"size {value!r} is too large")
+    return int(size)
 
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
@@ -97,6 +106,8 @@ def parse_duration(value: object) -> timedelta:
         raise ValueError("expected a duration such as '60s'")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if not seconds <= MAX_DURATION.total_seconds():  # also NaN and infinity
+        raise ValueError("a duration is at most 100 years")
     return timedelta(seconds=seconds)
 
 

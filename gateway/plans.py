@@ -54,7 +54,8 @@ def standing(tenant: TenantSection, on: date | None = None) -> Standing:
         return Standing("read_only", end, None, "the account is suspended by the operator")
     if end is None:
         return Standing("active", None, None, f"{what} has no end date")
-    deleted_on = end + timedelta(days=grace + 1)
+    # The days after the end stop at the calendar's last day rather than overflow it.
+    deleted_on = end + timedelta(days=min(grace + 1, (date.max - end).days))
     if today_ <= end:
         state: State = "notice" if (end - today_).days <= plan.notice_days else "active"
         return Standing(state, end, deleted_on, f"{what} ends on {end.isoformat()}")

@@ -531,3 +531,28 @@ def test_accepts_only_listed_addresses(tmp_path: Path) -> None:
     assert shop.addresses == ("sklep@acme.test",)  # normalised to lower case
     assert shop.accepts("sklep@acme.test")
     assert not shop.accepts("biuro@acme.test")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("poll_interval", 8.64e13),
+        ("poll_interval", "9" * 400 + "d"),
+        ("quota", "9" * 400 + " GB"),
+        ("quota", 2**70),
+    ],
+)
+def test_sizes_and_durations_too_large_are_errors_at_their_field_not_overflow_tracebacks(
+    key: str, value: object
+) -> None:
+    mailbox = {"name": "m", "host": "127.0.0.1", "security": "none", "username": "u", "password_env": "X"}
+    tenant: dict[str, object] = {"id": "a", "domains": ["a.test"], "mailboxes": [mailbox]}
+    if key == "quota":
+        tenant["quota"] = value
+    else:
+        mailbox[key] = value
+    with pytest.raises(ConfigError) as e:
+        parse_config({"tenants": [tenant]})
+    assert e.value.errors[0].startswith(
+        "tenants[0].quota: " if key == "quota" else "tenants[0].mailboxes[0].poll_interval: "
+    )

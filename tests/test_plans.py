@@ -64,3 +64,9 @@ def test_unknown_plan_is_an_error_at_its_field() -> None:
     with pytest.raises(ConfigError) as e:
         parse_config({"tenants": [{**BASE, "plan": "gold"}]})
     assert e.value.errors[0].startswith("tenants[0].plan: unknown plan 'gold'")
+
+
+def test_a_plan_ending_on_the_calendars_last_day_does_not_overflow() -> None:
+    st = standing(tenant(plan="3gb", paid_until="9999-12-31"), date(9999, 12, 31))
+    assert st.state == "notice"
+    assert st.deleted_on == date(9999, 12, 31)
