@@ -190,7 +190,7 @@ class Daemon:
             self._tasks.append(asyncio.create_task(refresh_forever(collector), name="metrics"))
             log.info("listener.started", listener="metrics", address=listen.metrics, port=self.metrics.port)
         if listen.admin or "admin" in inherited:
-            context = Context(self.db, self.current_config, lambda: self.file_config, auth, blobs)
+            context = Context(self.db, self.current_config, lambda: self.file_config, auth, blobs, changes)
             limits = self.config.limits.http
             self.admin = AdminServer(
                 build_app(context), limits.connections, limits.timeout.total_seconds(), self.config.tls

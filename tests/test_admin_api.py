@@ -603,3 +603,34 @@ def test_values_storage_or_the_lifecycle_cannot_hold_are_refused_with_400_and_no
             assert listed.status_code == 200, f"after {method} {path} {body!r}: {listed.text}"
 
     run()
+
+
+def test_a_tenant_admin_adds_templates_over_the_api_that_every_agent_reads_over_imap(
+    two_tenants: Gateway,
+) -> None:
+    template = b"From: anna@acme.test\r\nSubject: Thanks for your order\r\n\r\nDear customer,\r\n"
+    url = f"{two_tenants.base}{V1}/tenants/acme/templates"
+    headers = {"Content-Type": "message/rfc822"}
+    made = requests.post(url, data=template, headers=headers, auth=("anna@acme.test", PASSWORD), timeout=30)
+    assert made.status_code == 201, made.text
+    uid = made.json()["uid"]
+    refused = requests.post(
+        url, data=template, headers=headers, auth=("bartek@acme.test", PASSWORD), timeout=30
+    )
+    assert refused.status_code == 403  # a plain agent changes templates nowhere
+    foreign = requests.post(
+        f"{two_tenants.base}{V1}/tenants/beta/templates", data=template, headers=headers,
+        auth=("anna@acme.test", PASSWORD), timeout=30,
+    )  # fmt: skip
+    assert foreign.status_code == 403
+    listed = two_tenants.as_agent("anna@acme.test").ok("GET", "/tenants/acme/templates")
+    assert [(t["uid"], t["subject"]) for t in listed] == [(uid, "Thanks for your order")]
+    client = imaplib.IMAP4("127.0.0.1", two_tenants.ports["imap"], timeout=10)
+    try:
+        client.login("bartek@acme.test", PASSWORD)
+        assert subjects(client, "Templates") == [b"Subject: Thanks for your order"]
+    finally:
+        client.logout()
+    gone = two_tenants.as_agent("anna@acme.test")("DELETE", f"/tenants/acme/templates/{uid}")
+    assert gone.status_code == 204
+    assert two_tenants.as_agent("anna@acme.test").ok("GET", "/tenants/acme/templates") == []

@@ -29,6 +29,7 @@ and uvicorn caps connections and idle time.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import socket
 from collections.abc import Awaitable, Callable
@@ -43,17 +44,24 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy import select
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+import quotas
 from gateway import tenants
 from gateway.admin import autoconfig
 from gateway.auth import Authenticator, AuthUnavailable
 from gateway.config import Config, ConfigError, TenantSection, TLSSection
+from gateway.imap import mime
+from gateway.ingest import describe
 from gateway.lifecycle import delete_tenant
+from gateway.message import parse_headers
+from gateway.notify import Changes
 from gateway.plans import standing
-from storage import catalog
+from storage import catalog, mailstore
 from storage.blobs import BlobStore
 from storage.db import Database
+from storage.models import Message
 
 log = structlog.get_logger(__name__)
 
@@ -138,6 +146,7 @@ class Context:
     base: Callable[[], Config]  # the file's
     auth: Authenticator
     blobs: BlobStore
+    changes: Changes  # tells IMAP sessions of a template added or removed
 
 
 _bearer = HTTPBearer(auto_error=False)
@@ -318,6 +327,71 @@ def build_app(ctx: Context) -> FastAPI:
         who.may(tenant_id)
         t = await edit(tenant_id, tenants.move_item("rules", name, body.position))
         return list(tenants.show(t).get("rules", []))
+
+    # -- templates: the tenant's shared Templates folder -------------------------------------------
+
+    @app.get(f"{v1}/tenants/{{tenant_id}}/templates", responses=r, tags=["templates"])
+    async def list_templates(who: Who, tenant_id: str) -> list[Document]:
+        who.may(tenant_id)
+        await tenant(tenant_id)
+        async with db.read() as s:
+            folder = await mailstore.require_folder(s, tenant_id, mailstore.TEMPLATES)
+            rows = await s.execute(
+                select(Message.uid, Message.subject, Message.size, Message.internal_date)
+                .where(Message.folder_id == folder.id)
+                .order_by(Message.uid)
+            )
+            return [dict(row._mapping) for row in rows]
+
+    @app.post(
+        f"{v1}/tenants/{{tenant_id}}/templates",
+        status_code=201,
+        responses=r,
+        tags=["templates"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"message/rfc822": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+    )
+    async def add_template(who: Who, tenant_id: str, request: Request) -> Document:
+        """Store a message (RFC 5322, the request body) as a template; every agent sees it over IMAP."""
+        who.may(tenant_id)
+        t = await tenant(tenant_id)
+        body = await request.body()
+        if not body.strip():
+            raise tenants.CatalogError(400, "send the template as the body (Content-Type: message/rfc822)")
+        if len(body) > t.max_message_size:
+            raise tenants.CatalogError(400, f"a template is at most {t.max_message_size} bytes")
+        raw = await asyncio.to_thread(mime.stored_form, body)
+        digest = await ctx.blobs.put(raw)
+        now = datetime.now(UTC)
+        message = await asyncio.to_thread(
+            describe, raw, parse_headers(raw), digest, now, frozenset({"\\Seen"})
+        )
+        async with db.write() as s:
+            folder = await mailstore.require_folder(s, tenant_id, mailstore.TEMPLATES)
+            try:
+                await quotas.check(s, folder, len(raw))
+            except quotas.QuotaExceeded as exc:
+                raise tenants.CatalogError(409, str(exc)) from None
+            (stored,) = await mailstore.append(s, folder, [message])
+        ctx.changes.publish([folder.id])
+        return {"uid": stored.uid, "subject": message.subject, "size": len(raw), "internal_date": now}
+
+    @app.delete(
+        f"{v1}/tenants/{{tenant_id}}/templates/{{uid}}", status_code=204, responses=r, tags=["templates"]
+    )
+    async def remove_template(who: Who, tenant_id: str, uid: int) -> Response:
+        who.may(tenant_id)
+        await tenant(tenant_id)
+        async with db.write() as s:
+            folder = await mailstore.require_folder(s, tenant_id, mailstore.TEMPLATES)
+            if not await mailstore.expunge(s, folder, [uid]):
+                raise tenants.CatalogError(404, f"no template {uid}")
+        ctx.changes.publish([folder.id])
+        return Response(status_code=204)
 
     # -- plans ----------------------------------------------------------------------------------
 
