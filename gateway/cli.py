@@ -80,6 +80,10 @@ def secret_errors(config: Config) -> list[str]:
         config.srs.secret()
     except ConfigError as exc:
         errors += exc.errors
+    try:
+        config.blobs.s3_credentials()
+    except ConfigError as exc:
+        errors += exc.errors
     return errors
 
 
@@ -516,6 +520,40 @@ def cmd_restore(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_blobs(config: Config, args: argparse.Namespace) -> int:
+    """``blobs migrate --to BACKEND``: what is left of moving the blobs (storage.blobs.move)."""
+    from gateway.blobs import blob_store
+    from storage.blobs.move import MoveError, MoveReport, migrate
+
+    def counted(n: int) -> None:
+        print(f"\rblobs checked: {n}", end="", file=sys.stderr, flush=True)
+
+    async def go() -> MoveReport:
+        db = await open_for_reading(config)
+        try:
+            return await migrate(
+                db,
+                args.to,
+                config.blobs.backend,
+                lambda backend: blob_store(config, db, backend),
+                progress=counted if sys.stderr.isatty() else None,
+            )
+        finally:
+            await db.close()
+            if sys.stderr.isatty():
+                print(file=sys.stderr)
+
+    try:
+        report = asyncio.run(go())
+    except (MoveError, ConfigError) as exc:
+        for line in exc.errors if isinstance(exc, ConfigError) else [str(exc)]:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_ERROR
+    for line in report.lines:
+        print(line)
+    return EXIT_OK
+
+
 def cmd_stats_agents(config: Config, args: argparse.Namespace) -> int:
     import csv
     from datetime import UTC, datetime
@@ -634,6 +672,14 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--since", default="7d", help="period, e.g. 7d, 24h (default 7d)")
     sa.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sa.set_defaults(func=cmd_stats_agents, serves_tenants=True)
+    bl = sub.add_parser("blobs", help="the message blob store").add_subparsers(
+        dest="blobs_command", required=True
+    )
+    bm = bl.add_parser(
+        "migrate", help="move the blobs to another backend: copy, verify, switch, delete (docs/blobs.md)"
+    )
+    bm.add_argument("--to", required=True, choices=["fs", "postgresql", "s3"])
+    bm.set_defaults(func=cmd_blobs)
     r = sub.add_parser("restore", help="copy mail back from a snapshot, additively")
     r.add_argument("--snapshot", required=True, help="a name from 'snapshot list', or 'latest'")
     r.add_argument("--tenant", required=True)

@@ -1,11 +1,13 @@
-"""Shared fixtures: databases (SQLite and PostgreSQL), configs, real peers."""
+"""Shared fixtures: databases (SQLite, PostgreSQL), blob stores (fs, PostgreSQL, S3), configs, real peers."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -19,10 +21,12 @@ from typing import Any
 import asyncpg
 import pytest
 
+from gateway.blobs import blob_store
 from gateway.config import Config, parse_config
 from gateway.daemon import open_store
-from storage.blobs import BlobStore
+from storage.blobs import BACKENDS, BlobStore
 from storage.db import Database
+from storage.migrate import migrate
 from tests.dovecot import dovecot  # noqa: F401 (fixture: a private Dovecot per test)
 
 REQUIRE_PEERS = os.environ.get("MAILGATE_REQUIRE_PEERS") == "1"
@@ -113,9 +117,9 @@ def config_dict(tmp_path: Path, db_url: str = "", **tenant: Any) -> dict[str, An
 
 
 @pytest.fixture
-def config(tmp_path: Path, db_url: str) -> Config:
-    """The small configuration on the test's database."""
-    return parse_config(config_dict(tmp_path, db_url))
+def config(tmp_path: Path, db_url: str, blobs_section: dict[str, Any]) -> Config:
+    """The small configuration on the test's database and blob backend."""
+    return parse_config({**config_dict(tmp_path, db_url), "blobs": blobs_section})
 
 
 @pytest.fixture
@@ -123,7 +127,112 @@ async def store(config: Config) -> AsyncIterator[tuple[Database, BlobStore]]:
     """Migrated database with the config's tenants synchronised, and a blob store."""
     db, blobs = await open_store(config)
     yield db, blobs
+    await blobs.close()
     await db.close()
+
+
+# --------------------------------------------------------------------------- blob stores
+
+# A test (or module: pytestmark) marked so runs on each blob backend; others on "fs".
+on_every_blob_backend = pytest.mark.parametrize("blob_backend", BACKENDS, indirect=True)
+
+
+@pytest.fixture
+def blob_backend(request: pytest.FixtureRequest) -> str:
+    """The test's ``[blobs] backend``: "fs" unless the test runs ``on_every_blob_backend``."""
+    return str(getattr(request, "param", "fs"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Blobs in PostgreSQL need a PostgreSQL database: their SQLite cases are not run."""
+    keep, drop = [], []
+    for item in items:
+        params = (
+            item.callspec.params if isinstance(item, pytest.Function) and hasattr(item, "callspec") else {}
+        )
+        impossible = params.get("blob_backend") == "postgresql" and params.get("db_url") == "sqlite"
+        (drop if impossible else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 and a free port, for the whole session: its endpoint URL."""
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+        missing_peer("moto[server] is not installed (pip install -e '.[test]')")
+    port = free_port()
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, f"moto's server exited with {proc.returncode}"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"moto's S3 server did not listen on {port}")
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+async def s3_bucket(endpoint: str, directory: Path) -> dict[str, Any]:
+    """A new bucket on the S3 server at ``endpoint``: the ``[blobs]`` keys for it (keys in files)."""
+    from aiobotocore.session import get_session
+
+    (directory / "s3-access").write_text("mailgate-test\n")
+    (directory / "s3-secret").write_text("mailgate-test-secret\n")
+    bucket = f"mailgate-{uuid.uuid4().hex[:12]}"
+    async with get_session().create_client(
+        "s3",
+        region_name="us-east-1",
+        endpoint_url=endpoint,
+        aws_access_key_id="mailgate-test",
+        aws_secret_access_key="mailgate-test-secret",
+    ) as client:
+        await client.create_bucket(Bucket=bucket)
+    return {
+        "s3_endpoint": endpoint,
+        "s3_bucket": bucket,
+        "s3_region": "us-east-1",
+        "s3_access_key_file": str(directory / "s3-access"),
+        "s3_secret_key_file": str(directory / "s3-secret"),
+    }
+
+
+@pytest.fixture
+async def blobs_section(request: pytest.FixtureRequest, blob_backend: str, tmp_path: Path) -> dict[str, Any]:
+    """The ``[blobs]`` section for the test's backend; for "s3" a fresh bucket on the session's server."""
+    if blob_backend != "s3":
+        return {"backend": blob_backend}
+    return {"backend": "s3", **await s3_bucket(request.getfixturevalue("s3_server"), tmp_path)}
+
+
+@pytest.fixture
+async def blobs(blob_backend: str, blobs_section: dict[str, Any], tmp_path: Path) -> AsyncIterator[BlobStore]:
+    """A bare blob store on the test's backend (for "postgresql", in a fresh migrated database)."""
+    engine = "postgresql" if blob_backend == "postgresql" else "sqlite"
+    async with new_database(engine, tmp_path / "blobs.db") as url:
+        gateway = {"data_dir": str(tmp_path / "var"), "database_url": url}
+        db = Database(url)
+        if blob_backend == "postgresql":
+            await migrate(db)
+        store = blob_store(parse_config({"gateway": gateway, "blobs": blobs_section}), db, blob_backend)
+        try:
+            yield store
+        finally:
+            await store.close()
+            await db.close()
 
 
 # --------------------------------------------------------------------------- smtp-sink

@@ -24,7 +24,7 @@ from gateway.ingest import Delivery, Pipeline
 from gateway.notify import Changes
 from storage.db import Database
 from storage.models import Event
-from tests.conftest import config_dict
+from tests.conftest import config_dict, on_every_blob_backend
 
 T = TypeVar("T")
 PASSWORD = "agent-password"
@@ -56,8 +56,8 @@ async def run(fn: Callable[..., T], *args: Any) -> T:
 
 
 @pytest.fixture
-async def imap(tmp_path: Path, db_url: str) -> AsyncIterator[Server]:
-    data = config_dict(tmp_path, db_url)
+async def imap(tmp_path: Path, db_url: str, blobs_section: dict[str, Any]) -> AsyncIterator[Server]:
+    data = {**config_dict(tmp_path, db_url), "blobs": blobs_section}
     acme, beta = data["tenants"]
     acme["agents"] = [
         {"login": "anna@acme.test", "password_hash": HASH},
@@ -78,6 +78,7 @@ async def imap(tmp_path: Path, db_url: str) -> AsyncIterator[Server]:
     await s.deliver(message(9, "beta only"), "beta")
     yield s
     await server.stop()
+    await blobs.close()
     await db.close()
 
 
@@ -87,6 +88,7 @@ def ok(response: tuple[str, list[Any]]) -> list[Any]:
     return data
 
 
+@on_every_blob_backend
 async def test_login_list_select_fetch_store_expunge(imap: Server) -> None:
     def scenario() -> None:
         c = imap.connect()
@@ -107,6 +109,7 @@ async def test_login_list_select_fetch_store_expunge(imap: Server) -> None:
     await run(scenario)
 
 
+@on_every_blob_backend
 async def test_append_copy_move_with_uidplus(imap: Server) -> None:
     def scenario() -> None:
         c = imap.connect()

@@ -1,9 +1,8 @@
-"""Mail store, blob store, config sync and migrations, on SQLite and PostgreSQL."""
+"""Mail store, config sync and migrations, on SQLite and PostgreSQL (the blob store: test_blobs.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from gateway.config import Config, parse_config
 from gateway.daemon import open_store
 from gateway.tenants import apply
 from storage import mailstore
-from storage.blobs import BlobStore, FsBlobStore
+from storage.blobs import BlobStore
 from storage.db import Database
 from storage.errors import FolderExists, NoSuchFolder, StoreError
 from storage.models import Agent, Base, Expunge, Folder, Message, Tenant
@@ -219,24 +218,6 @@ async def test_restart_reopens_the_same_store(config: Config) -> None:
         assert stored.uid == 2
     finally:
         await db.close()
-
-
-def test_blob_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
-    blobs = FsBlobStore(tmp_path / "blobs")
-    data = b"Subject: x\r\n\r\nbody\r\n"
-    digest = blobs.put_sync(data)
-    assert digest == hashlib.sha256(data).hexdigest()
-    assert blobs.path(digest).read_bytes() == data
-    assert blobs.put_sync(data) == digest
-    assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
-    assert blobs.path(digest).parent.parent.parent == tmp_path / "blobs"
-
-
-async def test_blob_store_async(tmp_path: Path) -> None:
-    blobs = FsBlobStore(tmp_path / "blobs")
-    digest = await blobs.put(b"abc")
-    assert await blobs.get(digest) == b"abc"
-    assert await blobs.exists(digest)
 
 
 async def test_sqlite_runs_durable_and_strict(store: tuple[Database, BlobStore]) -> None:

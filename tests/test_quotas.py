@@ -27,7 +27,7 @@ from storage.blobs import BlobStore
 from storage.db import Database
 from storage.flags import join_flags
 from storage.models import Message
-from tests.conftest import config_dict
+from tests.conftest import config_dict, on_every_blob_backend
 
 PASSWORD = "agent-password"
 HASH = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(PASSWORD)
@@ -69,13 +69,15 @@ class Env:
 
 
 @pytest.fixture
-async def env(tmp_path: Path, db_url: str) -> AsyncIterator[Env]:
+async def env(tmp_path: Path, db_url: str, blobs_section: dict[str, Any]) -> AsyncIterator[Env]:
     data = config_dict(tmp_path, db_url, quota="1 MB")
     data["tenants"][0]["agents"] = [{"login": "anna@acme.test", "password_hash": HASH}]
     data["snapshots"] = {"dir": str(tmp_path / "snapshots"), "keep": 3}
+    data["blobs"] = blobs_section
     config = parse_config(data)
     db, blobs = await open_store(config)
     yield Env(config, db, blobs, [NOW])
+    await blobs.close()
     await db.close()
 
 
@@ -148,6 +150,7 @@ async def test_warnings_once_per_crossing_and_again_after_rearming(env: Env) -> 
     ]
 
 
+@on_every_blob_backend
 async def test_spam_purge_by_received_date_with_a_moved_clock(env: Env) -> None:
     for n, days in ((1, 91), (2, 89), (3, 91)):
         await env.deliver(mail(n, spam=n != 3), received_at=NOW - timedelta(days=days))
@@ -167,6 +170,7 @@ async def test_spam_purge_by_received_date_with_a_moved_clock(env: Env) -> None:
     assert [r.subject for r in await env.rows("Spam")] == ["hello 2"]
 
 
+@on_every_blob_backend
 async def test_two_snapshots_in_one_second_get_distinct_names(env: Env) -> None:
     """The defect: a second snapshot within the same second (the scheduler's and `mailgate snapshot
     create`, or two creates) failed with 'Directory not empty' (tests/test_operator_docs.py, CI)."""
@@ -177,6 +181,7 @@ async def test_two_snapshots_in_one_second_get_distinct_names(env: Env) -> None:
     assert snapshots.verify(second.path) == []
 
 
+@on_every_blob_backend
 async def test_snapshot_restore_is_byte_exact_and_idempotent(env: Env) -> None:
     for n in range(5):
         await env.deliver(mail(n, 1000), received_at=NOW - timedelta(hours=n))

@@ -174,7 +174,7 @@ async def migrate(
                 f'the move from "{previous}" to "{current}" is not finished: set [blobs] backend = '
                 f'"{current}", restart mailgate, and run "mailgate blobs migrate --to {current}" first'
             )
-        if configured != current:
+        if configured not in (current, to):
             raise MoveError(f'[blobs] backend is "{configured}" but the blobs are on "{current}"')
         source, target = open_store(current), open_store(to)
         try:

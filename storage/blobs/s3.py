@@ -100,6 +100,7 @@ class S3BlobStore:
             Key=self.key(digest),
             Body=data,
             ContentMD5=base64.b64encode(md5).decode(),
+            ChecksumAlgorithm="SHA256",
             ChecksumSHA256=sha,
         )
         echoed = reply.get("ChecksumSHA256")
