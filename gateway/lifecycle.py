@@ -6,7 +6,9 @@ Theory of operation
 front-ends enforce it (read-only IMAP, refused submission, deferred relay-in,
 paused pulls) by asking it themselves. This module takes the steps that
 happen once, each recorded on the tenant's row with its time, so a restart or
-a second instance never takes one twice:
+a second instance never takes one twice (a step is claimed by the one
+transaction whose conditional update finds it unrecorded: on PostgreSQL the
+row lock makes a second instance's update wait, then find it recorded):
 
 - **notice** (``notice_days`` before the end): one message into the tenant's
   INBOX addressed to its administrators (delivered with a dedupe key naming
@@ -20,6 +22,9 @@ a second instance never takes one twice:
 
 ``renew`` clears ``noticed_at`` and ``read_only_at`` (the next end gets its
 own notice) and records ``renewed_at``.
+
+A tenant whose step fails (a snapshot that cannot be written, say) is logged
+and tried again at the next pass; the other tenants' steps are taken anyway.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from datetime import datetime
 from email.utils import format_datetime, make_msgid
 
 import structlog
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.config import Config, TenantSection
 from gateway.ingest import Delivery, Pipeline
@@ -35,6 +42,7 @@ from gateway.plans import Standing, standing
 from storage import catalog, queue, retention, snapshots
 from storage.blobs import BlobStore
 from storage.db import Database
+from storage.models import Tenant
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +68,16 @@ def notice_message(hostname: str, tenant: TenantSection, st: Standing, to: list[
     ).encode("utf-8")
 
 
+async def _claim(s: AsyncSession, tenant_id: str, step: str, now: datetime) -> bool:
+    """Record ``step`` (a column of :data:`storage.catalog.LIFECYCLE`) unless it is recorded;
+    True for the transaction that recorded it, which alone takes the step."""
+    column = getattr(Tenant, step)
+    result = await s.execute(
+        update(Tenant).where(Tenant.id == tenant_id, column.is_(None)).values({step: now})
+    )
+    return int(getattr(result, "rowcount", 0) or 0) == 1
+
+
 async def notify(
     config: Config, db: Database, pipeline: Pipeline, tenant: TenantSection, now: datetime
 ) -> None:
@@ -71,32 +89,32 @@ async def notify(
     key = f"plan-notice/{tenant.id}/{st.ends}"
     await pipeline.deliver(tenant, message, Delivery(source="notice", system=True, dedupe_key=key))
     sender = tenant.smtp.from_ if tenant.smtp is not None else None
-    relayed = tenant.contact is not None and sender is not None
-    digest = (
-        await pipeline.blobs.put(notice_message(hostname, tenant, st, [str(tenant.contact)], now))
-        if relayed
-        else None
-    )
+    relayed = notice_message(hostname, tenant, st, [str(tenant.contact)], now) if tenant.contact else None
+    digest = await pipeline.blobs.put(relayed) if relayed is not None and sender is not None else None
     async with db.write() as s:
-        steps = (await catalog.lifecycle(s)).get(tenant.id, {})
-        if steps.get("noticed_at") is not None:
+        if not await _claim(s, tenant.id, "noticed_at", now):
             return  # another instance was first
-        if digest is not None and tenant.contact is not None and sender is not None:
+        if relayed is not None and digest is not None and tenant.contact is not None and sender is not None:
             await queue.enqueue(
                 s,
                 tenant_id=tenant.id,
                 mail_from=sender,
                 recipients=[tenant.contact],
                 blob=digest,
-                size=0,
+                size=len(relayed),
                 now=now,
             )
-        await catalog.set_lifecycle(s, tenant.id, {"noticed_at": now})
     if tenant.contact is not None and sender is None:
         log.warning(
             "lifecycle.notice_not_relayed", tenant=tenant.id, reason="the tenant has no [tenants.smtp] from"
         )
-    log.info("lifecycle.noticed", tenant=tenant.id, ends=str(st.ends), admins=len(admins), contact=relayed)
+    log.info(
+        "lifecycle.noticed",
+        tenant=tenant.id,
+        ends=str(st.ends),
+        admins=len(admins),
+        contact=digest is not None,
+    )
 
 
 async def delete_tenant(db: Database, blobs: BlobStore, config: Config, tenant_id: str, now: datetime) -> str:
@@ -112,17 +130,32 @@ async def delete_tenant(db: Database, blobs: BlobStore, config: Config, tenant_i
 
 
 async def step(config: Config, db: Database, blobs: BlobStore, pipeline: Pipeline, now: datetime) -> None:
-    """Take every tenant's due lifecycle step."""
+    """Take every tenant's due lifecycle step; one tenant's failure does not hold back the others."""
     async with db.read() as s:
         taken = await catalog.lifecycle(s)
     for tenant in config.tenants:
-        st = standing(tenant, now.date())
-        steps = taken.get(tenant.id, {})
-        if st.state == "notice" and steps.get("noticed_at") is None:
-            await notify(config, db, pipeline, tenant, now)
-        elif st.state == "read_only" and not tenant.suspended and steps.get("read_only_at") is None:
-            async with db.write() as s:
-                await catalog.set_lifecycle(s, tenant.id, {"read_only_at": now})
+        try:
+            await _step(config, db, blobs, pipeline, tenant, taken.get(tenant.id, {}), now)
+        except Exception:
+            log.exception("lifecycle.step_failed", tenant=tenant.id)
+
+
+async def _step(
+    config: Config,
+    db: Database,
+    blobs: BlobStore,
+    pipeline: Pipeline,
+    tenant: TenantSection,
+    steps: dict[str, datetime | None],
+    now: datetime,
+) -> None:
+    st = standing(tenant, now.date())
+    if st.state == "notice" and steps.get("noticed_at") is None:
+        await notify(config, db, pipeline, tenant, now)
+    elif st.state == "read_only" and not tenant.suspended and steps.get("read_only_at") is None:
+        async with db.write() as s:
+            claimed = await _claim(s, tenant.id, "read_only_at", now)
+        if claimed:
             log.warning("lifecycle.read_only", tenant=tenant.id, why=st.why)
-        elif st.state == "deleted":
-            await delete_tenant(db, blobs, config, tenant.id, now)
+    elif st.state == "deleted":
+        await delete_tenant(db, blobs, config, tenant.id, now)

@@ -83,6 +83,7 @@ class Daemon:
             capture_output=True,
             check=True,
             timeout=60,
+            env=self.env,  # the daemon's environment (a fake clock, say) is the command's too
         )
         return out.stdout.decode()
 

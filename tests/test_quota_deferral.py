@@ -343,7 +343,7 @@ def promtool_test(exposition: str, scraped_at: float, minutes: int) -> dict[str,
                 value = round(value - scraped_at)
             labels = {"job": "mailgate", "instance": "gw1:9464", **sample.labels}
             selector = ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-            series.append({"series": f"{sample.name}{{{selector}}}", "values": f"{value:g}x{minutes}"})
+            series.append({"series": f"{sample.name}{{{selector}}}", "values": f"{value:.15g}x{minutes}"})
     return {"input_series": series, "interval": "1m"}
 
 
