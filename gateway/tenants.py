@@ -29,7 +29,9 @@ The file's ``[[tenants]]`` and ``[plans.*]`` are applied on start and on
 reload (:func:`apply`): what the file declares is created or updated (a
 tenant declared in the file is owned by it: an edit made through the API to
 such a tenant lasts until the next start or reload); what it does not
-mention stays, unless ``prune`` deletes it.
+mention stays, unless ``prune`` deletes it. A declared tenant whose plan has
+ended past its read-only days is not applied: the lifecycle deletes it, and
+the file declaring it still must not bring it back to be deleted again.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from gateway.config import (
     check_tenants,
     format_errors,
 )
-from gateway.plans import today
+from gateway.plans import standing, today
 from rules import ActionKind
 from storage import catalog
 from storage.db import Database, uninterrupted
@@ -154,6 +156,13 @@ async def apply(db: Database, config: Config, *, prune: bool = False) -> list[st
         if await catalog.put_plans(s, _declared_plans(config)):
             changes.append("plans")
         for t in config.tenants:
+            st = standing(t)
+            if st.state == "deleted":
+                # Deleted by the plan lifecycle (or due to be): declaring it again must not bring
+                # it back only to delete it again, every start.
+                log.warning("catalog.file_tenant_ended", tenant=t.id, why=st.why)
+                changes.append(f"skipped tenant {t.id}: {st.why}")
+                continue
             if await catalog.put_tenant(s, storage_spec(t), document(t)):
                 changes.append(f"tenant {t.id}")
         if prune:

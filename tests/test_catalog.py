@@ -341,3 +341,17 @@ async def test_only_declared_plans_are_stored_so_files_without_them_change_nothi
     served = await tenants.load(db, parse_config(config_dict(tmp_path, db_url)))
     assert served.plans["big"].seats == 40
     assert served.plans["3gb"].seats == 5
+
+
+async def test_a_file_tenant_whose_plan_ended_is_not_brought_back_after_its_deletion(
+    tmp_path: Path, db_url: str, store: tuple[Database, BlobStore]
+) -> None:
+    db, _ = store
+    data = config_dict(tmp_path, db_url)
+    data["tenants"][1] |= {"plan": "3gb", "paid_until": "2020-01-31"}  # long past its read-only days
+    async with db.write() as s:
+        await catalog.delete_tenant(s, "beta")  # as the lifecycle did
+    changes = await tenants.apply(db, parse_config(data))
+    assert any(c.startswith("skipped tenant beta: plan 3gb ended on 2020-01-31") for c in changes)
+    async with db.read() as s:
+        assert await s.get(Tenant, "beta") is None

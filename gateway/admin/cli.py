@@ -365,7 +365,7 @@ def cmd_config(config: Config, args: argparse.Namespace) -> int:
                     await blobs.close()
                 print(f"tenant {tenant_id} deleted (not in {args.file}); its last snapshot is {snapshot}")
             else:
-                print(f"applied: {change}")
+                print(change if change.startswith("skipped") else f"applied: {change}")
         if not changes:
             print("nothing to change")
 
