@@ -435,3 +435,21 @@ class BlobLocation(Base):
     backend: Mapped[str] = mapped_column(String(16))
     previous: Mapped[str | None] = mapped_column(String(16))
     switched_at: Mapped[datetime] = mapped_column()
+
+
+class UpstreamLease(Base):
+    """Which instance pulls an upstream folder, until when (``storage.leases``).
+
+    Exactly one holder at a time: every change is one conditional statement
+    (compare-and-set on holder and expiry); the storing transaction of a pull
+    checks that its instance still holds the folder's lease.
+    """
+
+    __tablename__ = "upstream_leases"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(255), primary_key=True)
+    folder: Mapped[str] = mapped_column(String(255), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255), index=True)  # an instance id
+    acquired_at: Mapped[datetime] = mapped_column()  # when this holder took it
+    expires_at: Mapped[datetime] = mapped_column()  # renewed well before; another may take it after
