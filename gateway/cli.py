@@ -273,6 +273,38 @@ def cmd_mailboxes(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cluster(config: Config, args: argparse.Namespace) -> int:
+    """``cluster status``: the instances registered in the database, alive or not, and what they hold."""
+    from datetime import UTC, datetime
+
+    from storage import instances
+
+    async def go() -> list[instances.Member]:
+        db = await open_for_reading(config)
+        try:
+            async with db.read() as s:
+                return await instances.cluster(s, datetime.now(UTC))
+        finally:
+            await db.close()
+
+    rows = [
+        {
+            "id": m.row.id,
+            "host": m.row.hostname,
+            "pid": m.row.pid,
+            "started": m.row.started_at.isoformat(timespec="seconds"),
+            "heartbeat": m.row.heartbeat_at.isoformat(timespec="seconds"),
+            "alive": m.alive,
+            "relay_claims": m.relay_claims,
+            "upstream_leases": m.upstream_leases,
+        }
+        for m in asyncio.run(go())
+    ]
+    columns = ["id", "host", "pid", "started", "heartbeat", "alive", "relay_claims", "upstream_leases"]
+    print_rows(rows, columns, args.format)
+    return EXIT_OK
+
+
 def _print_queue_history(h: queue.History, fmt: str) -> None:
     """``queue show``: the message's summary, its recipients' states and its whole history."""
     from storage import queue
@@ -653,6 +685,14 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "show":
             qv.add_argument("--format", choices=["table", "json"], default="table")
         qv.set_defaults(func=cmd_queue)
+    cl = sub.add_parser("cluster", help="the instances on this database").add_subparsers(
+        dest="cluster_command", required=True
+    )
+    cs = cl.add_parser(
+        "status", help="instances: host, pid, last heartbeat, alive, relay claims and leases held"
+    )
+    cs.add_argument("--format", choices=["table", "json"], default="table")
+    cs.set_defaults(func=cmd_cluster)
     ps = sub.add_parser("purge-spam", help="delete spam older than retention.spam_days now")
     ps.add_argument("--dry-run", action="store_true", help="report what would be deleted")
     ps.set_defaults(func=cmd_purge_spam)

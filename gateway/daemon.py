@@ -1,9 +1,11 @@
 """The daemon's lifecycle: one function owns start-up and shutdown order.
 
-Start-up: the database's single-instance lock (a second instance exits 1
-naming the first, see :mod:`storage.instances`), migrations, the file's
-tenants and plans applied to the catalog, this instance registered and its
-old relay claims released, blob store and ingest pipeline, then the
+Start-up: this instance's lock (a second process with its id, on SQLite
+any second instance, exits 1 naming the first, see :mod:`storage.instances`),
+migrations and the file's tenants and plans applied to the catalog (under
+the cluster's start-up lock), this instance registered and its old relay
+claims released, blob store, ingest pipeline and, on PostgreSQL, change
+notices shared with the other instances (:mod:`gateway.notify`), then the
 listeners. The daemon serves the file's settings with the catalog's tenants
 and plans (:mod:`gateway.tenants`), and switches to a new such configuration
 whenever the catalog changes, wherever the change was made. Shutdown
@@ -37,7 +39,7 @@ from gateway.imap.index import FolderIndex
 from gateway.imap.server import IMAPServer
 from gateway.ingest import Pipeline
 from gateway.metrics import DatabaseCollector, MetricsServer, refresh_forever
-from gateway.notify import Changes
+from gateway.notify import Changes, ClusterNotices
 from gateway.pull.manager import PullManager
 from gateway.relay.worker import RelayWorker
 from gateway.scheduler import Scheduler
@@ -110,18 +112,19 @@ class Daemon:
                 )
         self.db = Database(self.config.gateway.effective_database_url)
         try:
-            self.lock = await instances.lock(self.db)
+            self.lock = await instances.lock(self.db, self.config.gateway.effective_instance)
         except instances.InstanceConflict as exc:
             log.error("instance.conflict", error=str(exc))
             raise
-        _, blobs = await open_store(self.file_config, self.db)
+        async with self.lock.starting():
+            _, blobs = await open_store(self.file_config, self.db)
         self.blobs = blobs
         self.catalog = Watcher(self.db, lambda: self.file_config, self._serve)
         await self.catalog.refresh()
         instance = self.config.gateway.effective_instance
         await self.lock.register(instance, os.uname().nodename, datetime.now(UTC))
         async with self.db.write() as s:
-            # Holding the lock, no other process is this instance: its claims are a dead run's.
+            # Holding its id's lock, no other process is this instance: its claims are a dead run's.
             released = await queue.release(s, instance)
         log.info("instance.registered", instance=instance, pid=os.getpid(), released_claims=released)
         changes = Changes()
@@ -139,6 +142,8 @@ class Daemon:
             asyncio.create_task(self._instance_heartbeat(self.lock), name="instance"),
             asyncio.create_task(self.catalog.run(), name="catalog"),
         ]
+        if not self.db.is_sqlite:  # the other instances' writes reach this one's sessions and index
+            self._tasks.append(asyncio.create_task(ClusterNotices(self.db.url, changes).run(), name="notify"))
         outbox = Outbox(self.db, blobs, changes, self.relay.wake.set)
         for name, submission, implicit in (
             ("smtp", False, False),

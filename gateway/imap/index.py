@@ -14,13 +14,16 @@ ENVELOPE and BODYSTRUCTURE, which are stored in the database).
 
 The database stays the one durable truth. Writers commit there, then
 :meth:`gateway.notify.Changes.publish` the folders they touched; the index
-marks those *stale*. The next session to look refreshes a stale folder with
-one read of what has a MODSEQ above the index's (changed and new messages,
-expunges), under the folder's lock so that one refresh serves every session
-waiting. A folder nobody marked stale is still refreshed once per
-:data:`RECHECK` seconds, for writers in other processes (the CLI's restore,
-other instances). So a NOOP, an IDLE wake-up or a FETCH of flags in a folder
-with no change issues no statement at all.
+marks those *stale*, and so it does for the same notices from other
+instances on PostgreSQL (:class:`gateway.notify.ClusterNotices`; after a
+lost connection to it, every folder). The next session to look refreshes a
+stale folder with one read of what has a MODSEQ above the index's (changed
+and new messages, expunges), under the folder's lock so that one refresh
+serves every session waiting. A folder nobody marked stale is still
+refreshed once per :data:`RECHECK` seconds, for writers that send no notice
+(the CLI's restore, a notice lost with the process that was to send it). So
+a NOOP, an IDLE wake-up or a FETCH of flags in a folder with no change
+issues no statement at all.
 
 A folder is loaded when the first session opens it (SELECT/EXAMINE); when
 the last one closes it, it is kept for a while (clients go back and forth
@@ -28,7 +31,9 @@ between two folders), at most 64 such folders for 5 minutes, then evicted.
 A session of this process that changed flags or expunged (STORE, EXPUNGE, the
 \\Seen a FETCH sets) hands its committed changes to the index itself
 (:meth:`FolderIndex.wrote`) when nothing else is outstanding, so its own
-write is not read back. Expunge records older than every open
+write is not read back. That never hides another writer's change, here or on
+another instance: every write takes the folder's next MODSEQ under its row
+lock, so a write committed in between leaves a gap the shortcut refuses. Expunge records older than every open
 session's view are dropped, and the change log is compacted when it grows to
 twice the folder. Memory: about 400 bytes per message of an open folder
 (measured in tests/test_imap_index.py).
@@ -51,7 +56,7 @@ from storage.db import Database
 from storage.flags import SEEN
 from storage.models import Expunge, Folder, Message
 
-RECHECK = 30.0  # seconds after which an unchanged folder is read again (other processes' writes)
+RECHECK = 30.0  # seconds after which an unchanged folder is read again (writes sending no notice)
 IDLE_KEEP = 64  # folders kept loaded with no session on them
 IDLE_TTL = 300.0  # seconds one is kept
 _MAX = 2**63
@@ -154,8 +159,9 @@ class FolderIndex:
         self._idle: dict[int, float] = {}  # folders nobody has open -> since when, oldest first
         changes.subscribe(self._invalidate)
 
-    def _invalidate(self, folder_ids: Iterable[int]) -> None:
-        for folder_id in folder_ids:
+    def _invalidate(self, folder_ids: set[int] | None) -> None:
+        """A change notice, from this process or another instance (None: any folder may have changed)."""
+        for folder_id in self.folders if folder_ids is None else folder_ids:
             state = self.folders.get(folder_id)
             if state is not None:
                 state.notices += 1
