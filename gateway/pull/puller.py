@@ -61,6 +61,18 @@ looks again at once when room appears. The reason and the next attempt are
 recorded for ``mailgate mailboxes``; a refused login is logged once per
 change, not on every retry.
 
+Run by :class:`~gateway.pull.manager.PullManager`, a puller holds the
+folder's lease (:mod:`storage.leases`), so exactly one instance of a cluster
+pulls a folder at a time. Every transaction that stores messages or moves the
+folder's state (its last UID, its waiting list) first checks the lease
+(:meth:`Lease.check <storage.leases.Lease.check>`) and is rolled back with
+:class:`~storage.leases.LeaseLost` when this instance no longer holds it; the
+puller then ends, storing nothing more. The batch in flight is pulled again by
+the new holder, which reads the last UID after this transaction ended; a
+message stored twice is impossible anyway: its dedupe key (account, folder,
+UIDVALIDITY, UID) and the last-UID advance commit with it. A puller made
+without a lease (tests, tools) stores unfenced.
+
 Two caps protect upstream servers: at most :data:`LOGINS_PER_HOST`
 connections being opened to one server at a time (hundreds of tenants on one
 provider start without a thundering herd, and an idling connection never
@@ -90,8 +102,9 @@ from gateway.ingest import Delivery, Outcome, Pipeline
 from gateway.pull.imap_client import AuthFailed, UpstreamError, UpstreamIMAP
 from quotas import QuotaExceeded
 from storage import mailstore, upstream
-from storage.db import Database
+from storage.db import Database, uninterrupted
 from storage.errors import StoreError
+from storage.leases import Lease, LeaseLost
 from storage.models import Tenant
 
 log = structlog.get_logger(__name__)
@@ -202,8 +215,10 @@ class FolderPuller:
         clock: Callable[[], datetime] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self.job = job
+        self.lease = lease  # checked by every storing transaction (None: unfenced)
         self.config = config
         self.pipeline = pipeline
         self.db = db
@@ -217,7 +232,7 @@ class FolderPuller:
         self._wakeup: asyncio.Event | None = None  # set while waiting for room
 
     async def run(self) -> None:
-        """Connect, pull, wait for more; on failure back off and start again."""
+        """Connect, pull, wait for more; on failure back off and start again; end when the lease is lost."""
         while True:
             box = self.job.mailbox
             try:
@@ -229,6 +244,9 @@ class FolderPuller:
                         await self._watch(client)
                     finally:
                         await client.logout()
+            except LeaseLost as exc:
+                self.log.info("pull.lease_lost", reason=str(exc))
+                return
             except Paused as exc:
                 await self._pause(str(exc))
             except AuthFailed as exc:
@@ -315,6 +333,7 @@ class FolderPuller:
         if any(r.uidvalidity != selected.uidvalidity for r in rows):
 
             async def forget_all(s: AsyncSession) -> None:  # those UIDs mean nothing now; start over
+                await self._fence(s)
                 await upstream.drop_waiting(
                     s, job.tenant_id, job.mailbox.name, job.folder, except_uidvalidity=selected.uidvalidity
                 )
@@ -376,6 +395,7 @@ class FolderPuller:
         job, now = self.job, self.clock()
 
         async def wait(s: AsyncSession) -> bool:
+            await self._fence(s)
             await upstream.advance(s, job.tenant_id, job.mailbox.name, job.folder, uidvalidity, uid)
             await upstream.add_waiting(
                 s, job.tenant_id, job.mailbox.name, job.folder, uidvalidity, uid, size, now
@@ -391,6 +411,7 @@ class FolderPuller:
         job = self.job
 
         async def forget(s: AsyncSession) -> None:
+            await self._fence(s)
             await upstream.drop_waiting(s, job.tenant_id, job.mailbox.name, job.folder, uids)
             await quotas.sync_waiting(s, job.tenant_id, self.clock())
 
@@ -419,6 +440,7 @@ class FolderPuller:
         ]
 
         async def within(s: AsyncSession, outcomes: list[Outcome]) -> None:
+            await self._fence(s)
             if last_uid is None:
                 await upstream.drop_waiting(s, job.tenant_id, job.mailbox.name, job.folder, uids)
                 await quotas.sync_waiting(s, job.tenant_id, self.clock())
@@ -428,8 +450,15 @@ class FolderPuller:
                 s, job.tenant_id, job.mailbox.name, sum(not o.duplicate for o in outcomes)
             )
 
-        outcomes = await self.pipeline.deliver_many(tenant, items, within=within)
+        # Seen to its end even if the puller is stopped meanwhile (say, its lease lost): the
+        # transaction commits, or is refused by the lease check, before the puller ends.
+        outcomes = await uninterrupted(self.pipeline.deliver_many(tenant, items, within=within))
         return sum(not o.duplicate for o in outcomes)
+
+    async def _fence(self, s: AsyncSession) -> None:
+        """Inside a storing transaction: :class:`LeaseLost` unless this instance holds the lease."""
+        if self.lease is not None:
+            await self.lease.check(s)
 
     async def _apply_policy(self, client: UpstreamIMAP, uids: list[int]) -> None:
         policy = self.job.mailbox.after_fetch
