@@ -55,9 +55,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
 import structlog
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -155,10 +153,6 @@ def parse(payload: str) -> set[int] | None:
         return None
 
 
-# What a failing notice connection raises (through SQLAlchemy when connecting, asyncpg's own after).
-_LOST = (OSError, TimeoutError, SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError)
-
-
 class ClusterNotices:
     """Carries :class:`Changes` between the instances on one PostgreSQL database (see the module doc)."""
 
@@ -186,8 +180,11 @@ class ClusterNotices:
             try:
                 await self._session()
                 log.warning("notify.connection_lost", retry_in=self._delay)
-            except _LOST as exc:
-                log.warning("notify.connection_failed", error=str(exc).splitlines()[0], retry_in=self._delay)
+            except Exception as exc:  # noqa: BLE001 (whatever the connection raised, it is opened again)
+                # Not only OSError, SQLAlchemy's and asyncpg's Postgres/Interface errors: a statement
+                # sent while the server's goodbye is arriving fails with asyncpg's InternalClientError.
+                error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                log.warning("notify.connection_failed", error=error, retry_in=self._delay)
             await asyncio.sleep(self._delay)
             self._delay = min(2 * self._delay, BACKOFF_MAX)
 
