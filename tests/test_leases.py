@@ -3,15 +3,19 @@
 Storage-level semantics run on SQLite and PostgreSQL with simulated instance
 ids (rows in ``instances`` and a clock of the test's); the handover tests pull
 from a real Dovecot with two simulated instances, each with its own database
-connections and ingest pipeline, on one database.
+connections and ingest pipeline, on one database; Done means 1 runs three
+``mailgate run`` daemons on one PostgreSQL (:func:`cluster_pull`, which
+bench/cluster_pull.py runs at any size).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import re
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 
 from gateway.config import Config, parse_config
 from gateway.daemon import open_store
@@ -31,7 +35,7 @@ from storage import leases
 from storage.blobs import BlobStore
 from storage.db import Database
 from storage.leases import TTL, Key, Lease, LeaseLost
-from storage.models import Instance, Message, UpstreamLease
+from storage.models import Instance, Message, UpstreamFolder, UpstreamLease
 from tests import corpus
 from tests.conftest import config_dict
 from tests.dovecot import Dovecot
@@ -425,3 +429,184 @@ async def test_lease_flipping_between_two_instances_during_a_pull_stores_each_me
             await m.stop()
     await assert_stored_exactly_once(a, upstream)
     assert await holders(a.db, datetime.now(UTC)) == {}  # a clean stop releases
+
+
+# --------------------------------------------------------------------------- three daemons (Done means 1)
+
+
+@dataclass
+class ClusterPull:
+    """What :func:`cluster_pull` measured (seconds from the daemons' spawn unless said otherwise)."""
+
+    mailboxes: int
+    messages: int
+    spread_at: float = 0.0  # leases spread evenly over the three (before any mail arrives)
+    spread: dict[str, int] = field(default_factory=dict)  # ``cluster status``: leases per instance
+    delivered_at: float = 0.0  # every message is upstream (delivered while the pull runs)
+    victim: str = ""
+    victim_folders: dict[str, int] = field(default_factory=dict)  # its mailboxes: messages pulled at the kill
+    stored_at_kill: int = 0
+    killed_at: float = 0.0
+    taken_over_after: float = 0.0  # from the kill until its folders have live holders
+    done_at: float = 0.0  # every message stored
+    pull_seconds: float = 0.0  # from the first delivery until every message was stored
+    stored: int = 0
+    log: list[str] = field(default_factory=list)
+
+
+async def cluster_pull(
+    root: Path,
+    pg_url: str,
+    dovecot: Dovecot,
+    mailboxes: int = 12,
+    messages: int = 500,
+    size: int = 3000,
+    kill_at: float = 0.2,
+    say: Callable[[str], None] = lambda _: None,
+) -> ClusterPull:
+    """Done means 1: instances a, b, c (blobs in PostgreSQL) pull ``mailboxes`` x ``messages``;
+    the one holding the most leases is killed with SIGKILL once ``kill_at`` of the mail is stored.
+
+    Leases are spread before the mail arrives, so the pull runs spread. Returns the timings;
+    the caller checks the end state with :func:`assert_cluster_stored_exactly_once`.
+    """
+    from tests.test_cluster import Instance as ClusterInstance  # its daemons' configuration
+    from tests.test_pull_daemon import mailbox_toml
+
+    out = ClusterPull(mailboxes, messages)
+    users = [f"box{i:02}" for i in range(mailboxes)]
+    for user in users:
+        dovecot.add_user(user, PASSWORD)
+    boxes = "".join(mailbox_toml(u, dovecot.port, idle=False, poll_interval="1s") for u in users)
+    nodes = {}
+    for name in "abc":
+        node = ClusterInstance.configure(root / name, pg_url, name)
+        config = node.daemon.config
+        config.write_text(config.read_text(encoding="utf-8") + boxes, encoding="utf-8")
+        node.daemon.env["MAILGATE_TEST_UPSTREAM"] = PASSWORD
+        nodes[name] = node
+    db = Database(pg_url)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+
+    async def wait_for(what: str, check: Callable[[], Awaitable[bool]], seconds: float) -> float:
+        start = loop.time()
+        while not await check():
+            if loop.time() - start > seconds:
+                logs = "\n".join(n.daemon.log.read_text()[-2000:] for n in nodes.values())
+                pytest.fail(f"{what} not within {seconds}s:\n{logs}")
+            await asyncio.sleep(0.02)
+        return loop.time() - t0
+
+    async def held() -> dict[str, list[str]]:
+        now = datetime.now(UTC)
+        by: dict[str, list[str]] = {}
+        async with db.read() as s:
+            for r in await leases.leases(s):
+                if r.expires_at > now:
+                    by.setdefault(r.holder, []).append(r.mailbox)
+        return by
+
+    async def stored() -> int:
+        async with db.read() as s:
+            return int(await s.scalar(select(func.count()).select_from(Message)) or 0)
+
+    share = leases.share(mailboxes, 3)
+    try:
+        await asyncio.gather(*(asyncio.to_thread(n.daemon.start) for n in nodes.values()))
+
+        async def spread_evenly() -> bool:  # each its share (or what remains), nothing unheld
+            counts = [len(v) for v in (await held()).values()]
+            return len(counts) == 3 and sum(counts) == mailboxes and max(counts) <= share
+
+        out.spread_at = await wait_for("leases spread over a, b and c", spread_evenly, 60)
+        status = await asyncio.to_thread(nodes["a"].daemon.cli, "cluster", "status", "--format", "json")
+        out.spread = {r["id"]: r["upstream_leases"] for r in json.loads(status)}
+        say(f"leases spread after {out.spread_at:.1f}s: {out.spread}")
+
+        mail = {user: corpus.normal(messages, size=size, seed=1500 + i) for i, user in enumerate(users)}
+
+        def deliver() -> None:  # a batch to each mailbox in turn: every folder fills up while pulled
+            for start in range(0, messages, BATCH):
+                for user in users:
+                    dovecot.deliver_files(user, "INBOX", mail[user][start : start + BATCH])
+            out.delivered_at = loop.time() - t0
+
+        start = loop.time()
+        delivering = asyncio.create_task(asyncio.to_thread(deliver))
+        total = mailboxes * messages
+        await wait_for(f"{kill_at:.0%} stored", lambda: _at_least(stored, int(total * kill_at)), 120)
+        by = await held()
+        out.victim = max(sorted(by), key=lambda name: len(by[name]))
+        nodes[out.victim].daemon.stop()  # SIGKILL
+        out.killed_at = loop.time() - t0
+        out.stored_at_kill = await stored()
+        async with db.read() as s:
+            pulled = {r.mailbox: r.last_uid for r in (await s.scalars(select(UpstreamFolder))).all()}
+        out.victim_folders = {m: pulled.get(m, 0) for m in sorted(by[out.victim])}
+        say(f"killed {out.victim} at {out.killed_at:.1f}s, {out.stored_at_kill} stored")
+        say(f"its folders, messages pulled: {out.victim_folders}")
+
+        async def taken_over() -> bool:
+            holders = await held()
+            taken = {m for name, folders in holders.items() if name != out.victim for m in folders}
+            return taken.issuperset(out.victim_folders)
+
+        out.taken_over_after = await wait_for("the takeover", taken_over, 90) - out.killed_at
+        say(f"its folders taken over {out.taken_over_after:.1f}s after the kill")
+        await delivering
+        out.done_at = await wait_for("every message stored", lambda: _at_least(stored, total), 180)
+        out.pull_seconds = loop.time() - start
+        await asyncio.sleep(2)  # a second look: nothing more arrives (a duplicate would)
+        out.stored = await stored()
+        for name, node in nodes.items():
+            if name != out.victim:
+                assert await asyncio.to_thread(node.daemon.signal, signal.SIGTERM) == 0
+        return out
+    finally:
+        for node in nodes.values():
+            node.daemon.stop()
+        await db.close()
+
+
+async def _at_least(count: Callable[[], Awaitable[int]], n: int) -> bool:
+    return await count() >= n
+
+
+async def assert_cluster_stored_exactly_once(pg_url: str, dovecot: Dovecot, mailboxes: int) -> None:
+    """Every upstream message of every mailbox is stored once, by Message-ID and by sha256."""
+    upstream = [
+        raw
+        for i in range(mailboxes)
+        for raw in await asyncio.to_thread(dovecot.messages, f"box{i:02}", "INBOX")
+    ]
+    db = Database(pg_url)
+    try:
+        async with db.read() as s:
+            rows = (await s.execute(select(Message.message_id, Message.blob))).all()
+    finally:
+        await db.close()
+    assert Counter(m for m, _ in rows) == Counter(message_id(raw) for raw in upstream)
+    assert Counter(b for _, b in rows) == Counter(hashlib.sha256(raw).hexdigest() for raw in upstream)
+
+
+CLUSTER_MAILBOXES, CLUSTER_MESSAGES = 12, 500  # bench/cluster_pull.py runs the same with any size
+
+
+@pytest.mark.peers
+@pytest.mark.timeout(300)
+async def test_three_instances_pull_every_message_once_and_take_over_a_killed_ones_folders(
+    tmp_path: Path, db_url: str, dovecot: Dovecot
+) -> None:
+    """Done means 1: three daemons on one PostgreSQL, kill -9 of the busiest mid-pull."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("several instances run on PostgreSQL only (SQLite refuses a second one)")
+    run = await cluster_pull(tmp_path, db_url, dovecot, CLUSTER_MAILBOXES, CLUSTER_MESSAGES)
+    share = leases.share(CLUSTER_MAILBOXES, 3)
+    assert run.spread == {"a": share, "b": share, "c": share}
+    # Killed in the middle of the pull: some of its folders were partly pulled.
+    assert any(0 < n < CLUSTER_MESSAGES for n in run.victim_folders.values()), run
+    assert run.stored_at_kill < CLUSTER_MAILBOXES * CLUSTER_MESSAGES
+    assert run.taken_over_after <= 45
+    assert run.stored == CLUSTER_MAILBOXES * CLUSTER_MESSAGES
+    await assert_cluster_stored_exactly_once(db_url, dovecot, CLUSTER_MAILBOXES)
