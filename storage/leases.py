@@ -19,9 +19,12 @@ instances can never both hold a lease whatever the interleaving:
 
 On PostgreSQL the statements lock the row they look at, so a concurrent
 acquire waits and then sees the winner's holder; on SQLite (one instance)
-writers are serialised anyway. Each runs in a transaction of its own, so an
-instance never holds locks on several leases at once (no deadlocks between
-instances acquiring in different orders).
+writers are serialised anyway. Each runs in a transaction of its own, and
+none waits for a row while holding another: acquire and release touch one
+row each, and the renewal of all of an instance's leases skips the rows a
+store in flight has locked (those are renewed one by one after it). A pull's
+storing transaction may lock several leases (a group commit), so this is what
+keeps renewals, takeovers and stores free of deadlocks.
 
 The storing transaction of a pull *fences* on its lease (:meth:`Lease.check`):
 it reads the row ``FOR UPDATE`` and rolls back with :class:`LeaseLost` unless
@@ -108,13 +111,27 @@ async def acquire(
     return now if int(getattr(result, "rowcount", 0) or 0) == 1 else None
 
 
-async def renew(s: AsyncSession, holder: str, now: datetime, ttl: timedelta = TTL) -> dict[Key, datetime]:
-    """Extend every unexpired lease of ``holder`` to ``now + ttl``; those it holds, with their tenures."""
+async def renew(
+    s: AsyncSession, holder: str, now: datetime, ttl: timedelta = TTL, key: Key | None = None
+) -> dict[Key, datetime]:
+    """Extend unexpired leases of ``holder`` to ``now + ttl``; those renewed, with their tenures.
+
+    Without ``key``, every one not locked this moment by a store in flight (PostgreSQL skips
+    those: a renewal holding some rows never waits for another); with ``key``, that one alone,
+    waiting for its store to end.
+    """
+    query = update(UpstreamLease).where(UpstreamLease.holder == holder, UpstreamLease.expires_at > now)
+    if key is None:
+        unlocked = (
+            select(UpstreamLease.tenant_id, UpstreamLease.mailbox, UpstreamLease.folder)
+            .where(UpstreamLease.holder == holder, UpstreamLease.expires_at > now)
+            .with_for_update(skip_locked=True)
+        )
+        query = query.where(_folder_key.in_(unlocked))
+    else:
+        query = query.where(_folder_key == key)
     result = await s.execute(
-        update(UpstreamLease)
-        .where(UpstreamLease.holder == holder, UpstreamLease.expires_at > now)
-        .values(expires_at=now + ttl)
-        .returning(
+        query.values(expires_at=now + ttl).returning(
             UpstreamLease.tenant_id, UpstreamLease.mailbox, UpstreamLease.folder, UpstreamLease.acquired_at
         )
     )
@@ -200,12 +217,15 @@ async def balance(
     async with db.read() as s:
         live = await live_instances(s, me, now)
         rows = {_key(lease): lease for lease in await leases(s)}
+    for key, row in rows.items():  # skipped, a store in flight: renewed alone, after that store
+        if row.holder == me and row.expires_at > now and key not in renewed:
+            renewed |= await db.transaction(functools.partial(renew, holder=me, now=now, ttl=ttl, key=key))
     out = Balance(share=share(len(set(wanted)), len(live)), live=len(live))
     out.lost = {key for key, since in held.items() if renewed.get(key) != since}
     keep = sorted(renewed.keys() & set(wanted))
     out.released = sorted(renewed.keys() - set(wanted)) + keep[out.share :]
-    if out.released:
-        await db.transaction(lambda s: release(s, me, out.released))
+    for key in out.released:  # one at a time: a release waiting for a store holds no other row
+        await db.transaction(functools.partial(release, holder=me, keys=[key]))
     out.held = {key: renewed[key] for key in keep[: out.share]}
     free = [
         k for k in dict.fromkeys(wanted) if k not in out.held and (k not in rows or rows[k].expires_at <= now)

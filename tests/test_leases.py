@@ -152,6 +152,32 @@ async def test_no_two_holders_under_concurrent_acquire(db_url: str, config: Conf
             await db.close()
 
 
+@pytest.mark.parametrize("first", [0, 1])
+async def test_renewal_never_deadlocks_with_a_store_locking_several_leases(
+    store: tuple[Database, BlobStore], first: int
+) -> None:
+    """A group commit fences two leases one after the other while the instance renews them all."""
+    db, _ = store
+    done = await leases.balance(db, "a", FOLDERS[:2], {}, T0)
+    order = [FOLDERS[first], FOLDERS[1 - first]]
+    locked = asyncio.Event()
+
+    async def store_two() -> None:
+        async with db.write() as s:
+            await Lease(order[0], "a", T0, lambda: T0).check(s)
+            locked.set()
+            await asyncio.sleep(0.3)  # the renewal runs meanwhile
+            await Lease(order[1], "a", T0, lambda: T0).check(s)
+
+    async def turn() -> leases.Balance:
+        await locked.wait()
+        return await leases.balance(db, "a", FOLDERS[:2], done.held, T0 + leases.TICK)
+
+    _, after = await asyncio.wait_for(asyncio.gather(store_two(), turn()), 10)
+    assert (after.held, after.lost) == (done.held, set())
+    assert await holders(db, T0 + TTL) == dict.fromkeys(FOLDERS[:2], "a")  # both renewed
+
+
 @dataclass
 class Cluster:
     """Simulated instances taking turns on one database, on the test's clock."""
