@@ -66,8 +66,8 @@ folder's lease (:mod:`storage.leases`), so exactly one instance of a cluster
 pulls a folder at a time. Every transaction that stores messages or moves the
 folder's state (its last UID, its waiting list) first checks the lease
 (:meth:`Lease.check <storage.leases.Lease.check>`) and is rolled back with
-:class:`~storage.leases.LeaseLost` when this instance no longer holds it; the
-puller then ends, storing nothing more. The batch in flight is pulled again by
+:class:`~storage.leases.LeaseLost` unless the puller's tenure of it still holds;
+the puller then ends, storing nothing more. The batch in flight is pulled again by
 the new holder, which reads the last UID after this transaction ended; a
 message stored twice is impossible anyway: its dedupe key (account, folder,
 UIDVALIDITY, UID) and the last-UID advance commit with it. A puller made
@@ -456,7 +456,7 @@ class FolderPuller:
         return sum(not o.duplicate for o in outcomes)
 
     async def _fence(self, s: AsyncSession) -> None:
-        """Inside a storing transaction: :class:`LeaseLost` unless this instance holds the lease."""
+        """Inside a storing transaction: :class:`LeaseLost` unless the puller's tenure still holds."""
         if self.lease is not None:
             await self.lease.check(s)
 
