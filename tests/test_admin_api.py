@@ -18,6 +18,7 @@ import json
 import re
 import smtplib
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -634,3 +635,28 @@ def test_a_tenant_admin_adds_templates_over_the_api_that_every_agent_reads_over_
     gone = two_tenants.as_agent("anna@acme.test")("DELETE", f"/tenants/acme/templates/{uid}")
     assert gone.status_code == 204
     assert two_tenants.as_agent("anna@acme.test").ok("GET", "/tenants/acme/templates") == []
+
+
+def test_autoconfig_and_autodiscover_answer_over_http_for_an_agents_address(two_tenants: Gateway) -> None:
+    base = two_tenants.base
+    for path in ("/mail/config-v1.1.xml", "/.well-known/autoconfig/mail/config-v1.1.xml"):
+        r = requests.get(base + path, params={"emailaddress": "anna@acme.test"}, timeout=10)
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("application/xml")
+        incoming = ET.fromstring(r.content).find("emailProvider/incomingServer")  # noqa: S314 (our answer)
+        assert incoming is not None
+        assert incoming.findtext("port") == str(two_tenants.ports["imap"])
+    request = (
+        b'<?xml version="1.0" encoding="utf-8"?><Autodiscover xmlns="http://schemas.microsoft.com/'
+        b'exchange/autodiscover/outlook/requestschema/2006"><Request><EMailAddress>anna@acme.test'
+        b"</EMailAddress><AcceptableResponseSchema>http://schemas.microsoft.com/exchange/autodiscover/"
+        b"outlook/responseschema/2006a</AcceptableResponseSchema></Request></Autodiscover>"
+    )
+    r = requests.post(base + "/autodiscover/autodiscover.xml", data=request, timeout=10)
+    assert r.status_code == 200
+    ns = {"a": "http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a"}
+    protocols = ET.fromstring(r.content).iterfind(".//a:Protocol", ns)  # noqa: S314 (our answer)
+    ports = {p.findtext("a:Type", namespaces=ns): p.findtext("a:Port", namespaces=ns) for p in protocols}
+    assert ports["IMAP"] == str(two_tenants.ports["imap"])
+    unknown = requests.get(base + "/mail/config-v1.1.xml", params={"emailaddress": "x@else.test"}, timeout=10)
+    assert unknown.status_code == 404
