@@ -8,6 +8,12 @@ pipeline reports mail waiting for room) sends threshold warnings, ends
 relay-in deferrals that have room again, and announces each deferral
 episode once with a "mail is waiting" notice (its dedupe key is the
 episode's start, so a restart or a second instance never sends it twice).
+
+With several instances on one database, the snapshot and the spam purge run
+once per period for the whole cluster (a claimed row in ``job_runs``, see
+:mod:`storage.jobs`), and the quota job's transactions take a cluster-wide
+lock, so each crossing is warned once; the lifecycle's steps are claimed
+one by one (:mod:`gateway.lifecycle`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import quotas
 from gateway import lifecycle, metrics
 from gateway.config import Config
 from gateway.ingest import Delivery, Pipeline
-from storage import mailstore, retention, snapshots
+from storage import jobs, mailstore, retention, snapshots
 from storage.blobs import BlobStore
 from storage.db import Database, uninterrupted
 
@@ -133,6 +139,7 @@ class Scheduler:
         """Deliver due quota warnings, one per threshold crossed; how many."""
         now = self.clock()
         async with self.db.write() as s:
+            await jobs.serialised(s, "quota")  # instances in turn: each crossing warned once
             due = await quotas.warnings(s, now)
         config = self.config()
         for warning in due:
@@ -154,6 +161,7 @@ class Scheduler:
         """End relay-in deferrals that have room again; announce new episodes; how many announced."""
         now = self.clock()
         async with self.db.write() as s:
+            await jobs.serialised(s, "quota")
             for tenant_id, source in await quotas.end_with_room(s):
                 log.info("quota.deferral_ended", tenant=tenant_id, source=source)
             episodes = await quotas.unannounced(s)
@@ -200,6 +208,24 @@ class Scheduler:
         """Take the tenants' due plan steps: notice, read-only, deletion (:mod:`gateway.lifecycle`)."""
         await lifecycle.step(self.config(), self.db, self.blobs, self.pipeline, self.clock())
 
+    async def once(
+        self, job: str, period: str, stale: timedelta, work: Callable[[], Awaitable[object]]
+    ) -> bool:
+        """Run ``work`` if no instance on the database ran ``job`` for ``period``; True if it ran here."""
+        now, instance = self.clock(), self.config().gateway.effective_instance
+        async with self.db.write() as s:
+            if not await jobs.claim(s, job, period, instance, now, stale):
+                return False
+        await work()
+        async with self.db.write() as s:
+            await jobs.finish(s, job, period, self.clock())
+        return True
+
+    async def hourly_purge(self) -> None:
+        """The spam purge, once an hour for the whole cluster."""
+        hour = self.clock().astimezone(UTC).strftime("%Y-%m-%dT%H")
+        await self.once("spam-purge", hour, timedelta(hours=1), self.purge_spam)
+
     async def prune_expunges(self) -> int:
         """Forget expunged UIDs older than ``mailstore.EXPUNGE_HISTORY`` (IMAP QRESYNC's history)."""
         async with self.db.write() as s:
@@ -230,7 +256,7 @@ class Scheduler:
         """Run every job on its timer."""
         await asyncio.gather(
             self.quota_jobs(),
-            self._every(PURGE_EVERY, self.purge_spam),
+            self._every(PURGE_EVERY, self.hourly_purge),
             self._every(PURGE_EVERY, self.prune_expunges),
             self._every(LIFECYCLE_EVERY, self.plan_lifecycle),
             self._daily_snapshots(),
@@ -255,7 +281,8 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._rescheduled.wait(), max(wait, 1.0))
                 continue  # woken by a reload: the time may have moved
+            day = self.clock().astimezone().date().isoformat()
             try:
-                await self.snapshot()
+                await self.once("snapshot", day, timedelta(hours=6), self.snapshot)
             except Exception:
                 log.exception("scheduler.job_failed", job="snapshot")

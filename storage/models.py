@@ -453,3 +453,15 @@ class UpstreamLease(Base):
     holder: Mapped[str] = mapped_column(String(255), index=True)  # an instance id
     acquired_at: Mapped[datetime] = mapped_column()  # when this holder took it
     expires_at: Mapped[datetime] = mapped_column()  # renewed well before; another may take it after
+
+
+class JobRun(Base):
+    """One run of a cluster-wide periodic job for one period (storage.jobs)."""
+
+    __tablename__ = "job_runs"
+
+    job: Mapped[str] = mapped_column(String(32), primary_key=True)
+    period: Mapped[str] = mapped_column(String(32), primary_key=True)
+    instance: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[datetime] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
