@@ -123,6 +123,18 @@ async def details(db: Database, t: TenantSection) -> dict[str, Any]:
     }
 
 
+async def _delete(config: Config, db: Database, tenant_id: str) -> str:
+    """Delete a tenant with its mail (a last snapshot first); the snapshot's name."""
+    from gateway.blobs import open_blobs
+    from gateway.lifecycle import delete_tenant
+
+    blobs = await open_blobs(config, db)
+    try:
+        return await delete_tenant(db, blobs, config, tenant_id, datetime.now(UTC))
+    finally:
+        await blobs.close()
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -162,14 +174,7 @@ def cmd_tenant(config: Config, args: argparse.Namespace) -> int:
         elif verb == "delete":
             if not args.yes:
                 raise tenants.CatalogError(400, "deleting a tenant deletes its mail: add --yes to confirm")
-            from gateway.blobs import open_blobs
-            from gateway.lifecycle import delete_tenant
-
-            blobs = await open_blobs(config, db)
-            try:
-                snapshot = await delete_tenant(db, blobs, config, args.id, datetime.now(UTC))
-            finally:
-                await blobs.close()
+            snapshot = await _delete(config, db, args.id)
             print(f"tenant {args.id} deleted; its last snapshot is {snapshot}")
 
     return _run(config, work)
@@ -347,9 +352,6 @@ def cmd_config(config: Config, args: argparse.Namespace) -> int:
         return 1
 
     async def apply(db: Database) -> None:
-        from gateway.blobs import open_blobs
-        from gateway.lifecycle import delete_tenant
-
         changes = await tenants.apply(
             db,
             config.model_copy(update={"plans": declared.plans, "tenants": declared.tenants}),
@@ -358,11 +360,7 @@ def cmd_config(config: Config, args: argparse.Namespace) -> int:
         for change in changes:
             if change.startswith("delete "):
                 tenant_id = change.removeprefix("delete ")
-                blobs = await open_blobs(config, db)
-                try:
-                    snapshot = await delete_tenant(db, blobs, config, tenant_id, datetime.now(UTC))
-                finally:
-                    await blobs.close()
+                snapshot = await _delete(config, db, tenant_id)
                 print(f"tenant {tenant_id} deleted (not in {args.file}); its last snapshot is {snapshot}")
             else:
                 print(change if change.startswith("skipped") else f"applied: {change}")
