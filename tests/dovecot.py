@@ -156,9 +156,11 @@ class Dovecot:
         return mail.pw_uid, mail.pw_gid, user("dovenull", "nobody").pw_name, user("dovecot", "nobody").pw_name
 
     def _setup_files(self) -> None:
-        for sub in ("run", "state", "tls"):
-            (self.root / sub).mkdir()
-        (self.root / "mail").mkdir()
+        # Modes are explicit: Dovecot's unprivileged processes must traverse these whatever the
+        # process's umask (mailgate's CLI, run in-process by a test, sets 0027 for good).
+        for sub in ("run", "state", "tls", "mail"):
+            (self.root / sub).mkdir(mode=0o755)
+            (self.root / sub).chmod(0o755)
         self._chown(self.root / "mail")
         self.ca.cert_pem.write_to_path(str(self.cafile))
         cert = self.ca.issue_cert("localhost", HOST)
@@ -166,6 +168,7 @@ class Dovecot:
         (self.root / "tls" / "cert.pem").write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
         (self.root / "tls" / "key.pem").chmod(0o600)
         self.passwd_dir.mkdir()
+        self.passwd_dir.chmod(0o755)
 
     def _chown(self, path: Path) -> None:
         if os.geteuid() == 0:

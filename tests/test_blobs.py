@@ -137,7 +137,12 @@ def mail(n: int) -> bytes:
 
 
 async def cli(path: Path, *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    code = await asyncio.to_thread(main, ["-c", str(path), *args])
+    umask = os.umask(0o022)  # main() sets the daemon's umask for the process: give the test's back
+    os.umask(umask)
+    try:
+        code = await asyncio.to_thread(main, ["-c", str(path), *args])
+    finally:
+        os.umask(umask)
     out, err = capsys.readouterr()
     return code, out + err
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import imaplib
+import os
 import socket
 import ssl
 import subprocess
@@ -196,3 +197,14 @@ def test_stop_leaves_no_process() -> None:
     assert not root.exists()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((d.host, d.port), timeout=1).close()
+
+
+def test_dovecot_started_under_the_daemons_umask_still_authenticates() -> None:
+    """CI defect: a test that ran mailgate's CLI in-process left the process umask at 0027, and every
+    Dovecot started after it answered logins with "Temporary authentication failure"."""
+    old = os.umask(0o027)
+    try:
+        with running_dovecot({ANNA: "anna-secret"}) as d:
+            login(d, ANNA, "anna-secret")
+    finally:
+        os.umask(old)
