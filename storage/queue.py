@@ -9,7 +9,9 @@ Claims: an instance takes a due message with :func:`due`, which marks it
 ``claimed_by`` that instance until ``claimed_until``, in the same write
 transaction that selects it (PostgreSQL skips rows another transaction is
 claiming, SQLite serialises writers), so two instances never both attempt
-it. :func:`record` ends the claim with the attempt's results. A claim whose
+it. :func:`record` ends the claim with the attempt's results. On PostgreSQL
+the claims of an instance whose id lock is free (its process was killed)
+are taken over at once (:func:`_dead_holders`). A claim whose
 holder died runs out and the message is due again for anyone; an instance
 that restarts releases its own old claims at once (:func:`release`). The
 holder must finish an attempt before its claim runs out.
@@ -35,10 +37,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, exists, func, or_, select, update
+from sqlalchemy import delete, exists, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import Agent, Outbound, OutboundLog, OutboundRecipient
+from storage.instances import advisory_key
+from storage.models import Agent, Instance, Outbound, OutboundLog, OutboundRecipient
 
 # What an attempt's outcome for a recipient (the ``outbound_log`` event) leaves as its state.
 OUTCOMES = {"sent": "sent", "deferred": "pending", "failed": "failed", "expired": "failed"}
@@ -152,13 +155,18 @@ async def due(
     if not tenants:
         await s.flush()
         return []
+    dead = await _dead_holders(s, now)
     candidates = (
         await s.scalars(
             select(Outbound)
             .where(
                 Outbound.next_attempt_at <= now,
                 Outbound.tenant_id.in_(tenants),
-                or_(Outbound.claimed_until.is_(None), Outbound.claimed_until <= now),
+                or_(
+                    Outbound.claimed_until.is_(None),
+                    Outbound.claimed_until <= now,
+                    Outbound.claimed_by.in_(dead),
+                ),
             )
             .order_by(Outbound.next_attempt_at)
             .limit(limit)
@@ -188,6 +196,44 @@ async def due(
         Queued(r, tuple(pending.get(r.id, ())), logins.get(r.agent_id) if r.agent_id is not None else None)
         for r in rows
     ]
+
+
+async def _dead_holders(s: AsyncSession, now: datetime) -> list[str]:
+    """Registered instances holding unexpired claims whose id lock is free: their process is gone.
+
+    PostgreSQL only (on SQLite one instance runs and releases its old claims
+    at start). A live instance holds the session advisory lock of its id
+    (:func:`storage.instances.advisory_key`) until its process ends, so a
+    claim of an id whose lock nobody holds belongs to a killed run and is
+    taken over at once rather than when ``claimed_until`` comes. A holder
+    without an ``instances`` row (never registered) keeps its claims until
+    they run out.
+    """
+    if s.get_bind().dialect.name != "postgresql":
+        return []
+    holders = (
+        await s.scalars(
+            select(Instance.id).where(
+                Instance.id.in_(
+                    select(Outbound.claimed_by).where(
+                        Outbound.claimed_by.is_not(None), Outbound.claimed_until > now
+                    )
+                )
+            )
+        )
+    ).all()
+    if not holders:
+        return []
+    locked = {
+        int.from_bytes(((classid << 32) | objid).to_bytes(8, "big"), "big", signed=True)
+        for classid, objid in await s.execute(
+            text(
+                "SELECT classid::bigint, objid::bigint FROM pg_locks"
+                " WHERE locktype = 'advisory' AND objsubid = 1 AND granted"
+            )
+        )
+    }
+    return [h for h in holders if advisory_key(h) not in locked]
 
 
 async def release(s: AsyncSession, instance: str) -> int:
