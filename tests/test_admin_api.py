@@ -666,3 +666,10 @@ def test_autoconfig_and_autodiscover_answer_over_http_for_an_agents_address(two_
     assert ports["IMAP"] == str(two_tenants.ports["imap"])
     unknown = requests.get(base + "/mail/config-v1.1.xml", params={"emailaddress": "x@else.test"}, timeout=10)
     assert unknown.status_code == 404
+
+
+def test_a_template_uid_past_32_bits_is_a_400_not_a_500(two_tenants: Gateway) -> None:
+    """schemathesis: DELETE …/templates/195353567912991948800 overflowed the database's integer."""
+    r = two_tenants.operator("DELETE", "/tenants/acme/templates/195353567912991948800")
+    assert r.status_code == 400
+    assert r.json()["field"] == "uid"

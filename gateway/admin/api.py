@@ -39,7 +39,7 @@ from typing import Annotated, Any
 
 import structlog
 import uvicorn
-from fastapi import Body, Depends, FastAPI, Request
+from fastapi import Body, Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
@@ -187,6 +187,7 @@ async def principal(
 
 
 Who = Annotated[Principal, Depends(principal)]
+Uid = Annotated[int, Path(ge=1, le=2**32 - 1, description="the template's IMAP UID")]
 Body_ = Annotated[Document, Body()]
 
 
@@ -383,7 +384,7 @@ def build_app(ctx: Context) -> FastAPI:
     @app.delete(
         f"{v1}/tenants/{{tenant_id}}/templates/{{uid}}", status_code=204, responses=r, tags=["templates"]
     )
-    async def remove_template(who: Who, tenant_id: str, uid: int) -> Response:
+    async def remove_template(who: Who, tenant_id: str, uid: Uid) -> Response:
         who.may(tenant_id)
         await tenant(tenant_id)
         async with db.write() as s:
