@@ -632,10 +632,12 @@ async def test_a_tenant_whose_deletion_fails_does_not_hold_back_the_others_steps
     blocked.write_text("", encoding="utf-8")
     data = lifecycle_config(tmp_path, db_url)
     data["snapshots"] = {"dir": str(blocked)}
-    ended = (datetime.now(UTC).date() - timedelta(days=90)).isoformat()
-    data["tenants"].insert(0, {"id": "aaa", "domains": ["aaa.test"], "plan": "3gb", "paid_until": ended})
+    paid = (datetime.now(UTC).date() + timedelta(days=365)).isoformat()
+    data["tenants"].insert(0, {"id": "aaa", "domains": ["aaa.test"], "plan": "3gb", "paid_until": paid})
+    db, blobs = await open_store(parse_config(data))
+    # Its plan then ended 90 days ago (a file declaring it so from the start is not applied at all).
+    data["tenants"][0]["paid_until"] = (datetime.now(UTC).date() - timedelta(days=90)).isoformat()
     config = parse_config(data)
-    db, blobs = await open_store(config)
     try:
         assert config.tenants[0].id == "aaa"  # its step comes first
         await lifecycle.step(config, db, blobs, Pipeline(db, blobs), datetime.now(UTC))
