@@ -9,8 +9,8 @@ configuration). A refresh task reads them every :data:`REFRESH` seconds into a
 snapshot that the collector serves: a scrape never waits on the database
 and never blocks the event loop. Counters of things this process did
 (messages received by source, relay results, messages refused at the
-monthly sending limit, spam purged, SMTP/IMAP sessions and auth failures)
-live in memory. Labels are only tenant, agent
+monthly sending limit, spam purged, SMTP/IMAP sessions and auth failures, database statements and
+commits) live in memory. Labels are only tenant, agent
 (the configured login), folder, mailbox, source, result and listener: never
 a message or an address.
 """
@@ -251,6 +251,13 @@ class DatabaseCollector(Collector):
         if d.snapshot is not None:
             snap.add_metric([], d.snapshot)
         yield snap
+        activity = self.db.activity  # this process's, read at the scrape
+        yield CounterMetricFamily(
+            "mailgate_db_statements", "SQL statements this process sent to the database", activity.statements
+        )
+        yield CounterMetricFamily(
+            "mailgate_db_commits", "Transactions this process committed", activity.commits
+        )
 
 
 MAX_HEADER_LINES = 100

@@ -13,6 +13,11 @@ commit (one fsync) instead of N. A function that raises is rolled back alone;
 the others' results are handed out only after the commit, and a failed commit
 fails them all.
 
+Counting: every statement sent and every commit made through a
+:class:`Database` is counted in its :class:`Activity` (the metrics
+``mailgate_db_statements_total`` and ``mailgate_db_commits_total``), so a
+bench or an operator can divide them by the messages stored.
+
 Cancellation: a write transaction cut off by cancelling its task can, on
 SQLite (aiosqlite under SQLAlchemy), leave its connection orphaned and still
 holding the write lock, so every later writer waits out the busy timeout.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,6 +57,25 @@ async def uninterrupted(work: Awaitable[T]) -> T:
         if not task.done():
             await asyncio.wait({task})
         raise
+
+
+@dataclass
+class Activity:
+    """Statements executed and transactions committed through one :class:`Database`, since it opened."""
+
+    statements: int = 0
+    commits: int = 0
+
+    def watch(self, engine: AsyncEngine) -> None:
+        """Count ``engine``'s statements and commits."""
+
+        @event.listens_for(engine.sync_engine, "before_cursor_execute")
+        def _statement(*_: Any) -> None:
+            self.statements += 1
+
+        @event.listens_for(engine.sync_engine, "commit")
+        def _commit(_conn: Any) -> None:
+            self.commits += 1
 
 
 def _sqlite_engine(url: str, *, begin: str, pool_size: int) -> AsyncEngine:
@@ -106,6 +131,9 @@ class Database:
         else:
             self.writer = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
             self.reader = self.writer
+        self.activity = Activity()
+        for engine in {self.writer, self.reader}:
+            self.activity.watch(engine)
         self._write_sessions = async_sessionmaker(self.writer, expire_on_commit=False)
         self._queued: list[tuple[Callable[[AsyncSession], Awaitable[Any]], asyncio.Future[Any]]] = []
         self._committer: asyncio.Task[None] | None = None

@@ -56,6 +56,25 @@ async def test_concurrent_writers_share_one_commit_and_a_failure_is_undone_alone
     assert after == before + 101
 
 
+async def test_activity_counts_each_statement_and_each_commit(db: Database) -> None:
+    """What ``mailgate_db_statements_total`` and ``mailgate_db_commits_total`` report."""
+    before = (db.activity.statements, db.activity.commits)
+
+    async def touch(s):  # type: ignore[no-untyped-def]
+        await s.execute(select(Folder.id).limit(1))
+        await s.execute(select(Folder.name).limit(1))
+
+    await asyncio.gather(*(db.grouped(touch) for _ in range(3)))
+    async with db.read() as s:
+        await s.execute(select(Folder.id).limit(1))
+    statements = db.activity.statements - before[0]
+    commits = db.activity.commits - before[1]
+    # 3 x 2 statements, 1 read, plus the savepoints and BEGINs the dialect sends itself; the
+    # group commits once, the read transaction commits as it ends.
+    assert statements >= 7
+    assert commits in (2, 3), commits  # the group may take two commits if a writer came late
+
+
 async def test_a_cancelled_caller_does_not_cut_the_transaction_off(db: Database) -> None:
     async with db.read() as s:
         folder = await mailstore.get_folder(s, "acme", "INBOX")

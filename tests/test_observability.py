@@ -477,6 +477,11 @@ def test_the_daemon_scrape_has_samples_of_what_it_did(scrapes: Scrapes) -> None:
     first, second = scrapes.scrapes
     assert 'mailgate_messages_received_total{source="smtp",tenant="acme"} 1.0' in first
     assert 'mailgate_relay_messages_total{result="deferred",tenant="acme"}' in first
+    statements = re.search(r"^mailgate_db_statements_total (\S+)$", first, re.M)
+    commits = re.search(r"^mailgate_db_commits_total (\S+)$", first, re.M)
+    assert statements
+    assert commits
+    assert float(statements[1]) > float(commits[1]) > 0
     for line in (
         'mailgate_agent_messages_read_total{agent="anna@acme.test",tenant="acme"} 1.0',
         'mailgate_agent_replies_total{agent="anna@acme.test",tenant="acme"} 1.0',
