@@ -9,7 +9,9 @@ Claims: an instance takes a due message with :func:`due`, which marks it
 ``claimed_by`` that instance until ``claimed_until``, in the same write
 transaction that selects it (PostgreSQL skips rows another transaction is
 claiming, SQLite serialises writers), so two instances never both attempt
-it. :func:`record` ends the claim with the attempt's results. On PostgreSQL
+it, and at most the tenant's concurrency of its messages are claimed at once
+across every instance. :func:`record` ends the claim with the attempt's
+results; :func:`unclaim` ends it without any (the attempt could not be made). On PostgreSQL
 the claims of an instance whose id lock is free (its process was killed)
 are taken over at once (:func:`_dead_holders`). A claim whose
 holder died runs out and the message is due again for anyone; an instance
@@ -40,6 +42,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, exists, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage import jobs
 from storage.instances import advisory_key
 from storage.models import Agent, Instance, Outbound, OutboundLog, OutboundRecipient
 
@@ -135,14 +138,18 @@ async def due(
     *,
     instance: str,
     claim_for: timedelta,
-    room: Mapping[str, int],
+    concurrency: Mapping[str, int],
     limit: int = 200,
 ) -> list[Queued]:
     """Claim messages whose next attempt is due, with their pending recipients.
 
-    Call it in a write transaction. At most ``room[tenant]`` messages of each
-    tenant are claimed (tenants not in ``room`` get none); a message claimed by
-    another instance is skipped until its claim runs out at ``claimed_until``.
+    Call it in a write transaction. Each tenant has at most
+    ``concurrency[tenant]`` messages claimed at once across every instance
+    (tenants not in ``concurrency`` get none): the claims held now, by this
+    instance or a live other, count against it. Claiming instances take turns
+    (:func:`storage.jobs.serialised`), so two of them never both see the same
+    free room. A message claimed by another instance is skipped until its
+    claim runs out at ``claimed_until`` or its holder is found dead.
     """
     # Messages queued before ids existed get one now, claimable or not, so `queue` commands can name them.
     for unnamed in (
@@ -151,11 +158,22 @@ async def due(
         )
     ).all():
         unnamed.queue_id = await _unused_id(s)
-    tenants = [t for t, n in room.items() if n > 0]
+    await jobs.serialised(s, "relay-claims")
+    dead = await _dead_holders(s, now)
+    held = dict(
+        (
+            await s.execute(
+                select(Outbound.tenant_id, func.count())
+                .where(Outbound.claimed_until > now, Outbound.claimed_by.not_in(dead))
+                .group_by(Outbound.tenant_id)
+            )
+        ).all()
+    )
+    left = {t: n - held.get(t, 0) for t, n in concurrency.items()}
+    tenants = [t for t, n in left.items() if n > 0]
     if not tenants:
         await s.flush()
         return []
-    dead = await _dead_holders(s, now)
     candidates = (
         await s.scalars(
             select(Outbound)
@@ -173,7 +191,6 @@ async def due(
             .with_for_update(skip_locked=True)
         )
     ).all()
-    left = dict(room)
     rows: list[Outbound] = []
     for row in candidates:
         if left[row.tenant_id] > 0:
@@ -234,6 +251,16 @@ async def _dead_holders(s: AsyncSession, now: datetime) -> list[str]:
         )
     }
     return [h for h in holders if advisory_key(h) not in locked]
+
+
+async def unclaim(s: AsyncSession, row: Outbound, instance: str) -> None:
+    """End ``instance``'s claim on a message without recording an attempt: due again at once."""
+    await s.execute(
+        update(Outbound)
+        .where(Outbound.id == row.id, Outbound.claimed_by == instance)
+        .values(claimed_by=None, claimed_until=None)
+        .execution_options(synchronize_session=False)
+    )
 
 
 async def release(s: AsyncSession, instance: str) -> int:

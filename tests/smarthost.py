@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import Counter
 from dataclasses import dataclass, field
+from email import message_from_bytes
 from typing import Any
 
 import trustme
@@ -101,3 +103,28 @@ class Smarthost:
         path = directory / "smarthost-ca.pem"
         path.write_bytes(self.ca.cert_pem.bytes())
         return str(path)
+
+
+@dataclass
+class Slow(Smarthost):
+    """Sleeps ``delay`` before answering DATA; counts the transactions in flight, in all and per
+    Message-ID (``peak``, ``most``: the highest counts seen at once)."""
+
+    delay: float = 0.5
+    in_flight: int = 0
+    peak: int = 0
+    active: Counter[str] = field(default_factory=Counter)
+    most: Counter[str] = field(default_factory=Counter)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> Any:
+        msgid = str(message_from_bytes(envelope.original_content or b"").get("Message-ID", "")).strip()
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        self.active[msgid] += 1
+        self.most[msgid] = max(self.most[msgid], self.active[msgid])
+        try:
+            await asyncio.sleep(self.delay)
+            return await super().handle_DATA(server, session, envelope)
+        finally:
+            self.in_flight -= 1
+            self.active[msgid] -= 1

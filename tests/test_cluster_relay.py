@@ -14,16 +14,14 @@ import smtplib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email import message_from_bytes
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.conftest import Sink, free_port
-from tests.smarthost import Smarthost
+from tests.smarthost import Slow
 from tests.test_auth_cache import PASSWORD
 from tests.test_cluster import Instance
 from tests.test_relay import SENDER, message
@@ -132,25 +130,6 @@ async def test_300_replies_reach_the_smarthost_once_through_a_kill_9(
     assert max(got.values()) <= 2, twice
 
 
-@dataclass
-class Slow(Smarthost):
-    """Sleeps before answering DATA; counts the sessions carrying each Message-ID at once."""
-
-    delay: float = 0.5
-    active: Counter[str] = field(default_factory=Counter)
-    most: Counter[str] = field(default_factory=Counter)
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> Any:
-        msgid = str(message_from_bytes(envelope.original_content or b"").get("Message-ID", "")).strip()
-        self.active[msgid] += 1
-        self.most[msgid] = max(self.most[msgid], self.active[msgid])
-        try:
-            await asyncio.sleep(self.delay)
-            return await super().handle_DATA(server, session, envelope)
-        finally:
-            self.active[msgid] -= 1
-
-
 async def test_a_slow_smarthost_never_gets_one_message_from_two_instances_at_once(
     cluster: Callable[[int], list[Node]],
 ) -> None:
@@ -169,5 +148,6 @@ async def test_a_slow_smarthost_never_gets_one_message_from_two_instances_at_onc
     finally:
         await slow.stop()
     assert {m: n for m, n in slow.most.items() if n > 1} == {}
+    assert slow.peak <= 4  # queue.concurrency, for the three instances together
     got = Counter(str(message_from_bytes(r.data).get("Message-ID", "")).strip() for r in slow.received)
     assert [m for m, n in got.items() if n > 1] == []

@@ -31,7 +31,7 @@ from storage import queue
 from storage.db import Database
 from tests.conftest import Sink, config_dict, free_port
 from tests.daemon import Daemon, write_config
-from tests.smarthost import Smarthost
+from tests.smarthost import Slow, Smarthost
 from tests.test_relay import (
     CUSTOMER,
     HASH,
@@ -234,10 +234,42 @@ async def test_queue_claim_is_exclusive(tmp_path: Path, db_url: str, sink: Sink)
     assert ids.most_common(1)[0][1] == 1, [m for m, n in ids.items() if n > 1]
 
 
+async def test_a_tenants_concurrency_holds_across_instances(tmp_path: Path, db_url: str) -> None:
+    """Two instances' workers, queue.concurrency = 2: the smarthost never has three of the tenant's
+    messages at once (each instance counted only its own, so the cluster sent up to twice as many)."""
+    slow = await Slow(delay=0.3).start()
+    data = config_dict(tmp_path, db_url)
+    data["tenants"][0]["smtp"] = {"host": "127.0.0.1", "port": slow.port, "from": SENDER}
+    data["queue"] = {"retry": ["1s"], "concurrency": 2}
+    one = with_instance(parse_config(data), "w1")
+    two = with_instance(one, "w2")
+    try:
+        async with running(one) as g:
+            for i in range(12):
+                await queue_one(g, f"<room-{i}@acme.test>")
+            other_db = Database(db_url)
+            other = RelayWorker(lambda: two, other_db, g.blobs, g.pipeline)
+            try:
+                for _ in range(400):  # each pass of both claims what the room allows, until done
+                    if not await g.queued():
+                        break
+                    await asyncio.gather(g.worker.run_once(), other.run_once())
+                    await asyncio.sleep(0.05)
+                await asyncio.gather(g.worker.drain(), other.drain())
+                assert await g.queued() == []
+            finally:
+                await other_db.close()
+    finally:
+        await slow.stop()
+    assert len(slow.received) == 12
+    assert slow.peak == 2, slow.peak
+    assert max(slow.most.values()) == 1
+
+
 async def test_an_expired_claim_is_taken_over(tmp_path: Path, db_url: str) -> None:
     db, _ = await open_store(parse_config(config_dict(tmp_path, db_url)))
     now = datetime.now(UTC)
-    claim: dict[str, Any] = {"claim_for": worker.CLAIM, "room": {"acme": 10}}
+    claim: dict[str, Any] = {"claim_for": worker.CLAIM, "concurrency": {"acme": 10}}
     try:
         async with db.write() as s:
             row = await queue.enqueue(

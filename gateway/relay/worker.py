@@ -11,10 +11,14 @@ the server offers STARTTLS unless the tenant pinned ``security = "none"``. A
 password never crosses a non-loopback link in clear unless the tenant set
 ``allow_plaintext_auth``.
 
-Each pass claims the due messages it can start now (``queue.concurrency``
-minus what is in flight, per tenant) in the database (:func:`storage.queue.due`),
-so two instances never attempt one message; an attempt is cut off after
-:data:`DEADLINE`, well before its claim runs out (:data:`CLAIM`).
+Each pass claims the due messages it can start now in the database
+(:func:`storage.queue.due`): ``queue.concurrency`` per tenant minus the
+claims held by every instance, so two instances never attempt one message
+and a tenant's smarthost never has more than ``queue.concurrency`` of its
+messages in flight from the whole cluster. An attempt is cut off after
+:data:`DEADLINE`, well before its claim runs out (:data:`CLAIM`); one that
+could not be made at all (its blob unreadable, the database gone) gives its
+claim back.
 
 An attempt's outcome is an :class:`Attempt`. A recipient is ``sent`` only
 when the transaction completed: the server accepted it at RCPT and answered
@@ -29,8 +33,10 @@ operator's to fix, and the message waits for that until ``queue.lifetime``,
 when every pending recipient fails. Failed recipients get one RFC 3464
 notification delivered to the sender's tenant INBOX; a message still
 undelivered after ``queue.delay_notice`` gets one delay notice. An attempt's
-results are committed right after the server's answer, so a restart resends
-only what was never accepted.
+results are committed right after the server's answer, before QUIT, so a
+restart resends only what was never accepted, or what the server accepted in
+the instant before a crash (the irreducible window of SMTP: the server has
+the message before we can write that down).
 
 Tracing: each attempt's results are committed with one ``outbound_log`` row
 per recipient (outcome, attempt number, smarthost, reply), and logged as one
@@ -47,10 +53,10 @@ import functools
 import ipaddress
 import os
 import ssl
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import aiosmtplib
 import structlog
@@ -66,6 +72,8 @@ from storage.db import Database, uninterrupted
 from storage.models import Outbound
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 POLL = 5.0
 TIMEOUT = 60.0  # per SMTP command
@@ -150,11 +158,22 @@ def _answered(stage: str, exc: aiosmtplib.SMTPResponseException) -> str:
 
 
 async def send(
-    relay: SMTPRelaySection, hostname: str, mail_from: str, recipients: list[str], data: bytes
-) -> Attempt:
-    """Send one message through ``relay``: one SMTP transaction, cut off after :data:`DEADLINE`."""
+    relay: SMTPRelaySection,
+    hostname: str,
+    mail_from: str,
+    recipients: list[str],
+    data: bytes,
+    settle: Callable[[Attempt], Awaitable[T]],
+) -> T:
+    """Send one message through ``relay`` and hand the outcome to ``settle`` before saying QUIT.
+
+    The transaction is cut off after :data:`DEADLINE`. ``settle`` (recording
+    the outcome) runs while the connection is still open: between the
+    server's ``250`` and the recorded outcome lies the one moment where a
+    killed process makes its message be sent again, and waiting for the
+    server's answer to QUIT first would only widen it.
+    """
     host, port, security = relay.effective
-    context = client_context(relay)
     start_tls: bool | None = True if security == "starttls" else None
     if security == "none" and relay.security_pinned:
         start_tls = False
@@ -163,10 +182,26 @@ async def send(
         port=port,
         use_tls=security == "tls",
         start_tls=False if security == "tls" else start_tls,
-        tls_context=context,
+        tls_context=client_context(relay),
         timeout=TIMEOUT,
         local_hostname=hostname,
     )
+    try:
+        attempt = await _transact(client, relay, mail_from, recipients, data)
+        return await settle(attempt)
+    finally:
+        if client.is_connected:
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError):
+                client.close()
+
+
+async def _transact(
+    client: aiosmtplib.SMTP, relay: SMTPRelaySection, mail_from: str, recipients: list[str], data: bytes
+) -> Attempt:
+    """One SMTP transaction on an unconnected ``client``: its :class:`Attempt`."""
+    host = relay.effective[0]
     stage = "connect"
     refused: dict[str, str] = {}  # RCPT refusals: a 4xx or 5xx as given, anything else as a 451
     try:
@@ -212,13 +247,19 @@ async def send(
         error = _answered(stage, exc)
     except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
         error = f"{type(exc).__name__}: {exc or 'no reply'} (at {stage})"
-    finally:
-        if client.is_connected:
-            try:
-                await client.quit()
-            except (aiosmtplib.SMTPException, OSError):
-                client.close()
     return Attempt.of(recipients, refused, f"451 4.4.1 {error}", completed=False, error=error)
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """An attempt as recorded: each recipient's outcome and reply, and the notices it calls for."""
+
+    attempt: Attempt
+    results: dict[str, tuple[str, str]]
+    failures: list[dsn.RecipientStatus]
+    delayed: list[dsn.RecipientStatus]
+    done: bool
+    notify_delay: bool
 
 
 def _status(reply: str) -> str:
@@ -247,7 +288,6 @@ class RelayWorker:
         self.pipeline = pipeline
         self.clock = clock or (lambda: datetime.now(UTC))
         self.wake = asyncio.Event()
-        self._busy: Counter[str] = Counter()  # deliveries in flight per tenant
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -270,13 +310,16 @@ class RelayWorker:
     async def run_once(self) -> None:
         """Claim what is due, as far as each tenant's concurrency allows, and start delivering it."""
         config = self.config()
-        room = {t.id: config.queue.concurrency - self._busy[t.id] for t in config.tenants}
+        concurrency = {t.id: config.queue.concurrency for t in config.tenants}
         async with self.db.write() as s:
             items = await queue.due(
-                s, self.clock(), instance=config.gateway.effective_instance, claim_for=CLAIM, room=room
+                s,
+                self.clock(),
+                instance=config.gateway.effective_instance,
+                claim_for=CLAIM,
+                concurrency=concurrency,
             )
         for item in items:
-            self._busy[item.row.tenant_id] += 1
             task = asyncio.create_task(self._deliver(config, item))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -292,7 +335,6 @@ class RelayWorker:
         try:
             await self._attempt(config, config.tenant(row.tenant_id), item)
         except Exception:
-            # Not recorded: the claim runs out and the message is attempted again then.
             log.exception(
                 "relay.attempt_failed",
                 tenant=row.tenant_id,
@@ -300,8 +342,14 @@ class RelayWorker:
                 queue_id=row.queue_id,
                 message_id=row.message_id,
             )
+            # Not recorded: give the claim back so that it does not hold the tenant's room for
+            # the claim's 15 minutes (if the database is what failed, the claim runs out instead).
+            try:
+                async with self.db.write() as s:
+                    await queue.unclaim(s, row, config.gateway.effective_instance)
+            except Exception:
+                log.exception("relay.unclaim_failed", tenant=row.tenant_id, queue_id=row.queue_id)
         finally:
-            self._busy[row.tenant_id] -= 1
             self.wake.set()  # a slot is free: more of this tenant's mail may be due
 
     async def _attempt(self, config: Config, tenant: TenantSection, item: queue.Queued) -> None:
@@ -312,15 +360,52 @@ class RelayWorker:
         if tenant.smtp is not None:
             host, port, _ = tenant.smtp.effective
             smarthost = f"{host}:{port}"
+
+        async def settle(attempt: Attempt) -> Settled:
+            return await self._record(config, item, attempt, now, smarthost)
+
         if tenant.smtp is None:
             reply = "554 5.3.5 the tenant has no outbound SMTP settings"
-            attempt = Attempt.of(item.pending, {}, reply, completed=False, error=reply)
+            settled = await settle(Attempt.of(item.pending, {}, reply, completed=False, error=reply))
         elif not item.pending:
-            attempt = Attempt()
+            settled = await settle(Attempt())
         else:
-            attempt = await send(
-                tenant.smtp, config.gateway.hostname, row.mail_from, list(item.pending), data
+            settled = await send(
+                tenant.smtp, config.gateway.hostname, row.mail_from, list(item.pending), data, settle
             )
+        attempt, results = settled.attempt, settled.results
+        for outcome, _ in results.values():
+            result = {"sent": "sent", "deferred": "deferred"}.get(outcome, "bounced")
+            metrics.RELAY_MESSAGES.labels(tenant.id, result).inc()
+        log.info(
+            "relay.attempt",
+            tenant=tenant.id,
+            agent=item.agent,
+            queue_id=row.queue_id,
+            message_id=row.message_id,
+            attempt=row.attempts + 1,
+            smarthost=smarthost,
+            # Each recipient by its domain only; the reply is the server's, verbatim.
+            recipients=[
+                {"domain": address.rpartition("@")[2], "result": outcome, "reply": reply[:500]}
+                for address, (outcome, reply) in results.items()
+            ],
+            sent=len(attempt.sent),
+            failed=len(settled.failures),
+            deferred=len(settled.delayed),
+            done=settled.done,
+            error=attempt.error,
+        )
+        if settled.failures:
+            await self._notify(config, item, data, settled.failures, now)
+        if settled.notify_delay:
+            await self._notify(config, item, data, settled.delayed, now)
+
+    async def _record(
+        self, config: Config, item: queue.Queued, attempt: Attempt, now: datetime, smarthost: str | None
+    ) -> Settled:
+        """Commit an attempt's outcome, recipient by recipient, and end the claim."""
+        row = item.row
         expired = now - row.created_at >= config.queue.lifetime
         results: dict[str, tuple[str, str]] = {r: ("sent", reply) for r, reply in attempt.sent.items()}
         failures = [
@@ -356,32 +441,7 @@ class RelayWorker:
                 stored = await s.get(Outbound, row.id)
                 if stored is not None:
                     stored.delay_notified = True
-        for outcome, _ in results.values():
-            result = {"sent": "sent", "deferred": "deferred"}.get(outcome, "bounced")
-            metrics.RELAY_MESSAGES.labels(tenant.id, result).inc()
-        log.info(
-            "relay.attempt",
-            tenant=tenant.id,
-            agent=item.agent,
-            queue_id=row.queue_id,
-            message_id=row.message_id,
-            attempt=row.attempts + 1,
-            smarthost=smarthost,
-            # Each recipient by its domain only; the reply is the server's, verbatim.
-            recipients=[
-                {"domain": address.rpartition("@")[2], "result": outcome, "reply": reply[:500]}
-                for address, (outcome, reply) in results.items()
-            ],
-            sent=len(attempt.sent),
-            failed=len(failures),
-            deferred=len(delayed),
-            done=done,
-            error=attempt.error,
-        )
-        if failures:
-            await self._notify(config, item, data, failures, now)
-        if notify_delay:
-            await self._notify(config, item, data, delayed, now)
+        return Settled(attempt, results, failures, delayed, done, notify_delay)
 
     async def _notify(
         self,
