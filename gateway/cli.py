@@ -307,6 +307,8 @@ def cmd_cluster(config: Config, args: argparse.Namespace) -> int:
 
 def _print_queue_history(h: queue.History, fmt: str) -> None:
     """``queue show``: the message's summary, its recipients' states and its whole history."""
+    from datetime import UTC, datetime
+
     from storage import queue
 
     summary = queue.summary(h)
@@ -345,6 +347,8 @@ def _print_queue_history(h: queue.History, fmt: str) -> None:
         "next_attempt": row.next_attempt_at.isoformat(timespec="seconds") if row else None,
         "last_error": row.last_error if row else None,
         "claimed_by": row.claimed_by if row else None,
+        # The end of DATA went out and its holder died before the answer: retry or drop is yours.
+        "uncertain": queue.uncertain(row, datetime.now(UTC)) if row else None,
         "recipients": recipients,
         "history": history,
     }
@@ -370,6 +374,7 @@ def cmd_queue(config: Config, args: argparse.Namespace) -> int:
         db = await open_for_reading(config)
         try:
             if args.queue_command == "list":
+                now = datetime.now(UTC)
                 async with db.read() as s:
                     rows = await queue.listing(s, args.tenant)
                 out = [
@@ -384,11 +389,14 @@ def cmd_queue(config: Config, args: argparse.Namespace) -> int:
                         "next_attempt": row.next_attempt_at.isoformat(timespec="seconds"),
                         "last_error": row.last_error,
                         "claimed_by": row.claimed_by,
+                        "uncertain": queue.uncertain(row, now),
                     }
                     for row, rcpts in rows
                 ]
                 columns = ["id", "tenant", "mail_from", "recipients", "size", "created", "attempts"]
-                print_rows(out, [*columns, "next_attempt", "last_error", "claimed_by"], args.format)
+                print_rows(
+                    out, [*columns, "next_attempt", "last_error", "claimed_by", "uncertain"], args.format
+                )
                 return EXIT_OK
             if args.queue_command == "show":
                 async with db.read() as s:

@@ -272,6 +272,10 @@ class Outbound(Base):
     # dead instance expires.
     claimed_by: Mapped[str | None] = mapped_column(String(255))
     claimed_until: Mapped[datetime | None] = mapped_column()
+    # Set by the holder just before it sends the end of DATA, cleared when it records the
+    # server's answer: still set once the claim is gone, the server may have the message, and
+    # only the operator may send it again (``mailgate queue retry``) or drop it.
+    ended_at: Mapped[datetime | None] = mapped_column()
 
 
 class OutboundRecipient(Base):

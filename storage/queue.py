@@ -11,7 +11,17 @@ transaction that selects it (PostgreSQL skips rows another transaction is
 claiming, SQLite serialises writers), so two instances never both attempt
 it, and at most the tenant's concurrency of its messages are claimed at once
 across every instance. :func:`record` ends the claim with the attempt's
-results; :func:`unclaim` ends it without any (the attempt could not be made). On PostgreSQL
+results; :func:`unclaim` ends it without any (the attempt could not be made).
+
+The end of DATA: the holder commits :func:`ending` (``ended_at``) just before
+it sends the final ``.``, and :func:`record` clears it with the server's
+answer. A message whose holder died between the two may or may not be at
+the server: it is never claimed again by itself (:func:`due` skips it; a
+resend could duplicate it, assuming it sent could lose it) but shows as
+``uncertain`` for the operator, whose ``queue retry`` sends it again and
+``queue drop`` takes it off. A holder that dies before :func:`ending` left
+the server with no message (an unfinished DATA is discarded), so the
+message is simply attempted again. On PostgreSQL
 the claims of an instance whose id lock is free (its process was killed)
 are taken over at once (:func:`_dead_holders`). A claim whose
 holder died runs out and the message is due again for anyone; an instance
@@ -35,7 +45,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -45,6 +55,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from storage import jobs
 from storage.instances import advisory_key
 from storage.models import Agent, Instance, Outbound, OutboundLog, OutboundRecipient
+
+# A holder ends every attempt within this (the relay worker cuts it off), its answer recorded.
+ATTEMPT_DEADLINE = timedelta(minutes=10)
 
 # What an attempt's outcome for a recipient (the ``outbound_log`` event) leaves as its state.
 OUTCOMES = {"sent": "sent", "deferred": "pending", "failed": "failed", "expired": "failed"}
@@ -179,6 +192,7 @@ async def due(
             select(Outbound)
             .where(
                 Outbound.next_attempt_at <= now,
+                Outbound.ended_at.is_(None),
                 Outbound.tenant_id.in_(tenants),
                 or_(
                     Outbound.claimed_until.is_(None),
@@ -253,6 +267,34 @@ async def _dead_holders(s: AsyncSession, now: datetime) -> list[str]:
     return [h for h in holders if advisory_key(h) not in locked]
 
 
+class ClaimLost(Exception):
+    """The claim on a message is no longer this instance's: it must not send the end of DATA."""
+
+
+async def ending(s: AsyncSession, row: Outbound, instance: str, at: datetime) -> None:
+    """Note that ``instance`` is about to send the end of DATA (see the module's doc).
+
+    Raises :class:`ClaimLost` if the claim is no longer ``instance``'s (it
+    ran out and another instance took the message): then the transaction is
+    left unfinished and the server discards it.
+    """
+    result = await s.execute(
+        update(Outbound)
+        .where(Outbound.id == row.id, Outbound.claimed_by == instance, Outbound.ended_at.is_(None))
+        .values(ended_at=at)
+        .execution_options(synchronize_session=False)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        raise ClaimLost(f"queued message {row.queue_id} is no longer claimed by {instance}")
+
+
+def uncertain(row: Outbound, now: datetime) -> bool:
+    """True when the message's end of DATA was sent and its answer never recorded (its holder died)."""
+    return row.ended_at is not None and (
+        row.claimed_until is None or row.claimed_until <= now or row.ended_at <= now - ATTEMPT_DEADLINE
+    )
+
+
 async def unclaim(s: AsyncSession, row: Outbound, instance: str) -> None:
     """End ``instance``'s claim on a message without recording an attempt: due again at once."""
     await s.execute(
@@ -279,6 +321,7 @@ async def record(
     row: Outbound,
     results: Mapping[str, tuple[str, str]],
     *,
+    pending: Collection[str],
     error: str | None,
     next_attempt_at: datetime,
     at: datetime,
@@ -288,18 +331,27 @@ async def record(
 
     ``results`` maps each attempted recipient to its outcome (a key of
     :data:`OUTCOMES`) and the reply; each is logged with the attempt number
-    and ``smarthost``. A message with no pending recipient left is removed
-    from the queue (its log stays).
+    and ``smarthost``. ``pending`` is the recipients that were pending when
+    the message was claimed (the claim kept anyone else from changing them).
+    A message with no pending recipient left is removed from the queue (its
+    log stays): when every one of ``pending`` is done, at once, without
+    updating the recipients first (the usual case, and the one between a
+    server's ``250`` and this commit, where a crash means a resend: kept
+    short).
     """
     attempt = row.attempts + 1
+    s.add_all(
+        _log(row, at, outcome, attempt=attempt, recipient=address, smarthost=smarthost, reply=reply[:500])
+        for address, (outcome, reply) in results.items()
+    )
+    if set(pending) <= {a for a, (outcome, _) in results.items() if OUTCOMES[outcome] != "pending"}:
+        await s.execute(delete(Outbound).where(Outbound.id == row.id))
+        return True
     for address, (outcome, reply) in results.items():
         await s.execute(
             update(OutboundRecipient)
             .where(OutboundRecipient.outbound_id == row.id, OutboundRecipient.address == address)
             .values(state=OUTCOMES[outcome], last_reply=reply[:500])
-        )
-        s.add(
-            _log(row, at, outcome, attempt=attempt, recipient=address, smarthost=smarthost, reply=reply[:500])
         )
     left = await s.scalar(
         select(func.count()).where(
@@ -318,6 +370,7 @@ async def record(
             next_attempt_at=next_attempt_at,
             claimed_by=None,
             claimed_until=None,
+            ended_at=None,
         )
     )
     return False
@@ -357,6 +410,7 @@ async def retry_now(s: AsyncSession, queue_id: str, now: datetime) -> bool:
     if row is None:
         return False
     row.next_attempt_at = now
+    row.ended_at = None  # the operator's word: send it again even if the server may have it
     s.add(_log(row, now, "retry"))
     await s.flush()
     return True

@@ -106,11 +106,14 @@ async def wait_until(what: str, check: Callable[[], bool], seconds: float, nodes
 async def test_300_replies_reach_the_smarthost_once_through_a_kill_9(
     cluster: Callable[[int], list[Node]], sink: Sink
 ) -> None:
-    """Smarthost down, 300 replies round-robin to a, b, c; smarthost up; b killed mid-drain: each arrives.
+    """Smarthost down, 300 replies round-robin to a, b, c; smarthost up; b killed mid-drain: each
+    arrives once.
 
     Also the regression test for claims a killed instance held: they waited the full 15-minute
     claim (the drain never finished) until :func:`storage.queue.due` took over the claims of a
-    registered instance whose id lock is free.
+    registered instance whose id lock is free. And for the duplicates it made: a reply b's
+    smarthost had accepted (250) before b recorded it was sent again by its taker (0 to 3 of the
+    300 in a run) until the end of DATA was recorded first (:func:`storage.queue.ending`).
     """
     nodes = cluster(sink.port)
     await start(nodes)
@@ -123,11 +126,8 @@ async def test_300_replies_reach_the_smarthost_once_through_a_kill_9(
     await asyncio.sleep(1.5)  # a second look: a duplicate would arrive now
     got = sink.message_ids()
     assert set(got) == set(ids)
-    # Known gap: a reply b's smarthost took (250) before b committed the attempt is sent again by
-    # its taker; at most what b had in flight (queue.concurrency = 4), each at most twice.
-    twice = [m for m, n in got.items() if n > 1]
-    assert len(twice) <= 4, twice
-    assert max(got.values()) <= 2, twice
+    # What b had sent the end of DATA of when it died is held as uncertain, not sent again.
+    assert [m for m, n in got.items() if n > 1] == []
 
 
 async def test_a_slow_smarthost_never_gets_one_message_from_two_instances_at_once(

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.config import Config, parse_config
 from gateway.daemon import open_store
@@ -29,6 +31,7 @@ from gateway.relay import worker
 from gateway.relay.worker import RelayWorker
 from storage import queue
 from storage.db import Database
+from storage.models import Outbound
 from tests.conftest import Sink, config_dict, free_port
 from tests.daemon import Daemon, write_config
 from tests.smarthost import Slow, Smarthost
@@ -266,6 +269,70 @@ async def test_a_tenants_concurrency_holds_across_instances(tmp_path: Path, db_u
     assert max(slow.most.values()) == 1
 
 
+async def test_a_message_whose_holder_died_after_the_end_of_data_is_held_not_resent(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Regression for the duplicates of a kill -9 (tests/test_cluster_relay.py): the server may have
+    a message whose end of DATA went out unrecorded, so only the operator sends it again."""
+    db, _ = await open_store(parse_config(config_dict(tmp_path, db_url)))
+    now = datetime.now(UTC)
+    claim: dict[str, Any] = {"claim_for": worker.CLAIM, "concurrency": {"acme": 10}}
+    try:
+        async with db.write() as s:
+            row = await queue.enqueue(
+                s, tenant_id="acme", mail_from=SENDER, recipients=[CUSTOMER], blob="x", size=1, now=now
+            )
+        async with db.write() as s:
+            (taken,) = await queue.due(s, now, instance="dead", **claim)
+        async with db.write() as s:
+            with pytest.raises(queue.ClaimLost):  # only the holder may end the DATA
+                await queue.ending(s, taken.row, "live", now)
+        async with db.write() as s:
+            await queue.ending(s, taken.row, "dead", now)
+            assert not queue.uncertain(await s.get_one(Outbound, row.id), now)  # its holder may live
+        later = now + worker.CLAIM
+        async with db.write() as s:
+            assert await queue.due(s, later, instance="live", **claim) == []  # the claim ran out
+            assert await queue.release(s, "dead") == 1  # "dead" starting again
+            assert await queue.due(s, later, instance="dead", **claim) == []
+        async with db.read() as s:
+            assert queue.uncertain(await s.get_one(Outbound, row.id), later)
+        async with db.write() as s:
+            assert await queue.retry_now(s, row.queue_id or "", later)  # the operator's decision
+        async with db.write() as s:
+            (again,) = await queue.due(s, later, instance="live", **claim)
+        assert again.row.id == row.id
+        assert again.row.ended_at is None
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize(
+    ("data", "wire"),
+    [
+        (b"a\r\nb\r\n", b"a\r\nb\r\n"),
+        (b"a\nb", b"a\r\nb\r\n"),
+        (b"a\rb\r\n", b"a\r\nb\r\n"),
+        (b".\r\n", b"..\r\n"),
+        (b"x\r\n.hidden\r\n..\r\n", b"x\r\n..hidden\r\n...\r\n"),
+        (b"", b"\r\n"),
+    ],
+)
+def test_dot_stuffed_makes_crlf_lines_and_doubles_leading_dots(data: bytes, wire: bytes) -> None:
+    assert worker.dot_stuffed(data) == wire
+
+
+@given(st.binary(max_size=300))
+def test_dot_stuffed_never_ends_the_data_early_and_unstuffs_to_the_crlf_message(data: bytes) -> None:
+    wire = worker.dot_stuffed(data)
+    lines = wire.split(b"\r\n")
+    assert lines[-1] == b""
+    assert all(line != b"." for line in lines)
+    unstuffed = b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
+    normal = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    assert unstuffed == (normal if normal.endswith(b"\r\n") else normal + b"\r\n")
+
+
 async def test_an_expired_claim_is_taken_over(tmp_path: Path, db_url: str) -> None:
     db, _ = await open_store(parse_config(config_dict(tmp_path, db_url)))
     now = datetime.now(UTC)
@@ -288,6 +355,7 @@ async def test_an_expired_claim_is_taken_over(tmp_path: Path, db_url: str) -> No
                 s,
                 again.row,
                 {CUSTOMER: ("deferred", "451 later")},
+                pending=(CUSTOMER,),
                 error="451 later",
                 next_attempt_at=now,
                 at=now,

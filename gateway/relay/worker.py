@@ -52,6 +52,7 @@ import contextlib
 import functools
 import ipaddress
 import os
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ T = TypeVar("T")
 
 POLL = 5.0
 TIMEOUT = 60.0  # per SMTP command
-DEADLINE = 600.0  # per attempt, whatever the server does
+DEADLINE = queue.ATTEMPT_DEADLINE.total_seconds()  # per attempt, whatever the server does
 CLAIM = timedelta(minutes=15)  # longer than DEADLINE: a live sender never loses its claim
 
 
@@ -163,10 +164,12 @@ async def send(
     mail_from: str,
     recipients: list[str],
     data: bytes,
+    ending: Callable[[], Awaitable[None]],
     settle: Callable[[Attempt], Awaitable[T]],
 ) -> T:
     """Send one message through ``relay`` and hand the outcome to ``settle`` before saying QUIT.
 
+    ``ending`` runs just before the end of DATA (:func:`_transact`).
     The transaction is cut off after :data:`DEADLINE`. ``settle`` (recording
     the outcome) runs while the connection is still open: between the
     server's ``250`` and the recorded outcome lies the one moment where a
@@ -187,7 +190,7 @@ async def send(
         local_hostname=hostname,
     )
     try:
-        attempt = await _transact(client, relay, mail_from, recipients, data)
+        attempt = await _transact(client, relay, mail_from, recipients, data, ending)
         return await settle(attempt)
     finally:
         if client.is_connected:
@@ -197,10 +200,33 @@ async def send(
                 client.close()
 
 
+def dot_stuffed(data: bytes) -> bytes:
+    """A message as DATA carries it, up to the final ``.``: CRLF line ends, leading dots doubled."""
+    lines = _LINE_END.sub(b"\r\n", data)
+    if not lines.endswith(b"\r\n"):
+        lines += b"\r\n"
+    return _LEADING_DOT.sub(b"..", lines)
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
+
+
 async def _transact(
-    client: aiosmtplib.SMTP, relay: SMTPRelaySection, mail_from: str, recipients: list[str], data: bytes
+    client: aiosmtplib.SMTP,
+    relay: SMTPRelaySection,
+    mail_from: str,
+    recipients: list[str],
+    data: bytes,
+    ending: Callable[[], Awaitable[None]],
 ) -> Attempt:
-    """One SMTP transaction on an unconnected ``client``: its :class:`Attempt`."""
+    """One SMTP transaction on an unconnected ``client``: its :class:`Attempt`.
+
+    ``ending`` is awaited after the message and before the final ``.``: it
+    records that the server may have the message from then on (see
+    :func:`storage.queue.ending`); if it raises, the transaction is left
+    unfinished and the server discards it.
+    """
     host = relay.effective[0]
     stage = "connect"
     refused: dict[str, str] = {}  # RCPT refusals: a 4xx or 5xx as given, anything else as a 451
@@ -232,7 +258,23 @@ async def _transact(
             if len(refused) == len(recipients):
                 return Attempt.of(recipients, refused, "", completed=False)
             stage = "DATA"
-            done = await client.data(data)  # raises unless the end of DATA is answered 250
+            start = await client.execute_command(b"DATA")
+            if start.code != 354:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            protocol = client.protocol
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("connection lost")
+            protocol.write(dot_stuffed(data))
+            try:
+                await ending()  # committed: from here on the server may have the message
+                # No await between the end of DATA and reading its answer: nothing else reads it.
+                protocol.write(b".\r\n")
+                done = await protocol.read_response(timeout=TIMEOUT)
+            except BaseException:
+                client.close()  # not QUIT inside DATA: an unfinished message is discarded
+                raise
+            if done.code != 250:
+                raise aiosmtplib.SMTPDataError(done.code, done.message)
             return Attempt.of(recipients, refused, f"{done.code} {done.message}", completed=True)
     except aiosmtplib.SMTPResponseException as exc:
         if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
@@ -361,6 +403,12 @@ class RelayWorker:
             host, port, _ = tenant.smtp.effective
             smarthost = f"{host}:{port}"
 
+        async def ending() -> None:
+            async def mark(s: AsyncSession) -> None:
+                await queue.ending(s, row, config.gateway.effective_instance, self.clock())
+
+            await self.db.grouped(mark)
+
         async def settle(attempt: Attempt) -> Settled:
             return await self._record(config, item, attempt, now, smarthost)
 
@@ -371,7 +419,7 @@ class RelayWorker:
             settled = await settle(Attempt())
         else:
             settled = await send(
-                tenant.smtp, config.gateway.hostname, row.mail_from, list(item.pending), data, settle
+                tenant.smtp, config.gateway.hostname, row.mail_from, list(item.pending), data, ending, settle
             )
         attempt, results = settled.attempt, settled.results
         for outcome, _ in results.values():
@@ -431,6 +479,7 @@ class RelayWorker:
                 s,
                 row,
                 results,
+                pending=item.pending,
                 error=attempt.error
                 or next((r for outcome, r in results.values() if outcome != "sent"), None),
                 next_attempt_at=now + wait,
