@@ -127,10 +127,15 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
     from gateway.daemon import open_store
+    from storage import instances
 
     async def go() -> None:
-        db, _ = await open_store(config)
-        await db.close()
+        db = Database(config.gateway.effective_database_url)
+        try:
+            async with instances.starting_alone(db):  # not at once with a starting instance
+                await open_store(config, db)
+        finally:
+            await db.close()
 
     asyncio.run(go())
     print("database schema is up to date; tenants, agents and folders synchronised")

@@ -29,10 +29,12 @@ pid, start, heartbeat; the row a dead run of the same id left is replaced)
 and refreshes ``heartbeat_at`` every :data:`HEARTBEAT` seconds; a clean stop
 deletes its row. An instance whose heartbeat is older than :data:`TTL` is
 reported dead (:func:`cluster`); its row stays until its id starts again.
-What a dead instance held is given back by time: its relay claims and
-upstream leases run out (:mod:`storage.queue`, :mod:`storage.leases`). An
-instance that starts releases its own id's old relay claims at once: holding
-its id's lock, no other live process is that instance. Heartbeats are
+What a dead instance held is given back: its upstream leases run out
+(:mod:`storage.leases`); its relay claims are taken over at once on
+PostgreSQL, where its id's lock is seen free, and otherwise run out
+(:mod:`storage.queue`). An instance that starts releases its own id's old
+relay claims at once: holding its id's lock, no other live process is that
+instance. Heartbeats are
 written with each host's clock, so the hosts' clocks must agree to well
 within ``TTL - HEARTBEAT`` (NTP does).
 
@@ -107,6 +109,26 @@ class LockLost(Exception):
     """The PostgreSQL session holding the lock ended."""
 
 
+@contextlib.asynccontextmanager
+async def _startup_lock(connection: AsyncConnection) -> AsyncIterator[None]:
+    await connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": STARTUP_KEY})
+    try:
+        yield
+    finally:
+        with contextlib.suppress(SQLAlchemyError):  # a lost session took the lock with it
+            await connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": STARTUP_KEY})
+
+
+@contextlib.asynccontextmanager
+async def starting_alone(db: Database) -> AsyncIterator[None]:
+    """The cluster's start-up lock for a process that is no instance (``mailgate migrate``)."""
+    if db.is_sqlite:  # SQLite serialises the migrations' writers itself
+        yield
+        return
+    async with db.writer.connect() as connection, _startup_lock(connection):
+        yield
+
+
 @dataclass
 class Lock:
     """This process's lock (one of the two kinds), held for its life."""
@@ -125,12 +147,8 @@ class Lock:
         if self.connection is None:
             yield
             return
-        await self.connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": STARTUP_KEY})
-        try:
+        async with _startup_lock(self.connection):
             yield
-        finally:
-            with contextlib.suppress(SQLAlchemyError):  # a lost session took the lock with it
-                await self.connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": STARTUP_KEY})
 
     async def register(self, instance: str, hostname: str, now: datetime) -> None:
         """Record this process as ``instance`` (replacing what a dead run of it left)."""

@@ -427,3 +427,26 @@ async def test_notices_cross_instances_skip_their_sender_and_survive_a_dropped_c
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await db.close()
+
+
+async def test_mailgate_migrate_waits_for_the_cluster_start_up_lock(tmp_path: Path, pg_url: str) -> None:
+    """Regression: ``mailgate migrate`` migrated at once even while an instance was migrating."""
+    node = Instance.configure(tmp_path / "m", pg_url, "m")
+    db = Database(pg_url)
+    try:
+        async with db.writer.connect() as holder:  # an instance starting: it holds the lock
+            await holder.execute(text("SELECT pg_advisory_lock(:key)"), {"key": instances.STARTUP_KEY})
+            migrate = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway", "-c", str(node.daemon.config), "migrate",
+                cwd=node.daemon.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            try:
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(migrate.wait()), 3)
+            finally:
+                await holder.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": instances.STARTUP_KEY})
+            out, err = await asyncio.wait_for(migrate.communicate(), 60)
+        assert migrate.returncode == 0, err.decode()
+        assert b"database schema is up to date" in out
+    finally:
+        await db.close()
