@@ -11,6 +11,10 @@ the server offers STARTTLS unless the tenant pinned ``security = "none"``. A
 password never crosses a non-loopback link in clear unless the tenant set
 ``allow_plaintext_auth``.
 
+The queue's bookkeeping goes through group commit (:meth:`storage.db.Database.grouped`): a
+pass's claims, each attempt's end-of-DATA mark and each recorded outcome share
+commits with whatever other deliveries write at the same moment.
+
 Each pass claims the due messages it can start now in the database
 (:func:`storage.queue.due`): ``queue.concurrency`` per tenant minus the
 claims held by every instance, so two instances never attempt one message
@@ -61,6 +65,7 @@ from typing import TypeVar
 
 import aiosmtplib
 import structlog
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import metrics
@@ -353,14 +358,17 @@ class RelayWorker:
         """Claim what is due, as far as each tenant's concurrency allows, and start delivering it."""
         config = self.config()
         concurrency = {t.id: config.queue.concurrency for t in config.tenants}
-        async with self.db.write() as s:
-            items = await queue.due(
+
+        async def claim(s: AsyncSession) -> list[queue.Queued]:
+            return await queue.due(
                 s,
                 self.clock(),
                 instance=config.gateway.effective_instance,
                 claim_for=CLAIM,
                 concurrency=concurrency,
             )
+
+        items = await self.db.grouped(claim)
         for item in items:
             task = asyncio.create_task(self._deliver(config, item))
             self._tasks.add(task)
@@ -474,7 +482,8 @@ class RelayWorker:
         notify_delay = (
             bool(delayed) and not row.delay_notified and now - row.created_at >= config.queue.delay_notice
         )
-        async with self.db.write() as s:
+
+        async def write(s: AsyncSession) -> bool:
             done = await queue.record(
                 s,
                 row,
@@ -487,9 +496,10 @@ class RelayWorker:
                 smarthost=smarthost,
             )
             if notify_delay and not done:
-                stored = await s.get(Outbound, row.id)
-                if stored is not None:
-                    stored.delay_notified = True
+                await s.execute(update(Outbound).where(Outbound.id == row.id).values(delay_notified=True))
+            return done
+
+        done = await self.db.grouped(write)  # with the other deliveries' records and claims
         return Settled(attempt, results, failures, delayed, done, notify_delay)
 
     async def _notify(
