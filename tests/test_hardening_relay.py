@@ -269,6 +269,20 @@ async def test_a_tenants_concurrency_holds_across_instances(tmp_path: Path, db_u
     assert max(slow.most.values()) == 1
 
 
+CLAIM_ARGS: dict[str, Any] = {"claim_for": worker.CLAIM, "concurrency": {"acme": 10}}
+
+
+async def claimed_by_dead(db: Database, now: datetime) -> tuple[Outbound, queue.Queued]:
+    """A message queued at ``now`` and claimed by instance "dead"."""
+    async with db.write() as s:
+        row = await queue.enqueue(
+            s, tenant_id="acme", mail_from=SENDER, recipients=[CUSTOMER], blob="x", size=1, now=now
+        )
+    async with db.write() as s:
+        (taken,) = await queue.due(s, now, instance="dead", **CLAIM_ARGS)
+    return row, taken
+
+
 async def test_a_message_whose_holder_died_after_the_end_of_data_is_held_not_resent(
     tmp_path: Path, db_url: str
 ) -> None:
@@ -276,14 +290,9 @@ async def test_a_message_whose_holder_died_after_the_end_of_data_is_held_not_res
     a message whose end of DATA went out unrecorded, so only the operator sends it again."""
     db, _ = await open_store(parse_config(config_dict(tmp_path, db_url)))
     now = datetime.now(UTC)
-    claim: dict[str, Any] = {"claim_for": worker.CLAIM, "concurrency": {"acme": 10}}
+    claim = CLAIM_ARGS
     try:
-        async with db.write() as s:
-            row = await queue.enqueue(
-                s, tenant_id="acme", mail_from=SENDER, recipients=[CUSTOMER], blob="x", size=1, now=now
-            )
-        async with db.write() as s:
-            (taken,) = await queue.due(s, now, instance="dead", **claim)
+        row, taken = await claimed_by_dead(db, now)
         async with db.write() as s:
             with pytest.raises(queue.ClaimLost):  # only the holder may end the DATA
                 await queue.ending(s, taken.row, "live", now)
@@ -336,14 +345,9 @@ def test_dot_stuffed_never_ends_the_data_early_and_unstuffs_to_the_crlf_message(
 async def test_an_expired_claim_is_taken_over(tmp_path: Path, db_url: str) -> None:
     db, _ = await open_store(parse_config(config_dict(tmp_path, db_url)))
     now = datetime.now(UTC)
-    claim: dict[str, Any] = {"claim_for": worker.CLAIM, "concurrency": {"acme": 10}}
+    claim = CLAIM_ARGS
     try:
-        async with db.write() as s:
-            row = await queue.enqueue(
-                s, tenant_id="acme", mail_from=SENDER, recipients=[CUSTOMER], blob="x", size=1, now=now
-            )
-        async with db.write() as s:
-            (taken,) = await queue.due(s, now, instance="dead", **claim)
+        row, taken = await claimed_by_dead(db, now)
         assert (taken.row.id, taken.row.claimed_by, taken.pending) == (row.id, "dead", (CUSTOMER,))
         async with db.write() as s:
             assert await queue.due(s, now + worker.CLAIM / 2, instance="live", **claim) == []
