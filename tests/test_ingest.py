@@ -16,6 +16,7 @@ from gateway.ingest import Delivery, Outcome, Pipeline, label_keyword
 from storage import mailstore
 from storage.flags import join_flags
 from storage.models import Message, Outbound, OutboundRecipient
+from tests.conftest import on_every_blob_backend
 
 BASE = (
     b"From: c@example.org\r\nTo: biuro@acme.test\r\nSubject: %s\r\n"
@@ -154,6 +155,7 @@ async def test_rule_creates_a_missing_folder_and_queues_forwards(tmp_path: objec
         await db.close()
 
 
+@on_every_blob_backend
 async def test_dedupe_by_source_key_and_by_content(config: Config, pipeline: Pipeline) -> None:
     tenant = config.tenant("acme")
     key = Delivery(source="imap", dedupe_key="imap:acct/INBOX/7/1")
@@ -167,6 +169,7 @@ async def test_dedupe_by_source_key_and_by_content(config: Config, pipeline: Pip
     assert (first.duplicate, again.duplicate, moved.duplicate, other.duplicate) == (False, True, True, False)
 
 
+@on_every_blob_backend
 async def test_batch_dedupes_within_itself_and_runs_within(config: Config, pipeline: Pipeline) -> None:
     ran: list[bool] = []
 
@@ -180,6 +183,7 @@ async def test_batch_dedupes_within_itself_and_runs_within(config: Config, pipel
     assert ran == [True]
 
 
+@on_every_blob_backend
 async def test_fallback_dedupe_is_message_id_plus_body(config: Config, pipeline: Pipeline) -> None:
     tenant = config.tenant("acme")
     assert not (await pipeline.deliver(tenant, mail(), SMTP)).duplicate

@@ -19,7 +19,7 @@ from storage.blobs import BlobStore
 from storage.db import Database
 from storage.errors import FolderExists, NoSuchFolder, StoreError
 from storage.models import Agent, Base, Expunge, Folder, Message, Tenant
-from tests.conftest import config_dict
+from tests.conftest import config_dict, on_every_blob_backend
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
@@ -85,6 +85,7 @@ async def test_apply_is_idempotent_keeps_unmentioned_tenants_and_deactivates_rem
     assert len(folders) == 8
 
 
+@on_every_blob_backend
 async def test_append_allocates_strictly_increasing_uids_and_counts(
     store: tuple[Database, BlobStore],
 ) -> None:
@@ -98,6 +99,7 @@ async def test_append_allocates_strictly_increasing_uids_and_counts(
     assert await usage(db, "acme", "INBOX") == (60, 3, 60, 3)
 
 
+@on_every_blob_backend
 async def test_concurrent_appends_never_share_a_uid(store: tuple[Database, BlobStore]) -> None:
     db, _ = store
 
@@ -119,6 +121,7 @@ async def test_junk_does_not_count_against_the_tenant(store: tuple[Database, Blo
     assert await usage(db, "acme", "Spam") == (500, 1, 0, 0)
 
 
+@on_every_blob_backend
 async def test_flags_copy_move_expunge(store: tuple[Database, BlobStore]) -> None:
     db, _ = store
     async with db.write() as s:
@@ -204,6 +207,7 @@ async def test_uidvalidity_differs_between_folders(store: tuple[Database, BlobSt
     assert len(set(values)) == len(values)
 
 
+@on_every_blob_backend
 async def test_restart_reopens_the_same_store(config: Config) -> None:
     db, _ = await open_store(config)
     async with db.write() as s:
