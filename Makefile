@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test peers lint bench-smtp-ingest bench-pull bench-retention bench-snapshot bench-imap bench-imap-stress bench-relay
+.PHONY: run test peers lint bench-smtp-ingest bench-pull bench-retention bench-snapshot bench-imap bench-imap-stress bench-relay bench-cluster
 
 $(BIN)/mailgate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,3 +46,6 @@ bench-imap-stress: $(BIN)/mailgate
 
 bench-relay: $(BIN)/mailgate
 	$(BIN)/python bench/relay.py $(ARGS)
+
+bench-cluster: $(BIN)/mailgate
+	$(BIN)/python bench/cluster_scale.py $(ARGS)

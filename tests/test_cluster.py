@@ -52,25 +52,33 @@ def message(n: int) -> bytes:
 
 @dataclass
 class Instance:
-    """One ``mailgate run`` of the cluster: its id, daemon and IMAP port."""
+    """One ``mailgate run`` of the cluster: its id, daemon, IMAP port and metrics port (0: none)."""
 
     id: str
     daemon: Daemon
     imap_port: int
+    metrics_port: int = 0
 
     @classmethod
-    def configure(cls, root: Path, db_url: str, instance: str, blobs: str = "postgresql") -> Instance:
-        """The file of tenant acme (agent anna) for ``instance``, with its own listeners, under ``root``."""
+    def configure(
+        cls, root: Path, db_url: str, instance: str, blobs: str = "postgresql", metrics: bool = False
+    ) -> Instance:
+        """The file of tenant acme (agent anna) for ``instance``, with its own listeners, under ``root``;
+        ``metrics``: a ``[listen] metrics`` listener too (bench/cluster_scale.py scrapes it)."""
         root.mkdir()
         smtp_port, imap_port = free_port(), free_port()
+        metrics_port = free_port() if metrics else 0
         extra = f'\n[[tenants.agents]]\nlogin = "anna@acme.test"\npassword_hash = "{HASH}"\n'
         extra += f'\n[blobs]\nbackend = "{blobs}"\n'
         path = write_config(root, db_url, smtp_port, extra)
         body = path.read_text(encoding="utf-8")
         body = body.replace("[gateway]\n", f'[gateway]\ninstance = "{instance}"\n', 1)
-        body = body.replace("[listen]\n", f'[listen]\nimap = "127.0.0.1:{imap_port}"\n', 1)
+        listen = f'imap = "127.0.0.1:{imap_port}"\n'
+        if metrics_port:
+            listen += f'metrics = "127.0.0.1:{metrics_port}"\n'
+        body = body.replace("[listen]\n", f"[listen]\n{listen}", 1)
         path.write_text(body, encoding="utf-8")
-        return cls(instance, Daemon(path, smtp_port, root), imap_port)
+        return cls(instance, Daemon(path, smtp_port, root), imap_port, metrics_port)
 
     def start(self) -> None:
         self.daemon.start()  # until SMTP listens; IMAP starts after it

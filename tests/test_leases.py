@@ -16,6 +16,7 @@ import json
 import random
 import re
 import signal
+import string
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from storage.models import Instance, Message, UpstreamFolder, UpstreamLease
 from tests import corpus
 from tests.conftest import config_dict
 from tests.dovecot import Dovecot
+from tests.test_cluster import Instance as ClusterInstance
 from tests.test_pull import PASSWORD, mailbox
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -466,10 +468,10 @@ class ClusterPull:
 
     mailboxes: int
     messages: int
-    spread_at: float = 0.0  # leases spread evenly over the three (before any mail arrives)
+    spread_at: float = 0.0  # leases spread evenly over the instances (before any mail arrives)
     spread: dict[str, int] = field(default_factory=dict)  # ``cluster status``: leases per instance
     delivered_at: float = 0.0  # every message is upstream (delivered while the pull runs)
-    victim: str = ""
+    victim: str = ""  # none when nothing was killed
     victim_folders: dict[str, int] = field(default_factory=dict)  # its mailboxes: messages pulled at the kill
     stored_at_kill: int = 0
     killed_at: float = 0.0
@@ -487,16 +489,23 @@ async def cluster_pull(
     mailboxes: int = 12,
     messages: int = 500,
     size: int = 3000,
-    kill_at: float = 0.2,
+    kill_at: float | None = 0.2,
     say: Callable[[str], None] = lambda _: None,
+    instances: int = 3,
+    mark: Callable[[str, dict[str, ClusterInstance]], Awaitable[None]] | None = None,
+    blobs: str = "postgresql",
 ) -> ClusterPull:
-    """Done means 1: instances a, b, c (blobs in PostgreSQL) pull ``mailboxes`` x ``messages``;
-    the one holding the most leases is killed with SIGKILL once ``kill_at`` of the mail is stored.
+    """Done means 1: ``instances`` instances a, b, c, ... (blobs in PostgreSQL) pull ``mailboxes``
+    x ``messages``; the one holding the most leases is killed with SIGKILL once ``kill_at`` of the
+    mail is stored (``None``: no kill). ``blobs`` is the ``[blobs] backend`` ("fs": each its
+    own ``data_dir``, which only a single instance may use in production).
 
-    Leases are spread before the mail arrives, so the pull runs spread. Returns the timings;
-    the caller checks the end state with :func:`assert_cluster_stored_exactly_once`.
+    Leases are spread before the mail arrives, so the pull runs spread. ``mark``, if given, is
+    awaited with "pull" just before the first delivery and with "stored" once every message is
+    stored (the instances still running, each with a metrics listener): bench/cluster_scale.py
+    measures between the two. Returns the timings; the caller checks the end state with
+    :func:`assert_cluster_stored_exactly_once`.
     """
-    from tests.test_cluster import Instance as ClusterInstance  # its daemons' configuration
     from tests.test_pull_daemon import mailbox_toml
 
     out = ClusterPull(mailboxes, messages)
@@ -504,9 +513,9 @@ async def cluster_pull(
     for user in users:
         dovecot.add_user(user, PASSWORD)
     boxes = "".join(mailbox_toml(u, dovecot.port, idle=False, poll_interval="1s") for u in users)
-    nodes = {}
-    for name in "abc":
-        node = ClusterInstance.configure(root / name, pg_url, name)
+    nodes: dict[str, ClusterInstance] = {}
+    for name in string.ascii_lowercase[:instances]:
+        node = ClusterInstance.configure(root / name, pg_url, name, blobs, metrics=mark is not None)
         config = node.daemon.config
         config.write_text(config.read_text(encoding="utf-8") + boxes, encoding="utf-8")
         node.daemon.env["MAILGATE_TEST_UPSTREAM"] = PASSWORD
@@ -537,15 +546,15 @@ async def cluster_pull(
         async with db.read() as s:
             return int(await s.scalar(select(func.count()).select_from(Message)) or 0)
 
-    share = leases.share(mailboxes, 3)
+    share = leases.share(mailboxes, instances)
     try:
         await asyncio.gather(*(asyncio.to_thread(n.daemon.start) for n in nodes.values()))
 
         async def spread_evenly() -> bool:  # each its share (or what remains), nothing unheld
             counts = [len(v) for v in (await held()).values()]
-            return len(counts) == 3 and sum(counts) == mailboxes and max(counts) <= share
+            return len(counts) == instances and sum(counts) == mailboxes and max(counts) <= share
 
-        out.spread_at = await wait_for("leases spread over a, b and c", spread_evenly, 60)
+        out.spread_at = await wait_for(f"leases spread over {', '.join(nodes)}", spread_evenly, 60)
         status = await asyncio.to_thread(nodes["a"].daemon.cli, "cluster", "status", "--format", "json")
         out.spread = {r["id"]: r["upstream_leases"] for r in json.loads(status)}
         say(f"leases spread after {out.spread_at:.1f}s: {out.spread}")
@@ -558,31 +567,36 @@ async def cluster_pull(
                     dovecot.deliver_files(user, "INBOX", mail[user][start : start + BATCH])
             out.delivered_at = loop.time() - t0
 
+        if mark is not None:
+            await mark("pull", nodes)
         start = loop.time()
         delivering = asyncio.create_task(asyncio.to_thread(deliver))
         total = mailboxes * messages
-        await wait_for(f"{kill_at:.0%} stored", lambda: _at_least(stored, int(total * kill_at)), 120)
-        by = await held()
-        out.victim = max(sorted(by), key=lambda name: len(by[name]))
-        nodes[out.victim].daemon.stop()  # SIGKILL
-        out.killed_at = loop.time() - t0
-        out.stored_at_kill = await stored()
-        async with db.read() as s:
-            pulled = {r.mailbox: r.last_uid for r in (await s.scalars(select(UpstreamFolder))).all()}
-        out.victim_folders = {m: pulled.get(m, 0) for m in sorted(by[out.victim])}
-        say(f"killed {out.victim} at {out.killed_at:.1f}s, {out.stored_at_kill} stored")
-        say(f"its folders, messages pulled: {out.victim_folders}")
+        if kill_at is not None:
+            await wait_for(f"{kill_at:.0%} stored", lambda: _at_least(stored, int(total * kill_at)), 120)
+            by = await held()
+            out.victim = max(sorted(by), key=lambda name: len(by[name]))
+            nodes[out.victim].daemon.stop()  # SIGKILL
+            out.killed_at = loop.time() - t0
+            out.stored_at_kill = await stored()
+            async with db.read() as s:
+                pulled = {r.mailbox: r.last_uid for r in (await s.scalars(select(UpstreamFolder))).all()}
+            out.victim_folders = {m: pulled.get(m, 0) for m in sorted(by[out.victim])}
+            say(f"killed {out.victim} at {out.killed_at:.1f}s, {out.stored_at_kill} stored")
+            say(f"its folders, messages pulled: {out.victim_folders}")
 
-        async def taken_over() -> bool:
-            holders = await held()
-            taken = {m for name, folders in holders.items() if name != out.victim for m in folders}
-            return taken.issuperset(out.victim_folders)
+            async def taken_over() -> bool:
+                holders = await held()
+                taken = {m for name, folders in holders.items() if name != out.victim for m in folders}
+                return taken.issuperset(out.victim_folders)
 
-        out.taken_over_after = await wait_for("the takeover", taken_over, 90) - out.killed_at
-        say(f"its folders taken over {out.taken_over_after:.1f}s after the kill")
+            out.taken_over_after = await wait_for("the takeover", taken_over, 90) - out.killed_at
+            say(f"its folders taken over {out.taken_over_after:.1f}s after the kill")
         await delivering
         out.done_at = await wait_for("every message stored", lambda: _at_least(stored, total), 180)
         out.pull_seconds = loop.time() - start
+        if mark is not None:
+            await mark("stored", nodes)
         await asyncio.sleep(2)  # a second look: nothing more arrives (a duplicate would)
         out.stored = await stored()
         for name, node in nodes.items():
