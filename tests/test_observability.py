@@ -27,6 +27,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -36,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import ListenSection
 from gateway.metrics import DatabaseCollector
+from storage.db import Activity
 from tests.conftest import REPO, free_port, peer
 from tests.daemon import Daemon
 
@@ -192,7 +194,9 @@ def synthetic_exposition() -> str:
     where the labels of every database family are seen, and what
     ``promtool check metrics`` lints with samples present.
     """
-    collector = DatabaseCollector(lambda: None, None)  # type: ignore[arg-type, return-value]  # never refreshed
+    # Never refreshed: no database, only the process's counters of what it asked of one.
+    no_database = SimpleNamespace(activity=Activity(statements=10, commits=2))
+    collector = DatabaseCollector(lambda: None, no_database)  # type: ignore[arg-type, return-value]
     data = collector.data
     data.reads[("acme", "anna@acme.test")] = 3
     data.replies[("acme", "anna@acme.test")] = 2
