@@ -36,6 +36,7 @@ class Smarthost:
     answers: dict[str, str] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
     server: asyncio.Server | None = None
+    sessions: list[SMTP] = field(default_factory=list)  # every connection accepted, oldest first
 
     @property
     def port(self) -> int:
@@ -79,7 +80,7 @@ class Smarthost:
         loop = asyncio.get_running_loop()
 
         def factory() -> SMTP:
-            return SMTP(
+            session = SMTP(
                 self,
                 hostname="smarthost.test",
                 tls_context=ctx if self.security == "starttls" else None,
@@ -88,11 +89,19 @@ class Smarthost:
                 auth_require_tls=self.security != "none",
                 authenticator=self._authenticator if self.username is not None else None,
             )
+            self.sessions.append(session)
+            return session
 
         self.server = await loop.create_server(
             factory, "127.0.0.1", 0, ssl=ctx if self.security == "tls" else None
         )
         return self
+
+    def hang_up(self) -> None:
+        """Close every open connection, as a server does with idle ones."""
+        for session in self.sessions:
+            if session.transport is not None:
+                session.transport.close()
 
     async def stop(self) -> None:
         if self.server is not None:

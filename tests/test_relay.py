@@ -46,7 +46,7 @@ from storage import mailstore, queue
 from storage.blobs import BlobStore
 from storage.db import Database
 from storage.flags import ANSWERED
-from storage.models import Agent, Event, Message
+from storage.models import Agent, Event, Message, OutboundLog
 from tests.conftest import Sink, config_dict, free_port
 from tests.daemon import Daemon
 from tests.smarthost import Smarthost
@@ -222,6 +222,14 @@ class AuthCountingSmarthost(Smarthost):
 
     auth_attempts: int = 0
     tls_sessions: list[bool] = field(default_factory=list)
+    per_connection: int | None = None  # messages a connection takes before MAIL gets 421
+    mails: Counter[int] = field(default_factory=Counter)  # MAIL commands per connection
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, *args: Any) -> Any:
+        self.mails[id(server)] += 1
+        if self.per_connection is not None and self.mails[id(server)] > self.per_connection:
+            return "421 4.7.0 enough messages on this connection"
+        return await super().handle_MAIL(server, session, envelope, *args)
 
     def _authenticator(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
@@ -240,7 +248,7 @@ class AuthCountingSmarthost(Smarthost):
         ctx = self._context() if self.security != "none" else None
 
         def factory() -> SMTP:
-            return SMTP(
+            session = SMTP(
                 self,
                 hostname="smarthost.test",
                 tls_context=ctx if self.security == "starttls" else None,
@@ -249,6 +257,8 @@ class AuthCountingSmarthost(Smarthost):
                 auth_require_tls=self.security == "starttls",
                 authenticator=self._authenticator if self.username is not None else None,
             )
+            self.sessions.append(session)
+            return session
 
         self.server = await asyncio.get_running_loop().create_server(
             factory, "127.0.0.1", 0, ssl=ctx if self.security == "tls" else None
@@ -366,6 +376,63 @@ async def test_each_security_mode_delivers_to_a_matching_smarthost(
     assert got.data == message("<out-1@acme.test>")
     assert host.auth_attempts == 1
     assert host.tls_sessions == [security != "none"]
+
+
+async def relayed(g: Gateway, host: Smarthost, count: int) -> None:
+    """Let the worker run (no drain between passes: kept connections stay) until ``count`` arrived."""
+    deadline = time.monotonic() + 20
+    while len(host.received) < count:
+        assert time.monotonic() < deadline, f"{len(host.received)} of {count} received"
+        await g.worker.run_once()
+        await asyncio.sleep(0.05)
+
+
+async def test_consecutive_messages_share_one_connection_then_a_closed_one_is_replaced(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A completed transaction's connection carries the tenant's next message (issue #16); one the
+    server closed meanwhile is replaced at MAIL, the message neither deferred nor sent twice."""
+    async with smarthost("starttls") as host:
+        config = gateway_config(tmp_path, sqlite_url, relay_settings(host, tmp_path))
+        config = config.model_copy(update={"queue": config.queue.model_copy(update={"concurrency": 1})})
+        async with running(config) as g:
+            for i in range(5):
+                await queue_one(g, f"<reuse-{i}@acme.test>")
+            await relayed(g, host, 5)
+            assert (len(host.sessions), host.auth_attempts) == (1, 1)
+            host.hang_up()
+            await asyncio.sleep(0.1)
+            await queue_one(g, "<after-hang-up@acme.test>")
+            await relayed(g, host, 6)
+            await g.worker.drain()
+            assert await g.queued() == []
+            assert len(host.sessions) == 2
+    ids = [str(message_from_bytes(r.data)["Message-ID"]) for r in host.received]
+    assert ids == [*(f"<reuse-{i}@acme.test>" for i in range(5)), "<after-hang-up@acme.test>"]
+    assert host.tls_sessions == [True] * 6
+
+
+async def test_a_kept_connection_refused_at_mail_with_421_is_replaced_not_deferred(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A server that takes two messages per connection: the third MAIL's 421 on a kept connection
+    sends the message on a fresh one at once, without recording a deferral."""
+    async with smarthost("none") as host:
+        host.per_connection = 2
+        config = gateway_config(tmp_path, sqlite_url, relay_settings(host, tmp_path))
+        config = config.model_copy(update={"queue": config.queue.model_copy(update={"concurrency": 1})})
+        async with running(config) as g:
+            for i in range(5):
+                await queue_one(g, f"<limit-{i}@acme.test>")
+            await relayed(g, host, 5)
+            await g.worker.drain()
+            assert await g.queued() == []
+            async with g.db.read() as s:
+                events = (await s.scalars(select(OutboundLog.event))).all()
+    assert sorted(events) == ["queued"] * 5 + ["sent"] * 5
+    assert (len(host.sessions), host.auth_attempts) == (3, 3)
+    ids = [str(message_from_bytes(r.data)["Message-ID"]) for r in host.received]
+    assert ids == [f"<limit-{i}@acme.test>" for i in range(5)]
 
 
 async def test_none_upgrades_when_offered_unless_pinned(tmp_path: Path, sqlite_url: str) -> None:

@@ -11,6 +11,10 @@ the server offers STARTTLS unless the tenant pinned ``security = "none"``. A
 password never crosses a non-loopback link in clear unless the tenant set
 ``allow_plaintext_auth``.
 
+A connection whose transaction completed is kept for the tenant's next
+message (:mod:`gateway.relay.smarthosts`): consecutive messages to one
+smarthost skip the connection, greeting, EHLO, STARTTLS and AUTH.
+
 The queue's bookkeeping goes through group commit (:meth:`storage.db.Database.grouped`): a
 pass's claims, each attempt's end-of-DATA mark and each recorded outcome share
 commits with whatever other deliveries write at the same moment.
@@ -71,7 +75,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway import metrics
 from gateway.config import Config, SMTPRelaySection, TenantSection
 from gateway.ingest import Delivery, Outcome, Pipeline
-from gateway.relay import dsn
+from gateway.relay import dsn, smarthosts
+from gateway.relay.smarthosts import Smarthosts
 from storage import queue
 from storage.blobs import BlobStore
 from storage.db import Database, uninterrupted
@@ -171,21 +176,49 @@ async def send(
     data: bytes,
     ending: Callable[[], Awaitable[None]],
     settle: Callable[[Attempt], Awaitable[T]],
+    *,
+    pool: Smarthosts,
+    tenant_id: str,
 ) -> T:
-    """Send one message through ``relay`` and hand the outcome to ``settle`` before saying QUIT.
+    """Send one message through ``relay`` and hand the outcome to ``settle`` before QUIT or reuse.
 
-    ``ending`` runs just before the end of DATA (:func:`_transact`).
-    The transaction is cut off after :data:`DEADLINE`. ``settle`` (recording
-    the outcome) runs while the connection is still open: between the
-    server's ``250`` and the recorded outcome lies the one moment where a
-    killed process makes its message be sent again, and waiting for the
-    server's answer to QUIT first would only widen it.
+    ``ending`` runs just before the end of DATA (:func:`_transact`). The
+    transaction is cut off after :data:`DEADLINE`. ``settle`` (recording the
+    outcome) runs while the connection is still open: between the server's
+    ``250`` and the recorded outcome lies the one moment where a killed
+    process makes its message be sent again, and waiting for the server's
+    answer to QUIT first would only widen it. A connection kept in ``pool``
+    from an earlier message of the tenant is used if there is one (one found
+    stale at ``MAIL`` is replaced by a fresh one, the message not yet begun);
+    after a completed transaction the connection goes back to ``pool``.
     """
+    k = smarthosts.key(tenant_id, relay)
+    kept = pool.take(k)
+    client, messages = (kept.client, kept.messages) if kept else (_client(relay, hostname), 0)
+    completed = False
+    try:
+        try:
+            attempt = await _transact(client, relay, mail_from, recipients, data, ending, kept is not None)
+        except _Stale:
+            client.close()
+            client, messages = _client(relay, hostname), 0
+            attempt = await _transact(client, relay, mail_from, recipients, data, ending, False)
+        completed = bool(attempt.sent)  # only a transaction whose DATA was answered 250 sends
+        return await settle(attempt)
+    finally:
+        if completed and client.is_connected:
+            pool.keep(k, client, messages + 1)
+        else:
+            await smarthosts.quit_politely(client)
+
+
+def _client(relay: SMTPRelaySection, hostname: str) -> aiosmtplib.SMTP:
+    """An unconnected client for ``relay``, its security explicit (see the module's doc)."""
     host, port, security = relay.effective
     start_tls: bool | None = True if security == "starttls" else None
     if security == "none" and relay.security_pinned:
         start_tls = False
-    client = aiosmtplib.SMTP(
+    return aiosmtplib.SMTP(
         hostname=host,
         port=port,
         use_tls=security == "tls",
@@ -194,15 +227,10 @@ async def send(
         timeout=TIMEOUT,
         local_hostname=hostname,
     )
-    try:
-        attempt = await _transact(client, relay, mail_from, recipients, data, ending)
-        return await settle(attempt)
-    finally:
-        if client.is_connected:
-            try:
-                await client.quit()
-            except (aiosmtplib.SMTPException, OSError):
-                client.close()
+
+
+class _Stale(Exception):
+    """A kept connection failed at ``MAIL``: the server closed it meanwhile."""
 
 
 def dot_stuffed(data: bytes) -> bytes:
@@ -224,8 +252,13 @@ async def _transact(
     recipients: list[str],
     data: bytes,
     ending: Callable[[], Awaitable[None]],
+    connected: bool,
 ) -> Attempt:
-    """One SMTP transaction on an unconnected ``client``: its :class:`Attempt`.
+    """One SMTP transaction on ``client``: its :class:`Attempt`.
+
+    An unconnected ``client`` is connected first (greeting, EHLO, STARTTLS,
+    AUTH); a ``connected`` one (kept from an earlier message) starts at
+    ``MAIL``, and raises :class:`_Stale` if the server closed it meanwhile.
 
     ``ending`` is awaited after the message and before the final ``.``: it
     records that the server may have the message from then on (see
@@ -233,12 +266,13 @@ async def _transact(
     unfinished and the server discards it.
     """
     host = relay.effective[0]
-    stage = "connect"
+    stage = "MAIL" if connected else "connect"
     refused: dict[str, str] = {}  # RCPT refusals: a 4xx or 5xx as given, anything else as a 451
     try:
         async with asyncio.timeout(DEADLINE):
-            await client.connect()  # greeting, EHLO, STARTTLS
-            if relay.username:
+            if not connected:
+                await client.connect()  # greeting, EHLO, STARTTLS
+            if relay.username and not connected:
                 stage = "AUTH"
                 encrypted = client.get_transport_info("sslcontext") is not None
                 if not encrypted and not _loopback(host) and not relay.allow_plaintext_auth:
@@ -282,6 +316,8 @@ async def _transact(
                 raise aiosmtplib.SMTPDataError(done.code, done.message)
             return Attempt.of(recipients, refused, f"{done.code} {done.message}", completed=True)
     except aiosmtplib.SMTPResponseException as exc:
+        if connected and stage == "MAIL" and exc.code == 421:
+            raise _Stale from exc  # the server is closing the kept connection
         if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
             stage = "greeting"
         elif isinstance(exc, aiosmtplib.SMTPHeloError):
@@ -293,6 +329,8 @@ async def _transact(
             return Attempt.of(recipients, refused, reply, completed=False, error=reply)
         error = _answered(stage, exc)
     except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
+        if connected and stage == "MAIL" and isinstance(exc, ConnectionError):
+            raise _Stale from exc  # the server closed the kept connection
         error = f"{type(exc).__name__}: {exc or 'no reply'} (at {stage})"
     return Attempt.of(recipients, refused, f"451 4.4.1 {error}", completed=False, error=error)
 
@@ -335,6 +373,7 @@ class RelayWorker:
         self.pipeline = pipeline
         self.clock = clock or (lambda: datetime.now(UTC))
         self.wake = asyncio.Event()
+        self.smarthosts = Smarthosts()  # connections kept from one message to the next
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -353,6 +392,7 @@ class RelayWorker:
                 log.exception("relay.pass_failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), POLL)
+            self.smarthosts.expire()
 
     async def run_once(self) -> None:
         """Claim what is due, as far as each tenant's concurrency allows, and start delivering it."""
@@ -375,9 +415,10 @@ class RelayWorker:
             task.add_done_callback(self._tasks.discard)
 
     async def drain(self) -> None:
-        """Wait for deliveries in flight (tests and shutdown)."""
+        """Wait for deliveries in flight, then close the kept connections (tests and shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.smarthosts.close()
 
     async def _deliver(self, config: Config, item: queue.Queued) -> None:
         """Attempt a claimed message under the configuration it was claimed with (its tenant exists)."""
@@ -427,7 +468,15 @@ class RelayWorker:
             settled = await settle(Attempt())
         else:
             settled = await send(
-                tenant.smtp, config.gateway.hostname, row.mail_from, list(item.pending), data, ending, settle
+                tenant.smtp,
+                config.gateway.hostname,
+                row.mail_from,
+                list(item.pending),
+                data,
+                ending,
+                settle,
+                pool=self.smarthosts,
+                tenant_id=tenant.id,
             )
         attempt, results = settled.attempt, settled.results
         for outcome, _ in results.values():
