@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -56,10 +57,29 @@ def peer(name: str) -> str:
 
 
 def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A currently free TCP port on 127.0.0.1, below the kernel's ephemeral range.
+
+    A port the kernel hands out (bind to 0) may be given again to an outgoing
+    connection (a database pool, an SMTP client) before the daemon that is to
+    listen on it binds: "address already in use" (seen in CI). Ports under
+    ``ip_local_port_range`` are never picked for outgoing connections.
+    """
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        if port in _HANDED_OUT:  # one test asks for several before any is bound
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.append(port)
+        del _HANDED_OUT[:-64]
+        return port
+    raise RuntimeError("no free port in 20000-32000")
+
+
+_HANDED_OUT: list[int] = []
 
 
 # --------------------------------------------------------------------------- databases
