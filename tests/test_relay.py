@@ -387,28 +387,34 @@ async def relayed(g: Gateway, host: Smarthost, count: int) -> None:
         await asyncio.sleep(0.05)
 
 
+def one_at_a_time(host: Smarthost, tmp_path: Path, url: str) -> Config:
+    """The tenant relaying through ``host`` with ``queue.concurrency`` 1: one connection at a time."""
+    config = gateway_config(tmp_path, url, relay_settings(host, tmp_path))
+    return config.model_copy(update={"queue": config.queue.model_copy(update={"concurrency": 1})})
+
+
+def received_ids(host: Smarthost) -> list[str]:
+    return [str(message_from_bytes(r.data)["Message-ID"]) for r in host.received]
+
+
 async def test_consecutive_messages_share_one_connection_then_a_closed_one_is_replaced(
     tmp_path: Path, sqlite_url: str
 ) -> None:
     """A completed transaction's connection carries the tenant's next message (issue #16); one the
     server closed meanwhile is replaced at MAIL, the message neither deferred nor sent twice."""
-    async with smarthost("starttls") as host:
-        config = gateway_config(tmp_path, sqlite_url, relay_settings(host, tmp_path))
-        config = config.model_copy(update={"queue": config.queue.model_copy(update={"concurrency": 1})})
-        async with running(config) as g:
-            for i in range(5):
-                await queue_one(g, f"<reuse-{i}@acme.test>")
-            await relayed(g, host, 5)
-            assert (len(host.sessions), host.auth_attempts) == (1, 1)
-            host.hang_up()
-            await asyncio.sleep(0.1)
-            await queue_one(g, "<after-hang-up@acme.test>")
-            await relayed(g, host, 6)
-            await g.worker.drain()
-            assert await g.queued() == []
-            assert len(host.sessions) == 2
-    ids = [str(message_from_bytes(r.data)["Message-ID"]) for r in host.received]
-    assert ids == [*(f"<reuse-{i}@acme.test>" for i in range(5)), "<after-hang-up@acme.test>"]
+    async with smarthost("starttls") as host, running(one_at_a_time(host, tmp_path, sqlite_url)) as g:
+        for i in range(5):
+            await queue_one(g, f"<reuse-{i}@acme.test>")
+        await relayed(g, host, 5)
+        assert (len(host.sessions), host.auth_attempts) == (1, 1)
+        host.hang_up()
+        await asyncio.sleep(0.1)
+        await queue_one(g, "<after-hang-up@acme.test>")
+        await relayed(g, host, 6)
+        await g.worker.drain()
+        assert await g.queued() == []
+        assert len(host.sessions) == 2
+    assert received_ids(host) == [*(f"<reuse-{i}@acme.test>" for i in range(5)), "<after-hang-up@acme.test>"]
     assert host.tls_sessions == [True] * 6
 
 
@@ -419,9 +425,7 @@ async def test_a_kept_connection_refused_at_mail_with_421_is_replaced_not_deferr
     sends the message on a fresh one at once, without recording a deferral."""
     async with smarthost("none") as host:
         host.per_connection = 2
-        config = gateway_config(tmp_path, sqlite_url, relay_settings(host, tmp_path))
-        config = config.model_copy(update={"queue": config.queue.model_copy(update={"concurrency": 1})})
-        async with running(config) as g:
+        async with running(one_at_a_time(host, tmp_path, sqlite_url)) as g:
             for i in range(5):
                 await queue_one(g, f"<limit-{i}@acme.test>")
             await relayed(g, host, 5)
@@ -431,8 +435,7 @@ async def test_a_kept_connection_refused_at_mail_with_421_is_replaced_not_deferr
                 events = (await s.scalars(select(OutboundLog.event))).all()
     assert sorted(events) == ["queued"] * 5 + ["sent"] * 5
     assert (len(host.sessions), host.auth_attempts) == (3, 3)
-    ids = [str(message_from_bytes(r.data)["Message-ID"]) for r in host.received]
-    assert ids == [f"<limit-{i}@acme.test>" for i in range(5)]
+    assert received_ids(host) == [f"<limit-{i}@acme.test>" for i in range(5)]
 
 
 async def test_none_upgrades_when_offered_unless_pinned(tmp_path: Path, sqlite_url: str) -> None:
