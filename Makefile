@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test peers lint bench-smtp-ingest bench-pull bench-retention bench-snapshot bench-imap bench-imap-stress bench-relay bench-cluster
+.PHONY: run test peers lint bench-smtp-ingest bench-pull bench-retention bench-snapshot bench-imap bench-imap-stress bench-relay bench-cluster bench-sqlite-driver
 
 $(BIN)/mailgate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,3 +49,6 @@ bench-relay: $(BIN)/mailgate
 
 bench-cluster: $(BIN)/mailgate
 	$(BIN)/python bench/cluster_scale.py $(ARGS)
+
+bench-sqlite-driver: $(BIN)/mailgate
+	$(BIN)/python bench/sqlite_driver.py $(ARGS)

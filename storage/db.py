@@ -4,7 +4,9 @@ Writers and readers are separate on SQLite: writers share one connection and
 open their transactions with ``BEGIN IMMEDIATE``, so two writers never both
 hold a read snapshot and then fail to upgrade; readers run in WAL mode beside
 them. Commits are durable (``synchronous=FULL``) before :meth:`Database.write`
-returns. PostgreSQL needs neither trick.
+returns. PostgreSQL needs neither trick. SQLite statements run on the event
+loop and only the waits (the write lock, the commit's fsync) on a thread:
+:mod:`storage.sqlite_driver` says why.
 
 Group commit: :meth:`Database.grouped` runs a writer's function in a write
 transaction shared with the writers that queued while the previous one
@@ -19,8 +21,8 @@ Counting: every statement sent and every commit made through a
 bench or an operator can divide them by the messages stored.
 
 Cancellation: a write transaction cut off by cancelling its task can, on
-SQLite (aiosqlite under SQLAlchemy), leave its connection orphaned and still
-holding the write lock, so every later writer waits out the busy timeout.
+SQLite, leave its connection orphaned (its lock or commit still running on a
+thread) and holding the write lock, so every later writer waits out the busy timeout.
 Code that shutdown or a supervisor may cancel runs its write transactions
 through :meth:`Database.transaction` or a whole pass through
 :func:`uninterrupted`; ingest commits in a task of its own.
@@ -38,6 +40,8 @@ from typing import Any, TypeVar
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from storage import sqlite_driver
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -79,12 +83,17 @@ class Activity:
 
 
 def _sqlite_engine(url: str, *, begin: str, pool_size: int) -> AsyncEngine:
-    engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=300)
+    database = make_url(url).database or ":memory:"
+    engine = create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=300,
+        async_creator=lambda: sqlite_driver.connect(database),  # no transaction control: BEGIN is ours
+    )
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Take transaction control away from the driver: we emit BEGIN ourselves.
-        dbapi_connection.isolation_level = None
         cur = dbapi_connection.cursor()
         for pragma in (
             "journal_mode=WAL",
