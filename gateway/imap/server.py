@@ -4,7 +4,10 @@ Reads are fed to the :class:`Framer`; every complete command is parsed and
 run by the :class:`Session`, whose buffered responses are written once per
 command (a long FETCH hands them over every 256 KiB through ``session.flush``,
 which waits for the socket to drain: memory stays bounded however large the
-answer). A synchronising literal gets its ``+`` continuation here, and after
+answer). The socket is corked (:class:`_Corked`): the answers to the commands
+of one read, a pipelining client's run of FETCHes say, leave in one send when
+the read's commands are done (or 64 KiB are waiting), not a send each.
+A synchronising literal gets its ``+`` continuation here, and after
 a literal the socket gets ``TCP_QUICKACK`` (clients that send a literal and
 its CRLF separately, such as imaplib, otherwise wait 40 ms for a delayed ACK
 on every APPEND). IDLE runs here too, because it must read ``DONE`` while it
@@ -197,6 +200,45 @@ class _DeflateWriter:
         return self._writer.get_extra_info(name, default)
 
 
+class _Corked:
+    """The writer in front of the client's stream: writes wait in a buffer until :meth:`drain`.
+
+    Everything that then waits for the client (the next read, a continuation, IDLE, STARTTLS)
+    drains first, so nothing the client needs stays behind.
+    """
+
+    LIMIT = 64 * 1024
+
+    def __init__(self, writer: _Writer) -> None:
+        self.stream = writer
+        self._pending = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._pending += data
+        if len(self._pending) >= self.LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand what waits to the stream, without waiting for the client to take it."""
+        if self._pending:
+            self.stream.write(bytes(self._pending))
+            self._pending.clear()
+
+    async def drain(self) -> None:
+        self.flush()
+        await self.stream.drain()
+
+    def close(self) -> None:
+        self.flush()
+        self.stream.close()
+
+    async def wait_closed(self) -> None:
+        await self.stream.wait_closed()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.stream.get_extra_info(name, default)
+
+
 class IMAPServer:
     """Serves the tenants' folders to agents' mail clients."""
 
@@ -328,17 +370,20 @@ class IMAPServer:
         framer.max_literal = literal
         framer.max_command = literal + MAX_COMMAND_TEXT
 
-    async def _serve(self, session: Session, client: _Client, reader: _Reader, writer: _Writer) -> int:
+    async def _serve(self, session: Session, client: _Client, reader: _Reader, stream: _Writer) -> int:
+        writer = _Corked(stream)
         framer = Framer(max_line=MAX_LINE)
         self._limit_literals(framer, session)
         session.greeting()
         writer.write(session.take())
         bad = commands = 0
         while not session.closing:
+            await writer.drain()  # the answers to the last read's commands, before waiting for more
             try:
                 data = await client.read(reader)
             except TimeoutError:
                 writer.write(b"* BYE autologout: idle for too long\r\n")
+                writer.flush()
                 return commands
             if not data:
                 return commands
@@ -352,6 +397,7 @@ class IMAPServer:
                     bad += 1
                     if isinstance(event, LiteralTooLarge) and not event.synchronising:
                         writer.write(b"* BYE literal too large\r\n")
+                        writer.flush()
                         return commands
                     writer.write(
                         b"* BAD "
@@ -364,11 +410,12 @@ class IMAPServer:
                     commands += 1
                     bad += await self._command(session, event, reader, writer, framer)
                     self._limit_literals(framer, session)
-                    if session.compressed and not isinstance(writer, _DeflateWriter):
+                    if session.compressed and not isinstance(reader, _DeflateReader):
                         # "OK DEFLATE active" went out in clear; everything after is compressed.
                         await writer.drain()
                         deflate = Deflate()
-                        reader, writer = _DeflateReader(reader, deflate), _DeflateWriter(writer, deflate)
+                        reader = _DeflateReader(reader, deflate)
+                        writer = _Corked(_DeflateWriter(stream, deflate))  # each send compressed whole
                         client.writer = writer
                         task = asyncio.current_task()
                         if task is not None and task in self._clients:
@@ -378,8 +425,8 @@ class IMAPServer:
                         break
                 if bad > MAX_BAD:
                     writer.write(b"* BYE too many bad commands\r\n")
+                    writer.flush()
                     return commands
-            await writer.drain()
         await writer.drain()
         return commands
 
@@ -427,10 +474,11 @@ class IMAPServer:
             cmd.name == "STARTTLS"
             and self.tls is not None
             and not session.tls
-            and isinstance(writer, asyncio.StreamWriter)
+            and isinstance(writer, _Corked)
+            and isinstance(writer.stream, asyncio.StreamWriter)
         ):
             await writer.drain()
-            await writer.start_tls(self.tls)
+            await writer.stream.start_tls(self.tls)
             session.tls = True
             framer.reset()
         return 0

@@ -27,6 +27,7 @@ class FsBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._tmp = root / "tmp"
+        self._prefix = f"{root}{os.sep}"  # reads build paths as strings: pathlib costs 10 us a read
 
     def path(self, digest: str) -> Path:
         """Where the blob with this sha256 hex digest lives."""
@@ -83,7 +84,8 @@ class FsBlobStore:
 
     def _read_one(self, digest: str) -> bytes:
         try:
-            return self.path(digest).read_bytes()
+            with open(f"{self._prefix}{digest[:2]}{os.sep}{digest[2:4]}{os.sep}{digest}", "rb") as f:
+                return f.read()
         except FileNotFoundError:
             raise MissingBlob(f"no blob {digest}") from None
 
