@@ -391,6 +391,7 @@ class IMAPServer:
             while (event := framer.next_event()) is not None:
                 if isinstance(event, NeedContinuation):
                     writer.write(b"+ Ready for literal data\r\n")
+                    writer.flush()  # sent now, and only then QUICKACK: sending data re-arms delayed ACKs
                     _quickack(writer)
                     continue
                 if isinstance(event, TooLong | LiteralTooLarge):
