@@ -368,7 +368,7 @@ HASHED = PasswordHasher().hash(PASSWORD)  # argon2-cffi defaults, as `mailgate h
 
 
 class BenchDovecot(Dovecot):
-    """The test fixture's Dovecot with Dovecot's default fsync and room for many sessions."""
+    """The test fixture's Dovecot with Dovecot's default fsync, room for many sessions and COMPRESS."""
 
     def argon2id_user(self, name: str, hashed: str) -> None:
         """Give ``name`` the same argon2id hash mailgate has (Dovecot's passwd-file ``{ARGON2ID}``)."""
@@ -382,7 +382,12 @@ class BenchDovecot(Dovecot):
         text = super().config()
         for old, new in (
             ("mail_fsync = never", f"mail_fsync = {self.fsync}"),
-            ("mail_max_userip_connections = 100", "mail_max_userip_connections = 5000"),
+            # COMPRESS=DEFLATE, as mailgate offers it: mbsync 1.4 uses it whenever offered, so both
+            # servers must do that work for its sync to be compared.
+            (
+                "mail_max_userip_connections = 100",
+                "mail_max_userip_connections = 5000\n  mail_plugins = $mail_plugins imap_zlib",
+            ),
         ):
             if old not in text:
                 raise BenchError(f"tests/dovecot.py changed: no {old!r} in its config")
