@@ -72,10 +72,10 @@ def secret_errors(config: Config) -> list[str]:
                 continue
             try:
                 section.password()
-                if hasattr(section, "token"):
-                    section.token()
             except ConfigError as exc:
                 errors += [f"{path}.{e}" for e in exc.errors]
+            if section.oauth2 is not None:
+                errors += [f"{path}.oauth2.{e}" for e in section.oauth2.unreadable()]
     try:
         config.srs.secret()
     except ConfigError as exc:

@@ -21,8 +21,10 @@ from collections.abc import Mapping
 from datetime import date, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -298,6 +300,93 @@ class BlobsSection(SecretRef):
         return None if access is None or secret is None else (access, secret)
 
 
+# OAuth2 providers (DESIGN.md section 6b): token endpoint, device authorization endpoint (RFC 8628),
+# the scope of delegated access (a refresh token), the scope of app-only access (client credentials).
+OAUTH2_PRESETS: Mapping[str, tuple[str, str, str, str]] = {
+    "microsoft": (
+        "https://login.microsoftonline.com/organizations/oauth2/v2.0/token",
+        "https://login.microsoftonline.com/organizations/oauth2/v2.0/devicecode",
+        "offline_access https://outlook.office.com/IMAP.AccessAsUser.All https://outlook.office.com/SMTP.Send",
+        "https://outlook.office365.com/.default",
+    ),
+    "google": (
+        "https://oauth2.googleapis.com/token",
+        "https://oauth2.googleapis.com/device/code",
+        "https://mail.google.com/",
+        "",
+    ),
+    "generic": ("", "", "", ""),
+}
+
+
+def _endpoint(url: str) -> str:
+    """An OAuth2 endpoint: https, or http to a loopback address only."""
+    if not url:
+        return url
+    parsed = urlsplit(url)
+    loopback = parsed.hostname in ("localhost", "::1") or (parsed.hostname or "").startswith("127.")
+    if parsed.scheme != "https" and not (parsed.scheme == "http" and loopback):
+        raise ValueError(f"{url!r}: an OAuth2 endpoint must be https:// (http:// only to loopback)")
+    return url
+
+
+class OAuth2Section(_Model):
+    """OAuth2 client credentials of an upstream mailbox or a smarthost (``auth = "oauth2"``)."""
+
+    provider: Literal["microsoft", "google", "generic"]
+    token_url: Annotated[str, AfterValidator(_endpoint)] = ""  # "": the provider's
+    device_authorization_url: Annotated[str, AfterValidator(_endpoint)] = ""  # for `oauth2 authorize`
+    client_id: str = Field(min_length=1)
+    client_secret_file: Path | None = None
+    refresh_token_file: Path | None = None  # delegated access; without it, the client-credentials grant
+    scope: str = ""  # "": the provider's
+
+    @field_validator("client_secret_file", "refresh_token_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _complete(self) -> OAuth2Section:
+        if self.provider == "generic" and not self.token_url:
+            raise ValueError('provider = "generic" needs token_url')
+        if self.refresh_token_file is None:
+            if self.client_secret_file is None:
+                raise ValueError("the client-credentials grant (no refresh_token_file) needs a client secret")
+            if self.provider == "google":
+                raise ValueError("Google grants mail access by a user's consent: give refresh_token_file")
+            if self.provider == "microsoft" and not self.token_url:
+                raise ValueError(
+                    "Microsoft app-only access needs token_url = "
+                    '"https://login.microsoftonline.com/<directory id>/oauth2/v2.0/token"'
+                )
+        if not self.effective_scope:
+            raise ValueError("give scope")
+        return self
+
+    def unreadable(self) -> list[str]:
+        """The secret files that cannot be read now, as check-config reports them."""
+        errors = []
+        for key in ("client_secret_file", "refresh_token_file"):
+            path: Path | None = getattr(self, key)
+            if path is not None and not os.access(path, os.R_OK):
+                errors.append(f"{key}: cannot read {str(path)!r}")
+        return errors
+
+    @property
+    def effective_token_url(self) -> str:
+        return self.token_url or OAUTH2_PRESETS[self.provider][0]
+
+    @property
+    def effective_device_url(self) -> str:
+        return self.device_authorization_url or OAUTH2_PRESETS[self.provider][1]
+
+    @property
+    def effective_scope(self) -> str:
+        preset = OAUTH2_PRESETS[self.provider]
+        return self.scope or (preset[2] if self.refresh_token_file is not None else preset[3])
+
+
 # Outbound presets (DESIGN.md section 2, contract).
 SMTP_PRESETS: Mapping[str, tuple[str, int, Security]] = {
     "gmail": ("smtp.gmail.com", 587, "starttls"),
@@ -316,8 +405,10 @@ class SMTPRelaySection(SecretRef):
     port: int | None = Field(None, ge=1, le=65535)
     security: Security | None = None
     username: str | None = None
+    auth: Literal["password", "oauth2"] = "password"
     password_file: Path | None = None
     password_env: str | None = None
+    oauth2: OAuth2Section | None = None  # with auth = "oauth2": SASL XOAUTH2 or OAUTHBEARER
     from_: Address | None = Field(None, alias="from")
     ca_file: Path | None = None
     # Send the password over a connection without TLS to a non-loopback host.
@@ -334,6 +425,10 @@ class SMTPRelaySection(SecretRef):
             raise ValueError("give a preset or both host and port")
         if self.password_file is not None and self.password_env is not None:
             raise ValueError("give password_file or password_env, not both")
+        if (self.auth == "oauth2") != (self.oauth2 is not None):
+            raise ValueError('auth = "oauth2" goes with an [tenants.smtp.oauth2] table, and only with it')
+        if self.auth == "oauth2" and (not self.username or self.password_file or self.password_env):
+            raise ValueError('auth = "oauth2" needs username, and takes no password_file or password_env')
         return self
 
     @property
@@ -385,12 +480,12 @@ class MailboxSection(SecretRef):
     name: str = Field(min_length=1)
     host: str
     port: int = Field(993, ge=1, le=65535)
-    security: Security = "tls"
+    security: Security = "tls"  # "starttls": required, the connection fails without it
     username: str
+    auth: Literal["password", "oauth2"] = "password"
     password_file: Path | None = None
     password_env: str | None = None
-    token_file: Path | None = None  # an OAuth2 access token: XOAUTH2 instead of LOGIN
-    token_env: str | None = None
+    oauth2: OAuth2Section | None = None  # with auth = "oauth2": SASL OAUTHBEARER or XOAUTH2
     ca_file: Path | None = None  # extra CA bundle to trust; default: system trust
     plaintext_login: bool = False  # allow a password over security = "none" to a non-loopback host
     folders: dict[str, str] = Field(default_factory=lambda: {"INBOX": "INBOX"}, min_length=1)
@@ -398,35 +493,29 @@ class MailboxSection(SecretRef):
     idle: bool = True
     poll_interval: Duration = Field(timedelta(seconds=60), ge=timedelta(seconds=1))
 
-    @field_validator("security")
-    @classmethod
-    def _no_starttls(cls, v: str) -> str:
-        if v == "starttls":
-            raise ValueError(
-                "STARTTLS is not supported for upstream IMAP (the IMAP client library has none): "
-                'use security = "tls" (usually port 993) or "none"'
-            )
-        return v
-
     @model_validator(mode="after")
     def _credentials(self) -> MailboxSection:
-        if (self.password_file, self.password_env, self.token_file, self.token_env).count(None) != 3:
-            raise ValueError("give exactly one of password_file, password_env, token_file, token_env")
+        if self.auth == "oauth2":
+            if self.oauth2 is None:
+                raise ValueError('auth = "oauth2" needs an [tenants.mailboxes.oauth2] table')
+            if (self.password_file, self.password_env) != (None, None):
+                raise ValueError('auth = "oauth2" takes no password_file or password_env')
+        else:
+            if self.oauth2 is not None:
+                raise ValueError('an oauth2 table needs auth = "oauth2"')
+            if (self.password_file, self.password_env).count(None) != 1:
+                raise ValueError("give exactly one of password_file, password_env")
         loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
         if self.security == "none" and not loopback and not self.plaintext_login:
             raise ValueError(
-                f'security = "none" would send the password in clear to {self.host}: '
-                'use "tls", or set plaintext_login = true to accept that'
+                f'security = "none" would send the credentials in clear to {self.host}: '
+                'use "tls" or "starttls", or set plaintext_login = true to accept that'
             )
         return self
 
     def password(self) -> SecretStr | None:
         """Read the password from its file or environment variable."""
         return self._read(self.password_file, self.password_env, "password")
-
-    def token(self) -> SecretStr | None:
-        """Read the OAuth2 access token from its file or environment variable."""
-        return self._read(self.token_file, self.token_env, "token")
 
 
 class ConditionSection(_Model):

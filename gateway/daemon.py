@@ -40,6 +40,7 @@ from gateway.imap.server import IMAPServer
 from gateway.ingest import Pipeline
 from gateway.metrics import DatabaseCollector, MetricsServer, refresh_forever
 from gateway.notify import Changes, ClusterNotices
+from gateway.oauth2 import Tokens
 from gateway.pull.manager import PullManager
 from gateway.relay.worker import RelayWorker
 from gateway.scheduler import Scheduler
@@ -131,10 +132,11 @@ class Daemon:
         pipeline = Pipeline(self.db, blobs, changes=changes, srs_signer=load_signer(self.config))
         auth = self.auth = Authenticator(self.current_config, self.db)
         tls = self.tls = server_context(self.config.tls)
-        self.pull = PullManager(self.current_config, pipeline, self.db)
+        tokens = Tokens()  # OAuth2 access tokens: one source per credential, for pullers and relays
+        self.pull = PullManager(self.current_config, pipeline, self.db, tokens=tokens)
         self.pull.apply(self.config)
         listen = self.config.listen
-        self.relay = RelayWorker(self.current_config, self.db, blobs, pipeline)
+        self.relay = RelayWorker(self.current_config, self.db, blobs, pipeline, tokens=tokens)
         self.scheduler = Scheduler(self.current_config, self.db, blobs, pipeline)
         self._tasks = [
             asyncio.create_task(self.relay.run(), name="relay"),

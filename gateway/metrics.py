@@ -80,6 +80,12 @@ AUTH_CACHE_HITS = Counter(
 AUTH_FAILURES = Counter(
     "mailgate_auth_failures", "Failed logins by listener", ["listener"], registry=REGISTRY
 )
+OAUTH2_TOKEN_ERRORS = Counter(
+    "mailgate_oauth2_token_errors",
+    'Failed requests for an OAuth2 access token (mailbox "[smtp]": the tenant\'s smarthost)',
+    ["tenant", "mailbox"],
+    registry=REGISTRY,
+)
 LOOP_LAG = Gauge(
     "mailgate_event_loop_lag_seconds", "How late the event loop ran a 1 s timer", registry=REGISTRY
 )

@@ -134,6 +134,8 @@ class Dovecot:
         self.passwd_dir = self.root / "passwd"
         self.cafile = self.root / "tls" / "ca.pem"
         self._proc: subprocess.Popen[bytes] | None = None
+        self.auth_mechanisms = "plain login"
+        self.extra_config = ""  # appended to dovecot.conf (see use_oauth2)
         self._mail_uid, self._mail_gid, self._login_user, self._internal_user = self._accounts()
         self._setup_files()
 
@@ -190,7 +192,7 @@ ssl = yes
 ssl_cert = <{r}/tls/cert.pem
 ssl_key = <{r}/tls/key.pem
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = {self.auth_mechanisms}
 auth_failure_delay = 0
 default_login_user = {self._login_user}
 default_internal_user = {self._internal_user}
@@ -239,7 +241,19 @@ service imap-login {{
     ssl = yes
   }}
 }}
-"""
+{self.extra_config}"""
+
+    def use_oauth2(self, introspection_url: str, mechanisms: str = "xoauth2 oauthbearer") -> None:
+        """Before :meth:`start`: also accept OAuth2 bearer tokens (SASL ``mechanisms``), which an
+        ``oauth2`` passdb introspects at ``introspection_url`` (RFC 7662, POST)."""
+        ext = self.root / "dovecot-oauth2.conf.ext"
+        ext.write_text(
+            f"introspection_mode = post\nintrospection_url = {introspection_url}\n"
+            "username_attribute = username\nactive_attribute = active\nactive_value = true\n"
+        )
+        ext.chmod(0o644)
+        self.auth_mechanisms = f"plain login {mechanisms}"
+        self.extra_config = f"passdb {{\n  driver = oauth2\n  mechanisms = {mechanisms}\n  args = {ext}\n}}\n"
 
     def start(self, timeout: float = 15.0) -> Dovecot:
         """Start the server and wait until the plain port greets; retried if a port races away."""

@@ -145,26 +145,54 @@ def _condition(data: dict[str, Any]) -> dict[str, Any]:
 
 def _mailbox(**fields: Any) -> list[dict[str, Any]]:
     box = {"name": "biuro", "host": "imap.test", "username": "u", "password_env": "IMAP_PW"}
-    if "password_file" in fields or "token_file" in fields or "token_env" in fields:
+    if "password_file" in fields or "oauth2" in fields:
         del box["password_env"]
     return [{**box, **fields}]
 
 
+OAUTH2 = {"provider": "google", "client_id": "c", "client_secret_file": "s", "refresh_token_file": "r"}
+
 INVALID: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
-    (
-        "upstream starttls is not supported",
-        lambda d: _tenant(d).update(mailboxes=_mailbox(security="starttls", port=143)),
-        "tenants[0].mailboxes[0].security: STARTTLS is not supported for upstream IMAP",
-    ),
     (
         "password in clear to a remote host",
         lambda d: _tenant(d).update(mailboxes=_mailbox(security="none", port=143)),
-        'tenants[0].mailboxes[0]: security = "none" would send the password in clear',
+        'tenants[0].mailboxes[0]: security = "none" would send the credentials in clear',
     ),
     (
         "two credentials",
-        lambda d: _tenant(d).update(mailboxes=_mailbox(token_env="T", password_env="P")),
+        lambda d: _tenant(d).update(mailboxes=_mailbox(password_file="P", password_env="P")),
         "tenants[0].mailboxes[0]: give exactly one of",
+    ),
+    (
+        "oauth2 table without auth = oauth2",
+        lambda d: _tenant(d).update(mailboxes=_mailbox(oauth2=OAUTH2)),
+        'tenants[0].mailboxes[0]: an oauth2 table needs auth = "oauth2"',
+    ),
+    (
+        "oauth2 with a password",
+        lambda d: _tenant(d).update(mailboxes=_mailbox(auth="oauth2", oauth2=OAUTH2, password_env="P")),
+        'tenants[0].mailboxes[0]: auth = "oauth2" takes no password_file or password_env',
+    ),
+    (
+        "oauth2 token endpoint in clear",
+        lambda d: _tenant(d).update(
+            mailboxes=_mailbox(auth="oauth2", oauth2={**OAUTH2, "token_url": "http://idp.test/token"})
+        ),
+        "tenants[0].mailboxes[0].oauth2.token_url: 'http://idp.test/token': an OAuth2 endpoint must be https://",
+    ),
+    (
+        "Microsoft app-only access without the directory's token endpoint",
+        lambda d: _tenant(d).update(
+            mailboxes=_mailbox(
+                auth="oauth2", oauth2={"provider": "microsoft", "client_id": "c", "client_secret_file": "s"}
+            )
+        ),
+        "tenants[0].mailboxes[0].oauth2: Microsoft app-only access needs token_url",
+    ),
+    (
+        "smtp oauth2 without its table",
+        lambda d: _tenant(d).update(smtp={"preset": "gmail", "username": "u", "auth": "oauth2"}),
+        'tenants[0].smtp: auth = "oauth2" goes with an [tenants.smtp.oauth2] table',
     ),
     ("unknown top-level key", lambda d: d.update(bogus=1), "bogus: unknown key"),
     (

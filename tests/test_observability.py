@@ -57,6 +57,7 @@ ALERT_NAMES = {
     "SnapshotTooOld",
     "MailgateTenantPlanEnding",
     "MailgateTenantReadOnly",
+    "MailgateOAuth2TokenFailing",
 }
 # The dashboard shows each of these (the contract metrics of DESIGN.md section 6).
 DASHBOARD_METRICS = {

@@ -7,8 +7,11 @@ aioimaplib's limits, measured here, shape this module:
   and UIDs are learned with ``UID SEARCH`` (one line), never ``FETCH 1:*``;
 * a command on a dropped connection waits forever: every command races a
   timeout and the connection-lost callback;
-* it has no STARTTLS and no AUTHENTICATE PLAIN: implicit TLS or plain, and
-  LOGIN (or XOAUTH2 when a token is configured).
+* it has no STARTTLS and no generic AUTHENTICATE: STARTTLS is done here (the
+  command, then the event loop's ``start_tls`` on the same protocol, then
+  CAPABILITY again), as are the SASL exchanges of OAUTHBEARER and XOAUTH2
+  (an initial response, and the empty answer to an error challenge);
+  passwords go with LOGIN.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ import asyncio
 import contextlib
 import re
 import ssl
+from base64 import b64encode
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aioimaplib
+from pydantic import SecretStr
 
-from gateway import mutf7
+from gateway import mutf7, oauth2
 from gateway.imap import wire
 
 T = TypeVar("T")
@@ -103,9 +108,20 @@ class UpstreamIMAP:
 
     @classmethod
     async def connect(
-        cls, host: str, port: int, *, tls: ssl.SSLContext | None, command_timeout: float = 60.0
+        cls,
+        host: str,
+        port: int,
+        *,
+        security: Literal["none", "starttls", "tls"],
+        tls: ssl.SSLContext | None = None,
+        command_timeout: float = 60.0,
     ) -> UpstreamIMAP:
-        """Connect (implicit TLS when ``tls`` is given) and read the greeting."""
+        """Connect, read the greeting, and with ``starttls`` upgrade before anything else is said.
+
+        ``tls`` (default: the system's trust) verifies the server for ``tls`` and ``starttls``.
+        A server that does not offer STARTTLS, or refuses it, is left at once: no credentials
+        ever cross a connection meant to be encrypted that is not.
+        """
         loop = asyncio.get_running_loop()
         lost: asyncio.Future[None] = loop.create_future()
 
@@ -113,16 +129,43 @@ class UpstreamIMAP:
             if not lost.done():
                 lost.set_result(None)
 
+        context = (tls or ssl.create_default_context()) if security != "none" else None
         try:
-            if tls is not None:
-                client = aioimaplib.IMAP4_SSL(host, port, timeout=command_timeout, ssl_context=tls)
+            if security == "tls":
+                client = aioimaplib.IMAP4_SSL(host, port, timeout=command_timeout, ssl_context=context)
                 client.protocol.conn_lost_cb = on_lost
             else:
                 client = aioimaplib.IMAP4(host, port, timeout=command_timeout, conn_lost_cb=on_lost)
             await client.wait_hello_from_server()
         except (OSError, TimeoutError, aioimaplib.AioImapException) as exc:
             raise UpstreamError(f"cannot connect to {host}:{port}: {exc or type(exc).__name__}") from None
-        return cls(client, lost, command_timeout)
+        upstream = cls(client, lost, command_timeout)
+        if security == "starttls" and context is not None:
+            try:
+                await upstream._starttls(host, context)
+            except BaseException:
+                await upstream.logout()
+                raise
+        return upstream
+
+    async def _starttls(self, host: str, context: ssl.SSLContext) -> None:
+        protocol = self._client.protocol
+        if "STARTTLS" not in self.capabilities:
+            raise UpstreamError(
+                f'{host} does not offer STARTTLS (security = "starttls"): not sending the credentials; '
+                'use security = "tls" on its implicit-TLS port if it has one'
+            )
+        command = aioimaplib.Command("STARTTLS", protocol.new_tag(), loop=protocol.loop)
+        self._ok("STARTTLS", await self._run("STARTTLS", protocol.execute(command)))
+        try:
+            protocol.transport = await self._run(
+                "STARTTLS",
+                protocol.loop.start_tls(protocol.transport, protocol, context, server_hostname=host),
+            )
+        except UpstreamError as exc:
+            raise UpstreamError(f"TLS handshake after STARTTLS with {host} failed: {exc}") from None
+        protocol.incomplete_line = b""  # nothing said before the handshake counts after it
+        await self._run("CAPABILITY", protocol.capability())  # RFC 3501 6.2.1: learn them again
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -157,11 +200,24 @@ class UpstreamIMAP:
         if response.result != "OK":
             raise AuthFailed("the server refused the login")
 
-    async def xoauth2(self, user: str, token: str) -> None:
-        """AUTHENTICATE XOAUTH2; :class:`AuthFailed` when refused."""
-        response = await self._run("AUTHENTICATE", self._client.xoauth2(user, token))
+    async def authenticate_oauth2(self, user: str, host: str, port: int, token: SecretStr) -> str:
+        """AUTHENTICATE OAUTHBEARER or XOAUTH2, whichever the server offers (that order): the one used.
+
+        :class:`AuthFailed` when the server offers neither or refuses the token.
+        """
+        offered = {c.removeprefix("AUTH=") for c in self.capabilities if c.startswith("AUTH=")}
+        mech = oauth2.mechanism(offered)
+        if mech is None:
+            raise AuthFailed("the server offers neither AUTH=OAUTHBEARER nor AUTH=XOAUTH2")
+        protocol = self._client.protocol
+        initial = b64encode(oauth2.initial_response(mech, user, host, port, token)).decode()
+        command = _SASL(protocol, oauth2.ABORT[mech], "AUTHENTICATE", protocol.new_tag(), mech, initial)
+        response = await self._run("AUTHENTICATE", protocol.execute(command, scrub=initial))
         if response.result != "OK":
-            raise AuthFailed("the server refused the OAuth2 token")
+            raise AuthFailed(f"the server refused the OAuth2 token ({mech})")
+        protocol.state = aioimaplib.AUTH
+        await self._run("CAPABILITY", protocol.capability())  # those after login may differ
+        return mech
 
     async def select(self, folder: str) -> Selected:
         """SELECT a folder."""
@@ -272,6 +328,19 @@ class UpstreamIMAP:
         transport = getattr(self._client.protocol, "transport", None)
         if transport is not None:
             transport.close()
+
+
+class _SASL(aioimaplib.Command):  # type: ignore[misc]
+    """AUTHENTICATE with an initial response: a challenge after it is an error, answered with ``abort``."""
+
+    def __init__(self, protocol: Any, abort: bytes, *args: str) -> None:
+        super().__init__(*args, loop=protocol.loop)
+        self._protocol, self._abort = protocol, abort
+
+    def append_to_resp(self, line: bytes, result: str = "Pending") -> None:
+        super().append_to_resp(line, result)
+        if result == "Pending" and line.startswith(b"+"):
+            self._protocol.transport.write(b64encode(self._abort) + b"\r\n")
 
 
 def _quote(folder: str) -> str:

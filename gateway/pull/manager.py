@@ -35,6 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import Config
 from gateway.ingest import Pipeline
+from gateway.oauth2 import Tokens
 from gateway.pull.puller import FolderJob, FolderPuller, HostLimits, jobs
 from storage import leases
 from storage.db import Database, uninterrupted
@@ -58,8 +59,10 @@ class PullManager:
         ttl: timedelta = leases.TTL,
         tick: timedelta = leases.TICK,
         rng: random.Random | None = None,
+        tokens: Tokens | None = None,
     ) -> None:
         self.config = config
+        self.tokens = tokens or Tokens()  # OAuth2 access tokens, shared with the relay
         self.pipeline = pipeline
         self.db = db
         self.sleep = sleep  # the pullers' (tests pass a virtual clock's); turns keep real time
@@ -134,7 +137,14 @@ class PullManager:
             fingerprint, job = self._wanted[key]
             lease = Lease(key, self.instance, since, self.clock)
             puller = FolderPuller(
-                job, self.config, self.pipeline, self.db, self.limits, sleep=self.sleep, lease=lease
+                job,
+                self.config,
+                self.pipeline,
+                self.db,
+                self.limits,
+                sleep=self.sleep,
+                lease=lease,
+                tokens=self.tokens,
             )
             task = asyncio.create_task(puller.run(), name=f"pull:{'/'.join(key)}")
             self._tasks[key] = (fingerprint, puller, task)

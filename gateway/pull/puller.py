@@ -50,10 +50,15 @@ as SELECT of a missing folder, a message that cannot be stored now) backs
 that folder off, with jitter, from :data:`BACKOFF_FIRST` doubling up to
 :data:`BACKOFF_MAX`; only a pass that completes resets it, never a mere
 login. A refused login waits the cap at once (providers lock accounts that
-retry). So does a folder whose pass stored nothing while mail waits for room
-(all of it is too big for the quota): it tries again when the cap elapses or,
-sooner, when the quota root that refused has room for the smallest waiting
-message; room is looked at (locally, no login) when one of the tenant's
+retry). A mailbox with ``auth = "oauth2"`` gets its access token from the
+process's :class:`~gateway.oauth2.Tokens` before connecting; while that
+cannot have one, the folder waits as long as the token source backs off
+(state ``oauth2_failed``), so the token endpoint is never asked more often
+than the source allows, whatever the number of folders. A folder whose
+pass stored nothing while mail waits for room (all of it is too big for the
+quota) waits the cap too: it tries again when the cap elapses or, sooner,
+when the quota root that refused has room for the smallest waiting message;
+room is looked at (locally, no login) when one of the tenant's
 folders changes in this process or the configuration is reloaded. A pass that
 stored something while other mail waits is a success; the folder then polls
 every ``poll_interval`` (instead of IDLE, which room cannot interrupt) and
@@ -99,6 +104,7 @@ import quotas
 from gateway import plans
 from gateway.config import Config, MailboxSection
 from gateway.ingest import Delivery, Outcome, Pipeline
+from gateway.oauth2 import TokenError, Tokens
 from gateway.pull.imap_client import AuthFailed, UpstreamError, UpstreamIMAP
 from quotas import QuotaExceeded
 from storage import mailstore, upstream
@@ -216,8 +222,10 @@ class FolderPuller:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
         lease: Lease | None = None,
+        tokens: Tokens | None = None,
     ) -> None:
         self.job = job
+        self.tokens = tokens or Tokens()  # the process's, shared by all pullers and relays
         self.lease = lease  # checked by every storing transaction (None: unfenced)
         self.config = config
         self.pipeline = pipeline
@@ -251,6 +259,8 @@ class FolderPuller:
                 await self._pause(str(exc))
             except AuthFailed as exc:
                 await self._back_off("auth_failed", str(exc), BACKOFF_MAX)
+            except TokenError as exc:  # the token source backs off the endpoint; this follows it
+                await self._back_off("oauth2_failed", f"OAuth2: {exc}", max(exc.retry_in, BACKOFF_FIRST))
             except UpstreamError as exc:
                 await self._back_off("error", str(exc))
             except MailWaits as exc:
@@ -274,14 +284,21 @@ class FolderPuller:
             raise Paused(standing.why)
 
     async def connect(self) -> UpstreamIMAP:
-        """Connect and authenticate with the mailbox's credentials."""
+        """Connect and authenticate with the mailbox's credentials (an OAuth2 token is had first)."""
         box = self.job.mailbox
-        tls = ssl.create_default_context(cafile=box.ca_file) if box.security == "tls" else None
-        client = await UpstreamIMAP.connect(box.host, box.port, tls=tls)
+        source = None
+        if box.oauth2 is not None:
+            source = self.tokens.source(self.job.tenant_id, box.name, box.oauth2)
+            token = await source.token()
+        tls = ssl.create_default_context(cafile=box.ca_file) if box.security != "none" else None
+        client = await UpstreamIMAP.connect(box.host, box.port, security=box.security, tls=tls)
         try:
-            token = box.token()
-            if token is not None:
-                await client.xoauth2(box.username, token.get_secret_value())
+            if source is not None:
+                try:
+                    await client.authenticate_oauth2(box.username, box.host, box.port, token)
+                except AuthFailed:
+                    source.refused(token)  # maybe revoked early: the next attempt asks for a new one
+                    raise
             else:
                 password = box.password()
                 await client.login(box.username, password.get_secret_value() if password else "")

@@ -9,7 +9,10 @@ per tenant. Security is always explicit: ``tls`` is implicit TLS, ``starttls``
 requires STARTTLS (and refuses to send without it), ``none`` upgrades when
 the server offers STARTTLS unless the tenant pinned ``security = "none"``. A
 password never crosses a non-loopback link in clear unless the tenant set
-``allow_plaintext_auth``.
+``allow_plaintext_auth``. With ``auth = "oauth2"`` the access token comes from
+the process's :class:`~gateway.oauth2.Tokens` (shared with the pullers) and
+goes as SASL ``OAUTHBEARER`` or ``XOAUTH2``, whichever the server offers;
+while no token can be had, the message is deferred (``451 4.7.0 OAuth2: ...``).
 
 A connection whose transaction completed is kept for the tenant's next
 message (:mod:`gateway.relay.smarthosts`): consecutive messages to one
@@ -56,6 +59,7 @@ id and is logged (``notified``) in the transaction that delivers it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import ipaddress
@@ -69,12 +73,14 @@ from typing import TypeVar
 
 import aiosmtplib
 import structlog
+from pydantic import SecretStr
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway import metrics
+from gateway import metrics, oauth2
 from gateway.config import Config, SMTPRelaySection, TenantSection
 from gateway.ingest import Delivery, Outcome, Pipeline
+from gateway.oauth2 import TokenError, Tokens, TokenSource
 from gateway.relay import dsn, smarthosts
 from gateway.relay.smarthosts import Smarthosts
 from storage import queue
@@ -179,6 +185,7 @@ async def send(
     *,
     pool: Smarthosts,
     tenant_id: str,
+    tokens: Tokens | None = None,
 ) -> T:
     """Send one message through ``relay`` and hand the outcome to ``settle`` before QUIT or reuse.
 
@@ -192,17 +199,27 @@ async def send(
     stale at ``MAIL`` is replaced by a fresh one, the message not yet begun);
     after a completed transaction the connection goes back to ``pool``.
     """
+    oauth = None
+    if relay.oauth2 is not None:
+        source = (tokens or Tokens()).source(tenant_id, oauth2.SMTP_LABEL, relay.oauth2)
+        try:
+            oauth = (source, await source.token())
+        except TokenError as exc:
+            reply = f"451 4.7.0 OAuth2: {exc}"
+            return await settle(Attempt.of(recipients, {}, reply, completed=False, error=reply))
     k = smarthosts.key(tenant_id, relay)
     kept = pool.take(k)
     client, messages = (kept.client, kept.messages) if kept else (_client(relay, hostname), 0)
     completed = False
     try:
         try:
-            attempt = await _transact(client, relay, mail_from, recipients, data, ending, kept is not None)
+            attempt = await _transact(
+                client, relay, mail_from, recipients, data, ending, kept is not None, oauth
+            )
         except _Stale:
             client.close()
             client, messages = _client(relay, hostname), 0
-            attempt = await _transact(client, relay, mail_from, recipients, data, ending, False)
+            attempt = await _transact(client, relay, mail_from, recipients, data, ending, False, oauth)
         completed = bool(attempt.sent)  # only a transaction whose DATA was answered 250 sends
         return await settle(attempt)
     finally:
@@ -229,6 +246,24 @@ def _client(relay: SMTPRelaySection, hostname: str) -> aiosmtplib.SMTP:
     )
 
 
+async def _authenticate_oauth2(
+    client: aiosmtplib.SMTP, user: str, host: str, port: int, source: TokenSource, token: SecretStr
+) -> None:
+    """AUTH OAUTHBEARER or XOAUTH2 with an initial response; a challenge is the server's error."""
+    if client.is_ehlo_or_helo_needed:
+        await client.ehlo()
+    mech = oauth2.mechanism(m.upper() for m in client.server_auth_methods)
+    if mech is None:
+        raise aiosmtplib.SMTPAuthenticationError(504, "the server offers neither OAUTHBEARER nor XOAUTH2")
+    initial = base64.b64encode(oauth2.initial_response(mech, user, host, port, token))
+    reply = await client.execute_command(b"AUTH", mech.encode(), initial)
+    if reply.code == 334:  # the error, as a challenge: answered so that the server ends the exchange
+        reply = await client.execute_command(base64.b64encode(oauth2.ABORT[mech]))
+    if reply.code != 235:
+        source.refused(token)  # maybe revoked early: the next attempt asks for a new one
+        raise aiosmtplib.SMTPAuthenticationError(reply.code, reply.message)
+
+
 class _Stale(Exception):
     """A kept connection failed at ``MAIL``: the server closed it meanwhile."""
 
@@ -253,6 +288,7 @@ async def _transact(
     data: bytes,
     ending: Callable[[], Awaitable[None]],
     connected: bool,
+    oauth: tuple[TokenSource, SecretStr] | None = None,
 ) -> Attempt:
     """One SMTP transaction on ``client``: its :class:`Attempt`.
 
@@ -279,8 +315,11 @@ async def _transact(
                     # Configuration forbids sending to this server at all: fails like a 5xx.
                     reply = f"554 5.7.10 refusing to send the password in clear to {host}"
                     return Attempt.of(recipients, {}, reply, completed=False, error=reply)
-                password = relay.password()
-                await client.login(relay.username, password.get_secret_value() if password else "")
+                if oauth is not None:
+                    await _authenticate_oauth2(client, relay.username, *relay.effective[:2], *oauth)
+                else:
+                    password = relay.password()
+                    await client.login(relay.username, password.get_secret_value() if password else "")
             stage = "MAIL"
             await client.mail(
                 mail_from, options=[f"SIZE={len(data)}"] if client.supports_extension("size") else []
@@ -366,8 +405,10 @@ class RelayWorker:
         blobs: BlobStore,
         pipeline: Pipeline,
         clock: Callable[[], datetime] | None = None,
+        tokens: Tokens | None = None,
     ) -> None:
         self.config = config
+        self.tokens = tokens or Tokens()  # OAuth2 access tokens, shared with the pullers
         self.db = db
         self.blobs = blobs
         self.pipeline = pipeline
@@ -477,6 +518,7 @@ class RelayWorker:
                 settle,
                 pool=self.smarthosts,
                 tenant_id=tenant.id,
+                tokens=self.tokens,
             )
         attempt, results = settled.attempt, settled.results
         for outcome, _ in results.values():
