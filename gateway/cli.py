@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import logs
-from gateway.config import Config, ConfigError, default_config_path, load_config
+from gateway.config import (
+    Config,
+    ConfigError,
+    MailboxSection,
+    SMTPRelaySection,
+    default_config_path,
+    load_config,
+)
 from storage.db import Database
 
 if TYPE_CHECKING:
@@ -565,6 +572,35 @@ def cmd_restore(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_oauth2_authorize(config: Config, args: argparse.Namespace) -> int:
+    """``oauth2 authorize``: the mailbox owner's consent (device flow), stored as the refresh token."""
+    from gateway.oauth2 import AuthorizeError, authorize_device
+
+    found: list[tuple[str, MailboxSection | SMTPRelaySection]] = []
+    for t in config.tenants:
+        if args.tenant and t.id != args.tenant:
+            continue
+        if args.smtp and t.smtp is not None:
+            found.append((f"the smarthost of tenant {t.id}", t.smtp))
+        found += [(f"mailbox {m.name} of tenant {t.id}", m) for m in t.mailboxes if m.name == args.mailbox]
+    what = "smarthost" if args.smtp else f"mailbox {args.mailbox!r}"
+    if len(found) != 1:
+        why = "no" if not found else "more than one (give --tenant)"
+        print(f"error: {why} {what} in the configuration", file=sys.stderr)
+        return EXIT_ERROR
+    name, section = found[0]
+    if section.oauth2 is None:
+        print(f'error: {name} has auth = "password"', file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        path = asyncio.run(authorize_device(section.oauth2, show=lambda line: print(line, flush=True)))
+    except AuthorizeError as exc:
+        print(f"error: {name}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{name}: the refresh token is stored in {path}; a running daemon uses it at its next attempt")
+    return 0
+
+
 def cmd_blobs(config: Config, args: argparse.Namespace) -> int:
     """``blobs migrate --to BACKEND``: what is left of moving the blobs (storage.blobs.move)."""
     from gateway.blobs import blob_store
@@ -733,6 +769,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bm.add_argument("--to", required=True, choices=["fs", "postgresql", "s3"])
     bm.set_defaults(func=cmd_blobs)
+    oa = sub.add_parser("oauth2", help="OAuth2 credentials").add_subparsers(
+        dest="oauth2_command", required=True
+    )
+    oz = oa.add_parser(
+        "authorize", help="the mailbox owner's consent (device flow): stores the refresh token (README)"
+    )
+    which = oz.add_mutually_exclusive_group(required=True)
+    which.add_argument("--mailbox", help="an upstream mailbox with auth = oauth2")
+    which.add_argument("--smtp", action="store_true", help="the tenant's smarthost (with --tenant)")
+    oz.add_argument("--tenant")
+    oz.set_defaults(func=cmd_oauth2_authorize, serves_tenants=True)
     r = sub.add_parser("restore", help="copy mail back from a snapshot, additively")
     r.add_argument("--snapshot", required=True, help="a name from 'snapshot list', or 'latest'")
     r.add_argument("--tenant", required=True)

@@ -41,9 +41,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import structlog
@@ -62,10 +63,11 @@ SMTP_LABEL = "[smtp]"  # the metric's mailbox label of a tenant's smarthost cred
 class TokenError(Exception):
     """No access token now: why (never a secret), and when the endpoint will be asked again."""
 
-    def __init__(self, reason: str, retry_in: float, *, revoked: bool = False) -> None:
+    def __init__(self, reason: str, retry_in: float, *, revoked: bool = False, code: str = "") -> None:
         super().__init__(reason)
         self.retry_in = retry_in
         self.revoked = revoked
+        self.code = code  # the endpoint's "error", if it answered one
 
 
 def margin(lifetime: float) -> float:
@@ -148,21 +150,27 @@ class Granted:
     refresh_token: SecretStr | None
 
 
-async def request_token(url: str, form: dict[str, str]) -> Granted:
-    """POST a grant to a token endpoint (RFC 6749 section 4): :class:`Granted`, or ``TokenError``."""
+async def _post(url: str, form: dict[str, str], what: str, wanted: str) -> dict[str, Any]:
+    """POST a form to an OAuth2 endpoint: its JSON answer, which has ``wanted``, or ``TokenError``."""
     try:
         async with httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=False) as http:
             response = await http.post(url, data=form, headers={"Accept": "application/json"})
         body = response.json() if response.content else {}
     except (httpx.HTTPError, ValueError) as exc:
-        raise TokenError(f"token endpoint unreachable or answered garbage: {type(exc).__name__}", 0) from None
+        raise TokenError(f"{what} unreachable or answered garbage: {type(exc).__name__}", 0) from None
     if not isinstance(body, dict):
         body = {}
-    if response.status_code != 200 or not isinstance(body.get("access_token"), str):
+    if response.status_code != 200 or not isinstance(body.get(wanted), str):
         error = str(body.get("error") or f"HTTP {response.status_code}")[:64]
         description = str(body.get("error_description") or "")[:200]
-        reason = f"token endpoint refused: {error}" + (f" ({description})" if description else "")
-        raise TokenError(reason, 0, revoked=error == "invalid_grant")
+        reason = f"{what} refused: {error}" + (f" ({description})" if description else "")
+        raise TokenError(reason, 0, revoked=error == "invalid_grant", code=error)
+    return body
+
+
+async def request_token(url: str, form: dict[str, str]) -> Granted:
+    """POST a grant to a token endpoint (RFC 6749 section 4): :class:`Granted`, or ``TokenError``."""
+    body = await _post(url, form, "token endpoint", "access_token")
     try:
         expires_in = float(body.get("expires_in", 3600))
     except (TypeError, ValueError):
@@ -294,3 +302,63 @@ class Tokens:
         if found is None or found.section != section:
             found = self._sources[(tenant_id, label)] = TokenSource(tenant_id, label, section, self.clock)
         return found
+
+
+# --------------------------------------------------------------------------- consent (device flow)
+
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+
+
+class AuthorizeError(Exception):
+    """The device authorization did not complete (never a secret in the message)."""
+
+
+async def authorize_device(
+    section: OAuth2Section,
+    show: Callable[[str], None],
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Path:
+    """The device authorization grant (RFC 8628): ``show`` the user where to sign in and the code
+    to enter, poll until they did, and store the refresh token in ``refresh_token_file``."""
+    path = section.refresh_token_file
+    url = section.effective_device_url
+    if path is None:
+        raise AuthorizeError("no refresh_token_file: this credential uses the client-credentials grant")
+    if not url:
+        raise AuthorizeError("no device_authorization_url for this provider")
+    client = {"client_id": section.client_id}
+    if section.client_secret_file is not None:
+        secret, _ = await asyncio.to_thread(_read_secret, section.client_secret_file)
+        client["client_secret"] = secret.get_secret_value()
+    try:
+        device = await _post(
+            url, {**client, "scope": section.effective_scope}, "device endpoint", "device_code"
+        )
+    except TokenError as exc:
+        raise AuthorizeError(str(exc)) from None
+    where = (
+        device.get("verification_uri_complete")
+        or device.get("verification_uri")
+        or device.get("verification_url")
+    )
+    show(f"Sign in as the mailbox's owner at {where} and enter the code {device.get('user_code')}")
+    interval = float(device.get("interval") or 5)
+    deadline = clock() + float(device.get("expires_in") or 900)
+    form = {**client, "grant_type": DEVICE_GRANT, "device_code": str(device["device_code"])}
+    while clock() < deadline:
+        await sleep(interval)
+        try:
+            granted = await request_token(section.effective_token_url, form)
+        except TokenError as exc:
+            if exc.code == "authorization_pending":
+                continue
+            if exc.code == "slow_down":
+                interval += 5
+                continue
+            raise AuthorizeError(str(exc)) from None
+        if granted.refresh_token is None:
+            raise AuthorizeError("the provider granted no refresh token (is offline access in the scope?)")
+        await asyncio.to_thread(write_secret, path, granted.refresh_token)
+        return path
+    raise AuthorizeError("the code expired before it was entered")

@@ -9,8 +9,10 @@ import base64
 import json
 import logging
 import os
+import re
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ from gateway.pull.puller import FolderPuller, HostLimits, jobs
 from tests.conftest import config_dict, free_port, peer
 from tests.daemon import Daemon, write_config
 from tests.dovecot import Dovecot
-from tests.oauth2_provider import Provider
+from tests.oauth2_provider import DEVICE_GRANT, Provider
 from tests.smarthost import Smarthost
 from tests.test_quota_deferral import scrape
 from tests.test_relay import CUSTOMER, SENDER, gateway_config, queue_one, relay_settings, running
@@ -452,3 +454,41 @@ async def test_replies_relay_through_a_smarthost_that_accepts_only_xoauth2(
             assert samples("mailgate_oauth2_token_errors_total")[("acme", "[smtp]")] == errors + 1
     finally:
         await host.stop()
+
+
+# --------------------------------------------------------------------------- oauth2 authorize
+
+
+def test_oauth2_authorize_completes_the_device_flow_and_stores_the_refresh_token(
+    provider: Provider, tmp_path: Path, db_url: str, oauth_dovecot: Dovecot
+) -> None:
+    table = section(provider, tmp_path)
+    refresh_file = Path(table["refresh_token_file"])
+    earlier = refresh_file.read_text().strip()
+    refresh_file.unlink()  # not there yet: the command writes it
+    path = write_config(tmp_path, db_url, free_port(), oauth_toml(oauth_dovecot, table))
+    command = [sys.executable, "-m", "gateway", "-c", str(path), "oauth2", "authorize", "--mailbox", "biuro"]
+    with subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        shown = proc.stdout.readline().decode()
+        code = re.search(r"enter the code (\S+)", shown)
+        assert code is not None, shown
+        assert f"{provider.url}/device-login" in shown
+        time.sleep(1.5)  # the command polls meanwhile: "authorization_pending"
+        provider.approve(code.group(1), "biuro")
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    assert f"the refresh token is stored in {refresh_file}" in out.decode()
+    assert set(provider.active("biuro")) == {earlier, refresh_file.read_text().strip()}
+    assert stat.S_IMODE(refresh_file.stat().st_mode) == 0o600
+    assert provider.requests[DEVICE_GRANT] >= 2
+    for secret in [*provider.refresh_tokens, *provider.access_tokens, "client-secret"]:
+        assert secret not in shown + out.decode() + err.decode()
+
+
+def test_oauth2_authorize_names_what_is_wrong(provider: Provider, tmp_path: Path, db_url: str) -> None:
+    path = write_config(tmp_path, db_url, free_port())
+    base = [sys.executable, "-m", "gateway", "-c", str(path), "oauth2", "authorize"]
+    out = subprocess.run([*base, "--mailbox", "nope"], cwd=tmp_path, capture_output=True, timeout=60)
+    assert out.returncode == 1
+    assert b"error: no mailbox 'nope' in the configuration" in out.stderr
