@@ -573,8 +573,8 @@ def cmd_restore(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_oauth2_authorize(config: Config, args: argparse.Namespace) -> int:
-    """``oauth2 authorize``: the mailbox owner's consent (device flow), stored as the refresh token."""
-    from gateway.oauth2 import AuthorizeError, authorize_device
+    """``oauth2 authorize``: the mailbox owner's consent, stored as the refresh token."""
+    from gateway.oauth2 import AuthorizeError, authorize
 
     found: list[tuple[str, MailboxSection | SMTPRelaySection]] = []
     for t in config.tenants:
@@ -593,7 +593,7 @@ def cmd_oauth2_authorize(config: Config, args: argparse.Namespace) -> int:
         print(f'error: {name} has auth = "password"', file=sys.stderr)
         return EXIT_ERROR
     try:
-        path = asyncio.run(authorize_device(section.oauth2, show=lambda line: print(line, flush=True)))
+        path = asyncio.run(authorize(section.oauth2, show=lambda line: print(line, flush=True)))
     except AuthorizeError as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -773,7 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="oauth2_command", required=True
     )
     oz = oa.add_parser(
-        "authorize", help="the mailbox owner's consent (device flow): stores the refresh token (README)"
+        "authorize", help="the mailbox owner's consent (device flow or browser): stores the refresh token"
     )
     which = oz.add_mutually_exclusive_group(required=True)
     which.add_argument("--mailbox", help="an upstream mailbox with auth = oauth2")

@@ -301,21 +301,24 @@ class BlobsSection(SecretRef):
 
 
 # OAuth2 providers (DESIGN.md section 6b): token endpoint, device authorization endpoint (RFC 8628),
-# the scope of delegated access (a refresh token), the scope of app-only access (client credentials).
-OAUTH2_PRESETS: Mapping[str, tuple[str, str, str, str]] = {
+# the scope of delegated access (a refresh token), the scope of app-only access (client credentials),
+# authorization endpoint (the loopback redirect). Google's device flow does not grant mail scopes.
+OAUTH2_PRESETS: Mapping[str, tuple[str, str, str, str, str]] = {
     "microsoft": (
         "https://login.microsoftonline.com/organizations/oauth2/v2.0/token",
         "https://login.microsoftonline.com/organizations/oauth2/v2.0/devicecode",
         "offline_access https://outlook.office.com/IMAP.AccessAsUser.All https://outlook.office.com/SMTP.Send",
         "https://outlook.office365.com/.default",
+        "https://login.microsoftonline.com/organizations/oauth2/v2.0/authorize",
     ),
     "google": (
         "https://oauth2.googleapis.com/token",
-        "https://oauth2.googleapis.com/device/code",
+        "",
         "https://mail.google.com/",
         "",
+        "https://accounts.google.com/o/oauth2/v2/auth",
     ),
-    "generic": ("", "", "", ""),
+    "generic": ("", "", "", "", ""),
 }
 
 
@@ -336,6 +339,7 @@ class OAuth2Section(_Model):
     provider: Literal["microsoft", "google", "generic"]
     token_url: Annotated[str, AfterValidator(_endpoint)] = ""  # "": the provider's
     device_authorization_url: Annotated[str, AfterValidator(_endpoint)] = ""  # for `oauth2 authorize`
+    authorization_url: Annotated[str, AfterValidator(_endpoint)] = ""  # `oauth2 authorize` without one
     client_id: str = Field(min_length=1)
     client_secret_file: Path | None = None
     refresh_token_file: Path | None = None  # delegated access; without it, the client-credentials grant
@@ -380,6 +384,10 @@ class OAuth2Section(_Model):
     @property
     def effective_device_url(self) -> str:
         return self.device_authorization_url or OAUTH2_PRESETS[self.provider][1]
+
+    @property
+    def effective_authorization_url(self) -> str:
+        return self.authorization_url or OAUTH2_PRESETS[self.provider][4]
 
     @property
     def effective_scope(self) -> str:

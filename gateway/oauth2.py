@@ -39,12 +39,16 @@ functions: ``XOAUTH2`` (Google's and Microsoft's) and ``OAUTHBEARER`` (RFC
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
 import structlog
@@ -304,33 +308,51 @@ class Tokens:
         return found
 
 
-# --------------------------------------------------------------------------- consent (device flow)
+# --------------------------------------------------------------------------- consent
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+CONSENT_WAIT = 600.0  # seconds the loopback listener waits for the browser
 
 
 class AuthorizeError(Exception):
     """The device authorization did not complete (never a secret in the message)."""
 
 
+async def authorize(section: OAuth2Section, show: Callable[[str], None]) -> Path:
+    """The mailbox owner's consent, stored as the refresh token in ``refresh_token_file``: by the
+    device flow where the provider has one, else by a redirect to a loopback address."""
+    path = section.refresh_token_file
+    if path is None:
+        raise AuthorizeError("no refresh_token_file: this credential uses the client-credentials grant")
+    client = {"client_id": section.client_id}
+    if section.client_secret_file is not None:
+        try:
+            secret, _ = await asyncio.to_thread(_read_secret, section.client_secret_file)
+        except OSError as exc:
+            raise AuthorizeError(f"cannot read {str(section.client_secret_file)!r}: {exc.strerror}") from None
+        client["client_secret"] = secret.get_secret_value()
+    if section.effective_device_url:
+        granted = await authorize_device(section, client, show)
+    elif section.effective_authorization_url:
+        granted = await authorize_loopback(section, client, show)
+    else:
+        raise AuthorizeError("give device_authorization_url or authorization_url")
+    if granted.refresh_token is None:
+        raise AuthorizeError("the provider granted no refresh token (is offline access in the scope?)")
+    await asyncio.to_thread(write_secret, path, granted.refresh_token)
+    return path
+
+
 async def authorize_device(
     section: OAuth2Section,
+    client: dict[str, str],
     show: Callable[[str], None],
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
-) -> Path:
+) -> Granted:
     """The device authorization grant (RFC 8628): ``show`` the user where to sign in and the code
-    to enter, poll until they did, and store the refresh token in ``refresh_token_file``."""
-    path = section.refresh_token_file
+    to enter, and poll until they did."""
     url = section.effective_device_url
-    if path is None:
-        raise AuthorizeError("no refresh_token_file: this credential uses the client-credentials grant")
-    if not url:
-        raise AuthorizeError("no device_authorization_url for this provider")
-    client = {"client_id": section.client_id}
-    if section.client_secret_file is not None:
-        secret, _ = await asyncio.to_thread(_read_secret, section.client_secret_file)
-        client["client_secret"] = secret.get_secret_value()
     try:
         device = await _post(
             url, {**client, "scope": section.effective_scope}, "device endpoint", "device_code"
@@ -349,7 +371,7 @@ async def authorize_device(
     while clock() < deadline:
         await sleep(interval)
         try:
-            granted = await request_token(section.effective_token_url, form)
+            return await request_token(section.effective_token_url, form)
         except TokenError as exc:
             if exc.code == "authorization_pending":
                 continue
@@ -357,8 +379,67 @@ async def authorize_device(
                 interval += 5
                 continue
             raise AuthorizeError(str(exc)) from None
-        if granted.refresh_token is None:
-            raise AuthorizeError("the provider granted no refresh token (is offline access in the scope?)")
-        await asyncio.to_thread(write_secret, path, granted.refresh_token)
-        return path
     raise AuthorizeError("the code expired before it was entered")
+
+
+async def authorize_loopback(
+    section: OAuth2Section, client: dict[str, str], show: Callable[[str], None]
+) -> Granted:
+    """The authorization code grant with PKCE (RFC 6749 4.1, RFC 7636, RFC 8252 7.3): ``show``
+    the address to open; the browser is sent back to a one-shot listener on 127.0.0.1."""
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    state = secrets.token_urlsafe(16)
+    answered: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 10)
+            target = [*request.split(), b"", b""][1].decode("ascii", "replace")
+            query = dict(parse_qsl(urlsplit(target).query))
+            ours = query.get("state") == state and ("code" in query or "error" in query)
+            text = "mailgate: done, you can close this window." if ours else "mailgate: not this request."
+            writer.write(
+                f"HTTP/1.1 {200 if ours else 400} OK\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                f"Content-Length: {len(text)}\r\nConnection: close\r\n\r\n{text}".encode()
+            )
+            await writer.drain()
+            if ours and not answered.done():
+                answered.set_result(query)
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    redirect = f"http://127.0.0.1:{port}/"
+    params = {
+        "response_type": "code",
+        "client_id": section.client_id,
+        "redirect_uri": redirect,
+        "scope": section.effective_scope,
+        "state": state,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "access_type": "offline",  # Google: a refresh token
+        "prompt": "consent",
+    }
+    show(
+        f"Open in a browser on this machine (or through `ssh -L {port}:127.0.0.1:{port}`), sign in as "
+        f"the mailbox's owner and allow access: {section.effective_authorization_url}?{urlencode(params)}"
+    )
+    try:
+        query = await asyncio.wait_for(answered, CONSENT_WAIT)
+    except TimeoutError:
+        raise AuthorizeError(f"no answer from the browser within {CONSENT_WAIT:.0f} s") from None
+    finally:
+        server.close()
+        await server.wait_closed()
+    if "code" not in query:
+        raise AuthorizeError(f"the provider refused: {query.get('error', '')[:64]}")
+    form = {**client, "grant_type": "authorization_code", "code": query["code"], "redirect_uri": redirect}
+    try:
+        return await request_token(section.effective_token_url, form | {"code_verifier": verifier})
+    except TokenError as exc:
+        raise AuthorizeError(str(exc)) from None

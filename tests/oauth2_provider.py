@@ -10,6 +10,9 @@ mailgate's token component and a private Dovecot's ``oauth2`` passdb:
   refresh answers a new refresh token and revokes the old one;
 * ``POST /device``: device authorization (RFC 8628 section 3.1); a test
   approves the user code with :meth:`Provider.approve`;
+* the ``authorization_code`` grant with PKCE (RFC 7636): a test plays the
+  browser, getting a code with :meth:`Provider.consent` for the redirect
+  and challenge the authorization address carries;
 * ``POST /introspect``: token introspection (RFC 7662) as Dovecot asks it
   (``introspection_mode = post``), answering ``active`` and ``username``.
 
@@ -20,6 +23,8 @@ loop) serves, so Dovecot's introspection is answered while a test blocks.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import secrets
 import threading
@@ -52,6 +57,7 @@ class Provider:
         self.refresh_tokens: dict[str, tuple[str, str]] = {}  # token: (client_id, user)
         self.access_tokens: dict[str, tuple[str, float]] = {}  # token: (user, expiry)
         self.devices: dict[str, _Device] = {}  # device_code: its state
+        self.codes: dict[str, tuple[str, str, str, str]] = {}  # code: (client_id, user, redirect, challenge)
         self.requests: Counter[str] = Counter()  # by grant type, and "introspect", "device"
         self.lock = threading.Lock()
         provider = self
@@ -109,6 +115,13 @@ class Provider:
                     return
         raise KeyError(user_code)
 
+    def consent(self, client_id: str, user: str, redirect_uri: str, challenge: str) -> str:
+        """``user`` allowed ``client_id`` in the browser: the code the redirect carries."""
+        code = "ac-" + secrets.token_urlsafe(16)
+        with self.lock:
+            self.codes[code] = (client_id, user, redirect_uri, challenge)
+        return code
+
     def active(self, user: str) -> list[str]:
         """Refresh tokens of ``user`` that still work."""
         with self.lock:
@@ -162,6 +175,15 @@ class Provider:
                 return 400, {"error": "authorization_pending"}
             del self.devices[form["device_code"]]
             return 200, self._issue(client_id, device.user, refresh=True)
+        if grant == "authorization_code":
+            found_code = self.codes.pop(form.get("code", ""), None)
+            verifier = form.get("code_verifier", "").encode()
+            proof = base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=").decode()
+            if found_code is None or found_code[::2] != (client_id, form.get("redirect_uri")):
+                return 400, {"error": "invalid_grant"}
+            if found_code[3] != proof:
+                return 400, {"error": "invalid_grant", "error_description": "PKCE verification failed"}
+            return 200, self._issue(client_id, found_code[1], refresh=True)
         return 400, {"error": "unsupported_grant_type"}
 
     def _issue(self, client_id: str, user: str, *, refresh: bool) -> dict[str, object]:

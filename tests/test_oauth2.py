@@ -18,7 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
+import httpx
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult
 from prometheus_client.parser import text_string_to_metric_families
@@ -492,3 +494,31 @@ def test_oauth2_authorize_names_what_is_wrong(provider: Provider, tmp_path: Path
     out = subprocess.run([*base, "--mailbox", "nope"], cwd=tmp_path, capture_output=True, timeout=60)
     assert out.returncode == 1
     assert b"error: no mailbox 'nope' in the configuration" in out.stderr
+
+
+def test_oauth2_authorize_without_a_device_flow_uses_a_loopback_redirect(
+    provider: Provider, tmp_path: Path, db_url: str, oauth_dovecot: Dovecot
+) -> None:
+    """Google's device flow grants no mail scope: the browser comes back to 127.0.0.1 (PKCE)."""
+    table = section(provider, tmp_path, device_authorization_url="", authorization_url=f"{provider.url}/auth")
+    refresh_file = Path(table["refresh_token_file"])
+    path = write_config(tmp_path, db_url, free_port(), oauth_toml(oauth_dovecot, table))
+    command = [sys.executable, "-m", "gateway", "-c", str(path), "oauth2", "authorize", "--mailbox", "biuro"]
+    with subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        shown = proc.stdout.readline().decode()
+        address = re.search(r"allow access: (\S+)", shown)
+        assert address is not None, shown
+        assert address.group(1).startswith(f"{provider.url}/auth?")
+        query = dict(parse_qsl(urlsplit(address.group(1)).query))
+        assert query["code_challenge_method"] == "S256"
+        code = provider.consent("mailgate", "biuro", query["redirect_uri"], query["code_challenge"])
+        # A request without the right state is not taken for the answer.
+        forged = httpx.get(query["redirect_uri"], params={"code": code, "state": "forged"}, timeout=10)
+        assert forged.status_code == 400
+        back = httpx.get(query["redirect_uri"], params={"code": code, "state": query["state"]}, timeout=10)
+        assert "you can close this window" in back.text
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    assert refresh_file.read_text().strip() in provider.active("biuro")
+    assert provider.requests["authorization_code"] == 1
