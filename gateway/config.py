@@ -257,6 +257,33 @@ class RetentionSection(_Model):
     spam_days: int = Field(90, ge=1)
 
 
+def _http_url(url: str) -> str:
+    """An http:// or https:// base URL (a filter's, such as rspamd's workers)."""
+    parsed = urlsplit(url)
+    if url and (parsed.scheme not in ("http", "https") or not parsed.hostname):
+        raise ValueError(f"{url!r}: expected http://host:port or https://host:port")
+    return url.rstrip("/")
+
+
+class SpamSection(_Model):
+    """The spam filter asked about inbound mail (docs/spam.md); "" trusts upstream headers only."""
+
+    engine: Literal["", "rspamd"] = ""
+    url: Annotated[str, AfterValidator(_http_url)] = "http://127.0.0.1:11333"  # rspamd's normal worker
+    controller_url: Annotated[str, AfterValidator(_http_url)] = ""  # learning; "": url's host, port 11334
+    timeout: Duration = Field(timedelta(seconds=5), gt=timedelta(0), le=timedelta(minutes=5))
+    on_error: Literal["accept", "tempfail"] = "accept"  # rspamd unreachable: store unscanned, or 451
+    max_in_flight: int = Field(32, ge=1, le=1024)  # checks and learns in flight, whole daemon
+
+
+class TenantSpamSection(_Model):
+    """A tenant's own spam settings; unset thresholds follow rspamd's actions."""
+
+    enabled: bool = True
+    junk_score: float | None = None  # at or above: the Junk folder (else from "add header" on)
+    reject_score: float | None = None  # at or above: relay-in refuses (else rspamd's "reject")
+
+
 class SnapshotsSection(_Model):
     dir: Path = Path("var/snapshots")
     at: time = time(2, 30)
@@ -667,6 +694,7 @@ class TenantSection(_Model):
     contact: Address | None = None  # the customer's own address: plan notices go here too
     suspended: bool = False  # by the operator: read-only until resumed
     seats: int | None = Field(None, ge=0)  # agents that may log in, when bought apart from the plan
+    spam: TenantSpamSection = TenantSpamSection()
 
     _ruleset: RuleSet = PrivateAttr()
     _plan: PlanSection | None = PrivateAttr(default=None)
@@ -850,6 +878,7 @@ class Config(_Model):
     listen: ListenSection = ListenSection()
     tls: TLSSection = TLSSection()
     retention: RetentionSection = RetentionSection()
+    spam: SpamSection = SpamSection()
     snapshots: SnapshotsSection = SnapshotsSection()
     queue: QueueSection = QueueSection()
     limits: LimitsSection = LimitsSection()

@@ -46,6 +46,7 @@ from gateway.relay.worker import RelayWorker
 from gateway.scheduler import Scheduler
 from gateway.smtp.outbox import Outbox
 from gateway.smtp.server import RelayServer
+from gateway.spam import Filter as SpamFilter
 from gateway.tenants import Watcher, apply
 from gateway.tls import server_context
 from storage import instances, queue
@@ -84,6 +85,7 @@ class Daemon:
         self.smtp: list[RelayServer] = []
         self.imap: list[IMAPServer] = []
         self.relay: RelayWorker | None = None
+        self.spam: SpamFilter | None = None
         self.scheduler: Scheduler | None = None
         self.metrics: MetricsServer | None = None
         self.admin: AdminServer | None = None
@@ -129,7 +131,10 @@ class Daemon:
             released = await queue.release(s, instance)
         log.info("instance.registered", instance=instance, pid=os.getpid(), released_claims=released)
         changes = Changes()
-        pipeline = Pipeline(self.db, blobs, changes=changes, srs_signer=load_signer(self.config))
+        self.spam = SpamFilter(self.current_config)  # asked only while [spam] engine is set
+        pipeline = Pipeline(
+            self.db, blobs, changes=changes, srs_signer=load_signer(self.config), spam_filter=self.spam
+        )
         auth = self.auth = Authenticator(self.current_config, self.db)
         tls = self.tls = server_context(self.config.tls)
         tokens = Tokens()  # OAuth2 access tokens: one source per credential, for pullers and relays
@@ -308,6 +313,8 @@ class Daemon:
                 await task
         if self.relay is not None:
             await self.relay.drain()
+        if self.spam is not None:
+            await self.spam.aclose()
         if self.lock is not None:
             await self.lock.release()
         if self.blobs is not None:

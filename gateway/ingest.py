@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 1. Parse the header block only; the raw bytes are never changed.
-2. Decide: the spam verdict (upstream headers, or the source says so), then
+2. Decide: the spam verdict (the source says so, the spam filter's verdict the
+   source asked for (:mod:`gateway.spam`), upstream headers), then
    the tenant's rules, give a folder, labels and flags. :func:`decide` is pure
    so ``mailgate rules test`` shows exactly what delivery would do.
 3. Commit: the blob is written and fsynced first, then one transaction
@@ -53,11 +54,13 @@ from gateway.config import TenantSection
 from gateway.imap import mime, sort
 from gateway.message import Headers, parse_headers
 from gateway.notify import Changes
+from gateway.spam import Filter as SpamFilter
+from gateway.spam import Result as SpamResult
 from storage import mailstore, queue
 from storage.blobs import BlobStore
 from storage.db import Database
 from storage.errors import StoreError
-from storage.models import Folder, IngestKey
+from storage.models import Folder, IngestKey, SpamVerdict
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +79,7 @@ class Delivery:
     spam: bool = False  # the source already knows it is spam (upstream Junk)
     received_at: datetime | None = None
     system: bool = False  # our own notice (quota warning, DSN): stored even over quota
+    scan: SpamResult | None = None  # the spam filter's verdict (its headers already prepended)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +179,10 @@ def label_keyword(label: str) -> str:
 def decide(tenant: TenantSection, headers: Headers, size: int, delivery: Delivery) -> Verdict:
     """Spam verdict and rules: the pure part of delivery."""
     decision = rules.evaluate(tenant.ruleset, message_view(headers, size, delivery))
-    reason = "the source says so" if delivery.spam else spam_verdict(headers)
+    reason = "the source says so" if delivery.spam else None
+    if reason is None and delivery.scan is not None and delivery.scan.junk(tenant.spam):
+        reason = delivery.scan.reason
+    reason = reason or spam_verdict(headers)
     if reason is None and decision.spam:
         reason = "a rule says so"
     flags = {label_keyword(label) for label in decision.labels}
@@ -299,6 +306,7 @@ class Pipeline:
         clock: Callable[[], datetime] | None = None,
         changes: Changes | None = None,
         srs_signer: srs.Signer | None = None,
+        spam_filter: SpamFilter | None = None,
     ) -> None:
         """``srs_signer`` signs forwards' envelope senders (the daemon's persistent keys,
         :func:`gateway.forward.load_signer`); without one, a random key of this process.
@@ -308,6 +316,7 @@ class Pipeline:
         self.srs = srs_signer or srs.Signer((secrets.token_bytes(32),))
         self.clock = clock or (lambda: datetime.now(UTC))
         self.changes = changes or Changes()
+        self.spam = spam_filter  # asked by the sources (relay-in, pull) before they deliver
         self._pending: deque[_Job] = deque()
         self._drainer: asyncio.Task[None] | None = None
         self.deferrals = asyncio.Event()  # set when mail waits for quota (relay-in here, pull in the puller)
@@ -350,6 +359,8 @@ class Pipeline:
                 uid=out.uid,
                 size=p.raw_size,
                 spam=p.verdict.spam,
+                spam_reason=p.verdict.spam_reason or None,
+                spam_score=p.delivery.scan.score if p.delivery.scan else None,
                 rules=[t.rule for t in p.verdict.decision.trace if t.matched],
             )
         return outcomes
@@ -497,6 +508,27 @@ class Pipeline:
             outcomes.append(None)
         if new_keys:
             await conn.execute(_INSERT_KEYS, new_keys)
+        verdicts = {
+            p.digest: {
+                "tenant_id": tenant.id,
+                "blob": p.digest,
+                "score": p.delivery.scan.score if p.delivery.scan else None,
+                "action": p.delivery.scan.action if p.delivery.scan else "",
+                "reason": p.verdict.spam_reason[:255],
+                "learned": "",
+                "created_at": now,
+            }
+            for (_, p), out in zip(items, outcomes, strict=True)
+            if out is None and (p.delivery.scan is not None or p.verdict.spam)
+        }
+        if verdicts:
+            known = select(SpamVerdict.blob).where(
+                SpamVerdict.tenant_id == tenant.id, SpamVerdict.blob.in_(list(verdicts))
+            )
+            for blob in (await conn.execute(known)).scalars():
+                del verdicts[blob]
+            if verdicts:
+                await conn.execute(insert(SpamVerdict), list(verdicts.values()))
         by_id = {f.id: f for f in folders.values()}
         for folder_id, indexes in groups.items():
             folder = by_id[folder_id]

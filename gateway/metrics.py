@@ -60,6 +60,17 @@ OUTBOUND_LIMITED = Counter(
     ["tenant", "agent"],
     registry=REGISTRY,
 )
+SPAM_CHECK_ERRORS = Counter(
+    "mailgate_spam_check_errors",
+    "Spam filter (rspamd) requests that failed: refused, timed out, an HTTP error (checks and learns)",
+    registry=REGISTRY,
+)
+SPAM_LEARNED = Counter(
+    "mailgate_spam_learned",
+    "Messages taught to the spam filter from agents' moves (class spam: into Junk; ham: out of it)",
+    ["tenant", "class"],
+    registry=REGISTRY,
+)
 SPAM_PURGED = Counter("mailgate_spam_purged_messages", "Spam messages purged", ["tenant"], registry=REGISTRY)
 SESSIONS = Counter("mailgate_sessions", "Client sessions by listener", ["listener"], registry=REGISTRY)
 CONNECTIONS_CLOSED = Counter(

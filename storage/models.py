@@ -14,6 +14,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -469,3 +470,22 @@ class JobRun(Base):
     instance: Mapped[str] = mapped_column(String(255))
     started_at: Mapped[datetime] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class SpamVerdict(Base):
+    """Why a stored message is (or is not) spam: the filter's score and action, or the reason
+    (an upstream header, a rule, the source's Junk folder); and what agents' moves taught the filter.
+
+    Keyed by the message's content (its blob), so a copy or a move shares the row: a message is
+    learned at most once per class.
+    """
+
+    __tablename__ = "spam_verdicts"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    blob: Mapped[str] = mapped_column(String(64), primary_key=True)
+    score: Mapped[float | None] = mapped_column(Float)  # None: not scanned by the filter
+    action: Mapped[str] = mapped_column(String(32))  # rspamd's action, "unscanned", or "" (no filter)
+    reason: Mapped[str] = mapped_column(String(255))  # why it went to Junk; "" when it did not
+    learned: Mapped[str] = mapped_column(String(16), default="")  # "spam" / "ham": last class taught
+    created_at: Mapped[datetime] = mapped_column()

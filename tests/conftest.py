@@ -29,6 +29,7 @@ from storage.blobs import BACKENDS, BlobStore
 from storage.db import Database
 from storage.migrate import migrate
 from tests.dovecot import dovecot  # noqa: F401 (fixture: a private Dovecot per test)
+from tests.rspamd import rspamd  # noqa: F401 (fixture: a private rspamd per test module)
 
 REQUIRE_PEERS = os.environ.get("MAILGATE_REQUIRE_PEERS") == "1"
 PG_DSN = os.environ.get("MAILGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")

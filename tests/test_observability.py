@@ -58,6 +58,7 @@ ALERT_NAMES = {
     "MailgateTenantPlanEnding",
     "MailgateTenantReadOnly",
     "MailgateOAuth2TokenFailing",
+    "MailgateSpamFilterFailing",
 }
 # The dashboard shows each of these (the contract metrics of DESIGN.md section 6).
 DASHBOARD_METRICS = {

@@ -92,7 +92,7 @@ import asyncio
 import random
 import ssl
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -102,6 +102,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import quotas
 from gateway import plans
+from gateway import spam as spam_filter
 from gateway.config import Config, MailboxSection
 from gateway.ingest import Delivery, Outcome, Pipeline
 from gateway.oauth2 import TokenError, Tokens
@@ -268,6 +269,8 @@ class FolderPuller:
                 await self._back_off(
                     "over_quota", f"over quota ({exc})", BACKOFF_MAX, (exc.folder_id, exc.size)
                 )
+            except spam_filter.Unavailable:  # on_error = "tempfail": the mail stays upstream
+                await self._back_off("spam_filter_failed", "the spam filter did not answer")
             except (StoreError, SQLAlchemyError, OSError) as exc:  # e.g. a conflict, a full disk
                 await self._back_off("store_failed", f"cannot store now ({exc})")
 
@@ -384,17 +387,22 @@ class FolderPuller:
         """Fetch and store a batch (new UIDs, or ``retry`` ones from the waiting list)."""
         bodies = await client.fetch(uids)
         present = [u for u in uids if u in bodies]  # one expunged upstream meanwhile is simply gone
+        scans = {} if spam else await self._scan(bodies)  # upstream Junk: spam already
         if retry and len(present) < len(uids):
             await self._forget([u for u in uids if u not in bodies], done)
         try:
-            done.stored += await self._store(bodies, present, None if retry else max(uids), uidvalidity, spam)
+            done.stored += await self._store(
+                bodies, present, None if retry else max(uids), uidvalidity, spam, scans
+            )
             stored = present
         except QuotaExceeded:
             # Not all of the batch fits: store what does, in order; the rest waits.
             stored = []
             for uid in present:
                 try:
-                    done.stored += await self._store(bodies, [uid], None if retry else uid, uidvalidity, spam)
+                    done.stored += await self._store(
+                        bodies, [uid], None if retry else uid, uidvalidity, spam, scans
+                    )
                 except QuotaExceeded as exc:
                     done.full = exc
                     if not retry:
@@ -436,8 +444,28 @@ class FolderPuller:
         for uid in uids:
             done.waiting.pop(uid, None)
 
+    async def _scan(self, bodies: dict[int, bytes]) -> dict[int, spam_filter.Result]:
+        """The spam filter's verdicts; each scanned body gets its header block prepended."""
+        tenant = self.config().tenant(self.job.tenant_id)
+        hostname = self.config().gateway.hostname
+        scans: dict[int, spam_filter.Result] = {}
+        if self.pipeline.spam is None:
+            return scans
+        for uid, raw in bodies.items():
+            scan = await self.pipeline.spam.check(tenant, raw)
+            if scan is not None:
+                scans[uid] = scan
+                bodies[uid] = scan.header_block(hostname, tenant.spam) + raw
+        return scans
+
     async def _store(
-        self, bodies: dict[int, bytes], uids: list[int], last_uid: int | None, uidvalidity: int, spam: bool
+        self,
+        bodies: dict[int, bytes],
+        uids: list[int],
+        last_uid: int | None,
+        uidvalidity: int,
+        spam: bool,
+        scans: Mapping[int, spam_filter.Result],
     ) -> int:
         """Deliver these UIDs in one transaction that also records ``last_uid`` (new UIDs)
         or takes them off the waiting list (``last_uid`` None)."""
@@ -451,6 +479,7 @@ class FolderPuller:
                     dedupe_key=f"imap:{job.mailbox.name}/{job.folder}/{uidvalidity}/{uid}",
                     default_folder=job.target,
                     spam=spam,
+                    scan=scans.get(uid),
                 ),
             )
             for uid in uids

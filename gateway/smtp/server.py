@@ -25,7 +25,7 @@ from typing import Any, AnyStr
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
-from gateway import metrics, plans, srs
+from gateway import metrics, plans, spam, srs
 from gateway.auth import Authenticator, AuthUnavailable, Identity
 from gateway.config import Config, TenantSection
 from gateway.connections import ConnectionGate
@@ -364,6 +364,25 @@ class RelayHandler:
                 return policy.too_big(tenant.max_message_size)
             if (deferred := _read_only(tenant)) is not None:
                 return deferred  # it became read-only since RCPT
+        scans: dict[str, spam.Result | None] = {}
+        if self.pipeline.spam is not None and not session.authenticated:
+            # Before anything is relayed or stored: a refusal must leave no trace.
+            for tenant, rcpts in local.values():
+                try:
+                    scans[tenant.id] = scan = await self.pipeline.spam.check(
+                        tenant,
+                        data,
+                        mail_from=envelope.mail_from or "",
+                        recipients=rcpts,
+                        ip=_peer(session),
+                        helo=session.host_name,
+                        queue_id=queue_id,
+                    )
+                except spam.Unavailable as exc:
+                    return exc.smtp_reply
+                if scan is not None and (refusal := scan.refusal(tenant.spam)) is not None:
+                    logger.info("smtp.spam_refused", tenant=tenant.id, action=scan.action, score=scan.score)
+                    return refusal
         if relaying is not None and self.outbox is not None:
             identity = session.auth_data if isinstance(session.auth_data, Identity) else None
             submitted = await self.outbox.submit(
@@ -386,7 +405,15 @@ class RelayHandler:
                 recipients=rcpts,
                 now=now,
             )
-            delivery = Delivery(source="smtp", mail_from=envelope.mail_from or "", recipients=tuple(rcpts))
+            scan = scans.get(tenant.id)
+            if scan is not None:
+                received = (
+                    scan.header_block(config.gateway.hostname, tenant.spam, envelope.mail_from or "")
+                    + received
+                )
+            delivery = Delivery(
+                source="smtp", mail_from=envelope.mail_from or "", recipients=tuple(rcpts), scan=scan
+            )
             await self.pipeline.deliver(tenant, received + data, delivery)
         tenants = sorted({*local, *([relaying.id] if relaying is not None else [])})
         logger.info(

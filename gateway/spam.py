@@ -1,0 +1,277 @@
+"""The spam filter: rspamd's verdict on inbound mail, over its HTTP protocol.
+
+Theory of operation
+-------------------
+:class:`Filter` is the daemon's one client of rspamd's normal worker
+(``POST /checkv2``) and controller (``/learnspam``, ``/learnham``): one
+``httpx`` connection pool, every request bounded by ``[spam] timeout`` and
+at most ``[spam] max_in_flight`` in flight (waiting for a slot counts
+against the timeout). rspamd gets the envelope (``From``, ``Rcpt``), the
+client's ``IP`` and ``Helo`` on relay-in, and the tenant as ``Deliver-To``
+so its statistics can be kept per tenant.
+
+:class:`Result` is the pure part: rspamd's answer, what it means for a
+tenant (:meth:`Result.refusal` on relay-in, :meth:`Result.junk` everywhere)
+and the header block the source prepends to the message before delivery
+(``Authentication-Results:`` from rspamd's SPF, DKIM and DMARC symbols,
+``X-Spam-Score:``, ``X-Spam-Action:``, and ``X-Spam-Flag: YES`` for spam).
+
+When rspamd cannot answer (refused, timed out, an HTTP error, a malformed
+answer), ``mailgate_spam_check_errors_total`` counts it and ``on_error``
+decides: ``accept`` returns an unscanned result (its header says so) and
+``tempfail`` raises :class:`Unavailable`, whose SMTP reply is ``451 4.7.1``
+(relay-in) and which makes a pull pass retry later. Nothing is lost either
+way. The pool reconnects by itself: a restarted rspamd is used again at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import structlog
+
+from gateway import metrics
+from gateway.config import Config, SpamSection, TenantSection, TenantSpamSection
+
+log = structlog.get_logger(__name__)
+
+REJECT = "reject"
+SOFT_REJECT = "soft reject"
+GREYLIST = "greylist"
+ADD_HEADER = "add header"
+REWRITE_SUBJECT = "rewrite subject"
+NO_ACTION = "no action"
+UNSCANNED = "unscanned"
+# Actions that file a message into \Junk (on relay-in "reject" is refused before).
+_JUNK = frozenset({ADD_HEADER, REWRITE_SUBJECT, REJECT})
+_ACTIONS = frozenset({REJECT, SOFT_REJECT, GREYLIST, ADD_HEADER, REWRITE_SUBJECT, NO_ACTION})
+
+UNAVAILABLE = "451 4.7.1 Spam filter unavailable, try again later"
+
+# rspamd's symbols -> RFC 8601 results, per method.
+_AUTH_SYMBOLS: tuple[tuple[str, Mapping[str, str]], ...] = (
+    (
+        "spf",
+        {
+            "R_SPF_ALLOW": "pass",
+            "R_SPF_FAIL": "fail",
+            "R_SPF_SOFTFAIL": "softfail",
+            "R_SPF_NEUTRAL": "neutral",
+            "R_SPF_NA": "none",
+            "R_SPF_DNSFAIL": "temperror",
+            "R_SPF_PERMFAIL": "permerror",
+        },
+    ),
+    (
+        "dkim",
+        {
+            "R_DKIM_ALLOW": "pass",
+            "R_DKIM_REJECT": "fail",
+            "R_DKIM_TEMPFAIL": "temperror",
+            "R_DKIM_PERMFAIL": "permerror",
+            "R_DKIM_NA": "none",
+        },
+    ),
+    (
+        "dmarc",
+        {
+            "DMARC_POLICY_ALLOW": "pass",
+            "DMARC_POLICY_ALLOW_WITH_FAILURES": "pass",
+            "DMARC_POLICY_REJECT": "fail",
+            "DMARC_POLICY_QUARANTINE": "fail",
+            "DMARC_POLICY_SOFTFAIL": "fail",
+            "DMARC_NA": "none",
+            "DMARC_DNSFAIL": "temperror",
+            "DMARC_BAD_POLICY": "permerror",
+        },
+    ),
+)
+# What may stand in a header or a reply line taken from rspamd or the envelope.
+_UNSAFE = re.compile(r"[^\x21-\x7e ]+")
+_ADDRESS = re.compile(r"^[^\s;()<>\"\\]{1,254}$")
+
+
+class Unavailable(Exception):
+    """rspamd did not answer and ``on_error = "tempfail"``: try again later."""
+
+    smtp_reply = UNAVAILABLE
+
+
+def _clean(text: str, limit: int = 200) -> str:
+    return _UNSAFE.sub(" ", text).strip()[:limit]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """rspamd's verdict on one message (or why there is none)."""
+
+    action: str  # rspamd's action, or "unscanned"
+    score: float | None  # None: unscanned
+    required: float | None  # rspamd's reject threshold
+    message: str = ""  # rspamd's SMTP message (for a refusal)
+    auth: tuple[tuple[str, str], ...] = ()  # (method, result): spf, dkim, dmarc
+    error: str = ""  # unscanned: why
+
+    @classmethod
+    def parse(cls, body: bytes) -> Result:
+        """rspamd's ``/checkv2`` JSON answer; ValueError if it is not one."""
+        data = json.loads(body)
+        if not isinstance(data, dict) or data.get("action") not in _ACTIONS:
+            raise ValueError("not an rspamd /checkv2 answer")
+        symbols = data.get("symbols") or {}
+        auth: list[tuple[str, str]] = []
+        for method, table in _AUTH_SYMBOLS:
+            found = next((table[s] for s in table if s in symbols), None)
+            if found is not None:
+                auth.append((method, found))
+        messages = data.get("messages") or {}
+        message = messages.get("smtp_message", "") if isinstance(messages, dict) else ""
+        return cls(
+            action=str(data["action"]),
+            score=float(data.get("score", 0.0)),
+            required=float(data.get("required_score", 0.0)),
+            message=_clean(str(message)),
+            auth=tuple(auth),
+        )
+
+    @classmethod
+    def unscanned(cls, error: str) -> Result:
+        return cls(action=UNSCANNED, score=None, required=None, error=_clean(error, 80))
+
+    def rejected(self, settings: TenantSpamSection) -> bool:
+        if self.score is None:
+            return False
+        if settings.reject_score is not None:
+            return self.score >= settings.reject_score
+        return self.action == REJECT
+
+    def junk(self, settings: TenantSpamSection) -> bool:
+        """Whether the message goes to ``\\Junk`` (anything from ``add header`` up)."""
+        if self.score is None:
+            return False
+        if settings.junk_score is not None:
+            return self.score >= settings.junk_score or self.rejected(settings)
+        return self.action in _JUNK or self.rejected(settings)
+
+    def refusal(self, settings: TenantSpamSection) -> str | None:
+        """Relay-in's answer instead of accepting, or None to accept."""
+        if self.rejected(settings):
+            return f"550 5.7.1 {_clean(self.message) or 'Message refused as spam'}"
+        if self.action in (SOFT_REJECT, GREYLIST):
+            return f"451 4.7.1 {_clean(self.message) or 'Try again later'}"
+        return None
+
+    @property
+    def reason(self) -> str:
+        """Why it is spam, as ``rules test`` and the log say it."""
+        return f"rspamd: {self.action}, score {self.score:.2f}/{self.required or 0:.2f}"
+
+    def header_block(self, hostname: str, settings: TenantSpamSection, mail_from: str = "") -> bytes:
+        """The header fields to prepend to the message (CRLF-terminated)."""
+        if self.score is None:
+            return f"X-Spam-Action: {UNSCANNED} ({self.error})\r\n".encode()
+        methods = []
+        for method, result in self.auth:
+            if method == "spf" and mail_from and _ADDRESS.match(mail_from):
+                methods.append(f"spf={result} smtp.mailfrom={mail_from}")
+            else:
+                methods.append(f"{method}={result}")
+        lines = [
+            f"Authentication-Results: {_clean(hostname, 100)}; " + ("; ".join(methods) or "none"),
+            f"X-Spam-Score: {self.score:.2f} / {self.required or 0:.2f}",
+            f"X-Spam-Action: {self.action}",
+        ]
+        if self.junk(settings):
+            lines.append("X-Spam-Flag: YES")
+        return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def _controller_url(spam: SpamSection) -> str:
+    if spam.controller_url:
+        return spam.controller_url
+    parts = urlsplit(spam.url)
+    return urlunsplit((parts.scheme, f"{parts.hostname}:11334", "", "", ""))
+
+
+class Filter:
+    """The daemon's client of rspamd (one pool; a bounded number of requests in flight)."""
+
+    def __init__(self, config: Callable[[], Config]) -> None:
+        self.config = config
+        self._slots = asyncio.Semaphore(config().spam.max_in_flight)
+        self._client = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=config().spam.max_in_flight), trust_env=False
+        )
+
+    def enabled(self, tenant: TenantSection) -> bool:
+        return self.config().spam.engine == "rspamd" and tenant.spam.enabled
+
+    async def check(
+        self,
+        tenant: TenantSection,
+        raw: bytes,
+        *,
+        mail_from: str = "",
+        recipients: Sequence[str] = (),
+        ip: str | None = None,
+        helo: str | None = None,
+        queue_id: str | None = None,
+    ) -> Result | None:
+        """rspamd's verdict on ``raw`` for ``tenant``; None when the tenant is not filtered.
+
+        Raises :class:`Unavailable` when rspamd fails and ``on_error = "tempfail"``.
+        """
+        if not self.enabled(tenant):
+            return None
+        spam = self.config().spam
+        headers: list[tuple[str, str]] = [("Deliver-To", tenant.id)]
+        if mail_from and mail_from != "<>":
+            headers.append(("From", mail_from))
+        headers += [("Rcpt", r) for r in recipients]
+        if ip:
+            headers.append(("IP", ip))
+        if helo:
+            headers.append(("Helo", _clean(helo, 255)))
+        if queue_id:
+            headers.append(("Queue-Id", queue_id))
+        try:
+            body = await self._post(spam, f"{spam.url}/checkv2", raw, headers)
+            return Result.parse(body)
+        except (httpx.HTTPError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            metrics.SPAM_CHECK_ERRORS.inc()
+            log.warning(
+                "spam.check_failed", tenant=tenant.id, error=type(exc).__name__, on_error=spam.on_error
+            )
+            if spam.on_error == "tempfail":
+                raise Unavailable from exc
+            return Result.unscanned(f"rspamd unreachable: {type(exc).__name__}")
+
+    async def learn(self, tenant: TenantSection, raw: bytes, cls: str) -> bool:
+        """Teach rspamd that ``raw`` is ``cls`` ("spam" or "ham"); False if it could not be told."""
+        spam = self.config().spam
+        try:
+            await self._post(spam, f"{_controller_url(spam)}/learn{cls}", raw, [("Deliver-To", tenant.id)])
+        except (httpx.HTTPError, TimeoutError) as exc:
+            metrics.SPAM_CHECK_ERRORS.inc()
+            log.warning("spam.learn_failed", tenant=tenant.id, cls=cls, error=type(exc).__name__)
+            return False
+        metrics.SPAM_LEARNED.labels(tenant.id, cls).inc()
+        return True
+
+    async def _post(self, spam: SpamSection, url: str, raw: bytes, headers: list[tuple[str, str]]) -> bytes:
+        timeout = spam.timeout.total_seconds()
+        async with asyncio.timeout(timeout), self._slots:
+            # bytes, never a buffer: httpx would stream that chunked, which rspamd does not read.
+            content = raw if type(raw) is bytes else bytes(raw)
+            response = await self._client.post(url, content=content, headers=headers, timeout=timeout)
+            response.raise_for_status()
+            return response.content
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
