@@ -47,6 +47,7 @@ from gateway.scheduler import Scheduler
 from gateway.smtp.outbox import Outbox
 from gateway.smtp.server import RelayServer
 from gateway.spam import Filter as SpamFilter
+from gateway.spam import Learner as SpamLearner
 from gateway.tenants import Watcher, apply
 from gateway.tls import server_context
 from storage import instances, queue
@@ -86,6 +87,7 @@ class Daemon:
         self.imap: list[IMAPServer] = []
         self.relay: RelayWorker | None = None
         self.spam: SpamFilter | None = None
+        self.learner: SpamLearner | None = None
         self.scheduler: Scheduler | None = None
         self.metrics: MetricsServer | None = None
         self.admin: AdminServer | None = None
@@ -132,6 +134,7 @@ class Daemon:
         log.info("instance.registered", instance=instance, pid=os.getpid(), released_claims=released)
         changes = Changes()
         self.spam = SpamFilter(self.current_config)  # asked only while [spam] engine is set
+        self.learner = SpamLearner(self.spam, self.db, blobs)
         pipeline = Pipeline(
             self.db, blobs, changes=changes, srs_signer=load_signer(self.config), spam_filter=self.spam
         )
@@ -182,7 +185,7 @@ class Daemon:
                 continue
             server = IMAPServer(
                 self.current_config, self.db, blobs, auth, changes, tls=tls, implicit_tls=implicit, name=name,
-                index=index,
+                index=index, learner=self.learner,
             )  # fmt: skip
             if name in inherited:
                 await server.start_on_socket(inherited.pop(name))
@@ -313,6 +316,8 @@ class Daemon:
                 await task
         if self.relay is not None:
             await self.relay.drain()
+        if self.learner is not None:
+            await self.learner.drain()
         if self.spam is not None:
             await self.spam.aclose()
         if self.lock is not None:

@@ -22,6 +22,9 @@ decides: ``accept`` returns an unscanned result (its header says so) and
 ``tempfail`` raises :class:`Unavailable`, whose SMTP reply is ``451 4.7.1``
 (relay-in) and which makes a pull pass retry later. Nothing is lost either
 way. The pool reconnects by itself: a restarted rspamd is used again at once.
+
+:class:`Learner` teaches rspamd from agents' moves into and out of ``\\Junk``
+(``mailgate_spam_learned_total``), in the background.
 """
 
 from __future__ import annotations
@@ -31,13 +34,18 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import structlog
+from sqlalchemy import select
 
 from gateway import metrics
 from gateway.config import Config, SpamSection, TenantSection, TenantSpamSection
+from storage.blobs import BlobStore
+from storage.db import Database
+from storage.models import Message, SpamVerdict
 
 log = structlog.get_logger(__name__)
 
@@ -275,3 +283,81 @@ class Filter:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class Learner:
+    """Teaches rspamd from agents' moves: into ``\\Junk`` is spam, out of it ham.
+
+    :meth:`teach` returns at once (the IMAP reply never waits); a task reads the
+    messages' blobs and posts them to rspamd's controller, each message at most
+    once per class: the class is claimed in ``spam_verdicts.learned`` (keyed by
+    the message's content, so a copy or a move back shares it) before rspamd is
+    asked, and given back if rspamd could not be told, so a later move retries.
+    """
+
+    def __init__(self, spam: Filter, db: Database, blobs: BlobStore) -> None:
+        self.filter = spam
+        self.db = db
+        self.blobs = blobs
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def teach(self, tenant_id: str, folder_id: int, uids: Sequence[int], cls: str) -> None:
+        """Learn the messages now at ``uids`` of ``folder_id`` as ``cls`` ("spam" or "ham"), later."""
+        tenant = next((t for t in self.filter.config().tenants if t.id == tenant_id), None)
+        if tenant is None or not uids or not self.filter.enabled(tenant):
+            return
+        task = asyncio.create_task(self._teach(tenant, folder_id, list(uids), cls), name="spam-learn")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _teach(self, tenant: TenantSection, folder_id: int, uids: list[int], cls: str) -> None:
+        try:
+            async with self.db.read() as s:
+                blobs = set(
+                    (
+                        await s.scalars(
+                            select(Message.blob).where(Message.folder_id == folder_id, Message.uid.in_(uids))
+                        )
+                    ).all()
+                )
+            for blob in sorted(blobs):
+                if not await self._claim(tenant.id, blob, cls):
+                    continue
+                if not await self.filter.learn(tenant, await self.blobs.get(blob), cls):
+                    await self._unclaim(tenant.id, blob, cls)
+        except Exception:
+            log.exception("spam.learn_task_failed", tenant=tenant.id, cls=cls)
+
+    async def _claim(self, tenant_id: str, blob: str, cls: str) -> bool:
+        """Mark ``blob`` learned as ``cls``; False if it already was."""
+        async with self.db.write() as s:
+            row = await s.get(SpamVerdict, (tenant_id, blob))
+            if row is None:
+                s.add(
+                    SpamVerdict(
+                        tenant_id=tenant_id,
+                        blob=blob,
+                        score=None,
+                        action="",
+                        reason="",
+                        learned=cls,
+                        created_at=datetime.now(UTC),
+                    )
+                )
+                return True
+            learned = set(filter(None, row.learned.split(",")))
+            if cls in learned:
+                return False
+            row.learned = ",".join(sorted({*learned, cls}))
+            return True
+
+    async def _unclaim(self, tenant_id: str, blob: str, cls: str) -> None:
+        async with self.db.write() as s:
+            row = await s.get(SpamVerdict, (tenant_id, blob))
+            if row is not None:
+                row.learned = ",".join(sorted(set(filter(None, row.learned.split(","))) - {cls}))
+
+    async def drain(self, grace: float = 10.0) -> None:
+        """Wait for the learns in flight (at shutdown), up to ``grace`` seconds."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)

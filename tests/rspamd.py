@@ -191,16 +191,9 @@ class Rspamd:
         return data
 
     def learned(self) -> int:
-        """Messages learned so far, spam and ham together (``stat``'s ``learned``)."""
+        """Messages learned so far, spam and ham together (``stat``'s ``learned``; the
+        per-statfile counts come from Redis only every minute or so)."""
         return int(str(self.stat().get("learned", 0)))
-
-    def statfile_learns(self) -> dict[str, int]:
-        """Learns per statfile symbol: ``{"BAYES_SPAM": n, "BAYES_HAM": m}``."""
-        out: dict[str, int] = {}
-        for st in self.stat().get("statfiles", []) or []:  # type: ignore[union-attr]
-            if isinstance(st, dict):
-                out[str(st.get("symbol"))] = int(st.get("revision", 0))
-        return out
 
 
 def _start(learning: bool) -> Iterator[Rspamd]:

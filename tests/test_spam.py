@@ -12,6 +12,7 @@ again without restarting anything.
 from __future__ import annotations
 
 import asyncio
+import imaplib
 import smtplib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,13 +22,16 @@ import pytest
 from sqlalchemy import select
 
 from gateway import metrics
+from gateway.auth import Authenticator
 from gateway.config import Config, TenantSpamSection, parse_config
 from gateway.daemon import open_store
-from gateway.ingest import Pipeline
+from gateway.imap.server import IMAPServer
+from gateway.ingest import Delivery, Pipeline
 from gateway.message import parse_headers
+from gateway.notify import Changes
 from gateway.pull.puller import FolderPuller, HostLimits, jobs
 from gateway.smtp.server import RelayServer
-from gateway.spam import Filter, Result
+from gateway.spam import Filter, Learner, Result
 from storage import mailstore
 from storage.blobs import BlobStore
 from storage.db import Database
@@ -239,3 +243,99 @@ def test_tenant_thresholds_override_rspamds_actions() -> None:
         "451 4.7.1 Try again later"
     )
     assert Result.unscanned("x").refusal(TenantSpamSection()) is None
+
+
+# -------------------------------------------------------------------- learning from agents' moves
+
+AGENT_PASSWORD = "agent-password"
+
+
+def words(n: int) -> str:
+    """A body of distinct words per message, enough tokens for rspamd's Bayes."""
+    return " ".join(f"word{n}x{i} offer{i * n} item{n}y{i}" for i in range(30))
+
+
+@pytest.fixture
+async def imap_env(
+    tmp_path: Path, db_url: str, rspamd: Rspamd
+) -> AsyncIterator[tuple[Env, IMAPServer, Learner]]:
+    from argon2 import PasswordHasher
+
+    data = config_dict(tmp_path, db_url)
+    data["tenants"][0]["agents"] = [
+        {
+            "login": "anna@acme.test",
+            "password_hash": PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(
+                AGENT_PASSWORD
+            ),
+        }
+    ]
+    data["spam"] = {"engine": "rspamd", "url": rspamd.url, "controller_url": rspamd.controller}
+    config = parse_config(data)
+    db, blobs = await open_store(config)
+    e = Env(config, db, blobs)
+    learner = Learner(e.filter, db, blobs)
+    changes = Changes()
+    server = IMAPServer(
+        lambda: e.config, db, blobs, Authenticator(lambda: e.config, db), changes, learner=learner
+    )
+    await server.start("127.0.0.1", 0)
+    yield e, server, learner
+    await server.stop()
+    await learner.drain()
+    await e.filter.aclose()
+    await db.close()
+
+
+def move_all(port: int, source: str, target: str) -> str:
+    c = imaplib.IMAP4("127.0.0.1", port, timeout=30)
+    try:
+        c.login("anna@acme.test", AGENT_PASSWORD)
+        c.select(source)
+        typ, data = c.uid("MOVE", "1:*", target)
+        assert typ == "OK", data
+        return (data[-1] or b"").decode()
+    finally:
+        c.logout()
+
+
+async def wait_learned(rspamd: Rspamd, expected: int) -> int:
+    """rspamd's ``stat`` count of learned messages, once it reaches ``expected`` (or after 30 s)."""
+    for _ in range(300):
+        if (learned := await asyncio.to_thread(rspamd.learned)) >= expected:
+            return learned
+        await asyncio.sleep(0.1)
+    return await asyncio.to_thread(rspamd.learned)
+
+
+async def test_agents_moves_teach_spam_and_ham_once_per_direction(
+    imap_env: tuple[Env, IMAPServer, Learner], rspamd: Rspamd
+) -> None:
+    env, server, learner = imap_env
+    tenant = env.config.tenant("acme")
+    for n in range(20):
+        raw = message(f"learn {n}", words(n), mid=f"learn{n}")
+        await env.pipeline.deliver(tenant, raw, Delivery(source="smtp"))
+    before = await asyncio.to_thread(rspamd.learned)
+    spam0 = metrics.SPAM_LEARNED.labels("acme", "spam")._value.get()
+    ham0 = metrics.SPAM_LEARNED.labels("acme", "ham")._value.get()
+
+    await asyncio.to_thread(move_all, server.port, "INBOX", "Spam")
+    await learner.drain()
+    assert await wait_learned(rspamd, before + 20) == before + 20
+    assert metrics.SPAM_LEARNED.labels("acme", "spam")._value.get() == spam0 + 20
+
+    await asyncio.to_thread(move_all, server.port, "Spam", "INBOX")
+    await learner.drain()
+    assert await wait_learned(rspamd, before + 40) == before + 40
+    assert metrics.SPAM_LEARNED.labels("acme", "ham")._value.get() == ham0 + 20
+
+    # Back and forth again: each message was taught both classes already.
+    await asyncio.to_thread(move_all, server.port, "INBOX", "Spam")
+    await asyncio.to_thread(move_all, server.port, "Spam", "INBOX")
+    await learner.drain()
+    assert metrics.SPAM_LEARNED.labels("acme", "spam")._value.get() == spam0 + 20
+    assert metrics.SPAM_LEARNED.labels("acme", "ham")._value.get() == ham0 + 20
+    assert await asyncio.to_thread(rspamd.learned) == before + 40
+    learned = {v.learned for v in await env.verdicts()}
+    assert learned == {"ham,spam"}

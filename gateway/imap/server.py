@@ -61,6 +61,7 @@ from gateway.imap.parser import (
 )
 from gateway.imap.session import APPEND_LIMIT, Session, State
 from gateway.notify import Changes
+from gateway.spam import Learner
 from storage.blobs import BlobStore
 from storage.db import Database
 
@@ -254,8 +255,10 @@ class IMAPServer:
         implicit_tls: bool = False,
         name: str = "imap",
         index: FolderIndex | None = None,
+        learner: Learner | None = None,
     ) -> None:
         self.config = config
+        self.learner = learner
         self.db = db
         self.blobs = blobs
         self.auth = auth
@@ -323,6 +326,7 @@ class IMAPServer:
             starttls_available=self.tls is not None and not self.implicit_tls,
             loopback=is_loopback(host),
             listener=self.name,
+            learner=self.learner,
         )
         client = _Client(host, session, writer, self.gate)
         if not self.gate.admit(client):

@@ -64,6 +64,7 @@ from gateway.imap.wildcard import Matcher
 from gateway.ingest import describe
 from gateway.message import Headers, parse_headers
 from gateway.notify import Changes
+from gateway.spam import Learner
 from storage import events, mailstore
 from storage.blobs import BlobStore
 from storage.db import Database
@@ -149,8 +150,10 @@ class Session:
         starttls_available: bool,
         loopback: bool,
         listener: str = "imap",
+        learner: Learner | None = None,
     ) -> None:
         self.config = config
+        self.learner = learner  # agents' moves into and out of \\Junk teach the spam filter
         self.db = db
         self.blobs = blobs
         self.auth = auth
@@ -1332,6 +1335,10 @@ class Session:
         self.changes.publish([view.folder_id, target.id])
         if not pairs:
             return f"{cmd.name} completed (nothing matched)"
+        into_junk = target.special_use == quotas.JUNK
+        if self.learner is not None and (source.special_use == quotas.JUNK) != into_junk:
+            cls = "spam" if into_junk else "ham"
+            self.learner.teach(self.tenant_id, target.id, [st.uid for _, st in pairs], cls)
         code = b"COPYUID %d %s %s" % (
             target.uidvalidity,
             _seqset([src for src, _ in pairs]),
