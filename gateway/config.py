@@ -866,11 +866,21 @@ class AuthLimits(_Model):
     cache_size: int = Field(10_000, ge=0)  # logins remembered at most
 
 
+class OutboundLimits(_Model):
+    """Submissions per sliding hour (an abused login); 0 = no limit. 450 4.7.1 beyond."""
+
+    agent_messages_per_hour: int = Field(300, ge=0)
+    agent_recipients_per_hour: int = Field(1500, ge=0)
+    tenant_messages_per_hour: int = Field(1500, ge=0)
+    tenant_recipients_per_hour: int = Field(6000, ge=0)
+
+
 class LimitsSection(_Model):
     smtp: SMTPLimits = SMTPLimits()
     imap: IMAPLimits = IMAPLimits()
     http: HTTPLimits = HTTPLimits()
     auth: AuthLimits = AuthLimits()
+    outbound: OutboundLimits = OutboundLimits()
 
 
 class Config(_Model):

@@ -22,6 +22,7 @@ import contextlib
 import os
 import signal
 import ssl
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from gateway.oauth2 import Tokens
 from gateway.pull.manager import PullManager
 from gateway.relay.worker import RelayWorker
 from gateway.scheduler import Scheduler
+from gateway.smtp.hourly import HourlyLimits
 from gateway.smtp.outbox import Outbox
 from gateway.smtp.server import RelayServer
 from gateway.spam import Filter as SpamFilter
@@ -154,7 +156,8 @@ class Daemon:
         ]
         if not self.db.is_sqlite:  # the other instances' writes reach this one's sessions and index
             self._tasks.append(asyncio.create_task(ClusterNotices(self.db.url, changes).run(), name="notify"))
-        outbox = Outbox(self.db, blobs, changes, self.relay.wake.set)
+        hourly = HourlyLimits(lambda: self.config.limits.outbound, time.monotonic)
+        outbox = Outbox(self.db, blobs, changes, self.relay.wake.set, hourly=hourly)
         for name, submission, implicit in (
             ("smtp", False, False),
             ("submission", True, False),

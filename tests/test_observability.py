@@ -59,6 +59,7 @@ ALERT_NAMES = {
     "MailgateTenantReadOnly",
     "MailgateOAuth2TokenFailing",
     "MailgateSpamFilterFailing",
+    "MailgateOutboundLimited",
 }
 # The dashboard shows each of these (the contract metrics of DESIGN.md section 6).
 DASHBOARD_METRICS = {

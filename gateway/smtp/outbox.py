@@ -61,6 +61,7 @@ from gateway.message import Headers, parse_headers
 from gateway.notify import Changes
 from gateway.plans import standing
 from gateway.smtp import policy
+from gateway.smtp.hourly import HourlyLimits
 from storage import events, mailstore, queue
 from storage.blobs import BlobStore
 from storage.db import Database
@@ -97,8 +98,10 @@ class Outbox:
         changes: Changes,
         wake: Callable[[], None],
         clock: Callable[[], datetime] | None = None,
+        hourly: HourlyLimits | None = None,
     ) -> None:
         self.db = db
+        self.hourly = hourly  # [limits.outbound]: per agent and tenant, per hour
         self.blobs = blobs
         self.changes = changes
         self.wake = wake
@@ -113,7 +116,36 @@ class Outbox:
         data: bytes,
         queue_id: str | None = None,
     ) -> Submitted:
-        """Check, queue and file one message, as ``queue_id`` if that id is unused (else a fresh one)."""
+        """Check, queue and file one message, as ``queue_id`` if that id is unused (else a fresh one).
+
+        First the hourly limits (:mod:`gateway.smtp.hourly`): a message that is then not
+        queued after all gives its place back.
+        """
+        agent = identity.login if identity is not None else ""
+        reserved = self.hourly.reserve(tenant.id, agent, len(recipients)) if self.hourly else None
+        if isinstance(reserved, str):
+            metrics.OUTBOUND_LIMITED.labels(tenant.id, agent).inc()
+            log.warning("outbox.hourly_limit", tenant=tenant.id, agent=agent or None, reply=reserved)
+            return Submitted(reserved)
+        try:
+            submitted = await self._submit(tenant, identity, mail_from, recipients, data, queue_id)
+        except BaseException:
+            if self.hourly is not None and reserved is not None:
+                self.hourly.release(reserved)
+            raise
+        if submitted.queue_id is None and self.hourly is not None and reserved is not None:
+            self.hourly.release(reserved)
+        return submitted
+
+    async def _submit(
+        self,
+        tenant: TenantSection,
+        identity: Identity | None,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        queue_id: str | None,
+    ) -> Submitted:
         queue_id = queue_id or queue.new_id()
         where = standing(tenant)
         if not where.writable:
