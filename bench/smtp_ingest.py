@@ -18,6 +18,11 @@ acknowledged, or mailgate does not exit 0 on SIGTERM. Everything stays on
 
 With a PostgreSQL URL the named database is created (it must not exist) and
 dropped at the end.
+
+With ``--rspamd`` a private rspamd (tests/rspamd.py: Debian's rspamd from a
+temporary configuration on loopback ports) is started and mailgate runs twice,
+without and then with ``[spam] engine = "rspamd"``; both rows are printed with
+the time spam filtering adds.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 MAILGATE = ROOT / ".venv" / "bin" / "mailgate"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -173,10 +180,11 @@ def pg_database(url: str) -> str:
 # --------------------------------------------------------------------------- mailgate
 
 
-def write_config(tmp: Path, port: int, database_url: str) -> Path:
+def write_config(tmp: Path, port: int, database_url: str, spam_url: str = "") -> Path:
     config = tmp / "mailgate.toml"
+    spam = f'[spam]\nengine = "rspamd"\nurl = "{spam_url}"\non_error = "tempfail"\n' if spam_url else ""
     config.write_text(
-        "[gateway]\n"
+        spam + "[gateway]\n"
         'hostname = "bench.test"\n'
         f"data_dir = {json.dumps(str(tmp / 'var'))}\n"
         f"database_url = {json.dumps(database_url)}\n"
@@ -226,11 +234,11 @@ class MailgateRun:
     error: str = ""  # smtp-source's complaint, if it failed
 
 
-def bench_mailgate(args: argparse.Namespace, tmp: Path) -> MailgateRun:
+def bench_mailgate(args: argparse.Namespace, tmp: Path, spam_url: str = "") -> MailgateRun:
     """Start mailgate in ``tmp``, send the messages, stop it, count what it stored."""
     run = MailgateRun()
     port = free_port()
-    config = write_config(tmp, port, args.database_url)
+    config = write_config(tmp, port, args.database_url, spam_url)
     log = tmp / "mailgate.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -270,6 +278,9 @@ def main() -> int:
         help="default: embedded SQLite; or postgresql+asyncpg://postgres@127.0.0.1:5432/SCRATCH_DB",
     )
     p.add_argument("--timeout", type=float, default=900.0, help="limit per smtp-source run, seconds")
+    p.add_argument(
+        "--rspamd", action="store_true", help="run mailgate again with a private rspamd as its filter"
+    )
     args = p.parse_args()
     if args.messages < 1 or args.connections < 1 or args.size < 1:
         p.error("--messages, --connections and --size must be positive")
@@ -285,29 +296,55 @@ def main() -> int:
     try:
         dbname = pg_database(args.database_url) if pg else ""
         sink_s = bench_sink(args)
-        with tempfile.TemporaryDirectory(prefix="mailgate-bench-") as tmpdir:
-            if pg:
-                _psql(args.database_url, f"CREATE DATABASE {dbname}")
-            try:
-                run = bench_mailgate(args, Path(tmpdir))
-            finally:
-                if pg:
-                    _psql(args.database_url, f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
-    except BenchError as exc:
+        runs = {"mailgate": run_once(args, pg, dbname, "")}
+        if args.rspamd:
+            from tests.rspamd import Rspamd
+
+            with tempfile.TemporaryDirectory(prefix="mailgate-bench-rspamd-", dir="/tmp") as root:
+                Path(root).chmod(0o755)
+                rspamd = Rspamd(Path(root), learning=False)
+                try:
+                    rspamd.start()
+                    runs["+ rspamd"] = run_once(args, pg, dbname, rspamd.url)
+                finally:
+                    rspamd.close()
+    except (BenchError, RuntimeError) as exc:
         print(f"smtp_ingest: error: {exc}", file=sys.stderr)
         return 1
 
-    sink_rate, mg_rate = args.messages / sink_s, run.acked / run.seconds  # acked == N unless it failed
+    sink_rate = args.messages / sink_s
     backend = "PostgreSQL" if pg else "SQLite"
     print(f"{'peer':<12}{'msgs/s':>9}{'seconds':>10}")
     print(f"{'smtp-sink':<12}{sink_rate:>9.0f}{sink_s:>10.2f}")
-    print(
-        f"{'mailgate':<12}{mg_rate:>9.0f}{run.seconds:>10.2f}   (stored: {run.stored}/{run.acked}, {backend})"
-    )
-    print(f"ratio mailgate/smtp-sink: {mg_rate / sink_rate:.3f}")
+    for name, run in runs.items():
+        mg_rate = run.acked / run.seconds  # acked == N unless it failed
+        stored = f"(stored: {run.stored}/{run.acked}, {backend})"
+        print(f"{name:<12}{mg_rate:>9.0f}{run.seconds:>10.2f}   {stored}")
+    run = runs["mailgate"]
+    print(f"ratio mailgate/smtp-sink: {run.acked / run.seconds / sink_rate:.3f}")
+    if "+ rspamd" in runs:
+        spam = runs["+ rspamd"]
+        print(f"spam filtering adds: {100 * (spam.seconds / run.seconds - 1):+.0f}% to mailgate's time")
     rss = f"{run.rss_kib / 1024:.0f} MiB (VmHWM)" if run.rss_kib else "unknown (mailgate died during the run)"
     print(f"mailgate peak RSS: {rss}")
     print(f"mailgate CPU while sending: {run.cpu:.1f} s ({100 * run.cpu / run.seconds:.0f}% of one core)")
+    return 1 if any(failed_run(r) for r in runs.values()) else 0
+
+
+def run_once(args: argparse.Namespace, pg: bool, dbname: str, spam_url: str) -> MailgateRun:
+    """One mailgate run in a fresh data directory (and scratch PostgreSQL database)."""
+    with tempfile.TemporaryDirectory(prefix="mailgate-bench-") as tmpdir:
+        if pg:
+            _psql(args.database_url, f"CREATE DATABASE {dbname}")
+        try:
+            return bench_mailgate(args, Path(tmpdir), spam_url)
+        finally:
+            if pg:
+                _psql(args.database_url, f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+
+
+def failed_run(run: MailgateRun) -> bool:
+    """Report what went wrong in ``run``; True if anything did."""
     failed = False
     if run.error:
         print(f"smtp_ingest: FAIL: against mailgate: {run.error}", file=sys.stderr)
@@ -320,7 +357,7 @@ def main() -> int:
     if run.status != 0:
         print(f"smtp_ingest: FAIL: mailgate exited {run.status}, not 0, after SIGTERM", file=sys.stderr)
         failed = True
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":
