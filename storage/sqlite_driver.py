@@ -24,16 +24,24 @@ writers hold it from ``BEGIN IMMEDIATE`` on, so the statements in between
 never sleep on ``busy_timeout``. Large scans are bounded by their callers
 (batches, ``LIMIT``), as their rows' Python processing on the loop already is.
 
-One connection is used by one task at a time (SQLAlchemy's pool and its
-per-connection lock), so the thread that commits never races the loop.
+Each connection has a thread of its own for its waits, as aiosqlite does: a
+shared pool could fill with writers waiting for the lock while the holder's
+``COMMIT`` queues behind them (eight databases on one file in one process
+did that: every waiter timed out). One connection is used by one task at a
+time (SQLAlchemy's pool and its per-connection lock), so its thread never
+races the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
-from collections.abc import Iterable, Sequence
-from typing import Any, Self
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Self, TypeVar
+
+T = TypeVar("T")
 
 # Statements that can sleep (on a lock or a disk flush) rather than compute: run on a thread.
 _WAITING = ("BEGIN IMMEDIATE", "BEGIN EXCLUSIVE", "COMMIT", "END", "VACUUM", "PRAGMA WAL_CHECKPOINT")
@@ -59,7 +67,7 @@ class Cursor:
     async def execute(self, sql: str, parameters: Any = ()) -> Self:
         waits = _waits(sql)
         if waits:
-            await asyncio.to_thread(self._cursor.execute, sql, parameters)
+            await self._connection.waiting(self._cursor.execute, sql, parameters)
         else:
             self._cursor.execute(sql, parameters)
         if sql.lstrip()[:5].upper() == "BEGIN":
@@ -110,11 +118,16 @@ class Connection:
     control to the caller (``isolation_level`` None: the engine emits ``BEGIN`` itself).
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, thread: ThreadPoolExecutor) -> None:
         self._conn = conn
+        self._thread = thread  # this connection's waits, one at a time
         self._connection: sqlite3.Connection | None = conn
         self._reading = False  # the open transaction began deferred (a reader's)
         self._changes = 0  # rows changed through this connection when it began
+
+    async def waiting(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on this connection's own thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, functools.partial(fn, *args))
 
     def began(self, *, reading: bool) -> None:
         self._reading = reading
@@ -136,7 +149,7 @@ class Connection:
         if self._reading and self._conn.total_changes == self._changes:
             self._conn.commit()  # nothing to flush
         else:
-            await asyncio.to_thread(self._conn.commit)
+            await self.waiting(self._conn.commit)
 
     async def rollback(self) -> None:
         self._conn.rollback()
@@ -147,20 +160,30 @@ class Connection:
     async def close(self) -> None:
         if self._connection is not None:
             self._connection = None
-            await asyncio.to_thread(self._conn.close)
+            try:
+                await self.waiting(self._conn.close)
+            finally:
+                self._thread.shutdown(wait=False)
 
     def stop(self) -> None:
         """Close at once (SQLAlchemy's terminate, when a graceful close is impossible)."""
         if self._connection is not None:
             self._connection = None
             self._conn.close()
+            self._thread.shutdown(wait=False)
 
 
 async def connect(database: str) -> Connection:
     """Open ``database`` (a path or ``:memory:``) without a transaction of the driver's own."""
 
     def opened() -> sqlite3.Connection:
-        # check_same_thread: the commit and the close run on a worker thread (never at the same time).
+        # check_same_thread: the waits run on the connection's thread (never at the same time as the loop).
         return sqlite3.connect(database, isolation_level=None, check_same_thread=False)
 
-    return Connection(await asyncio.to_thread(opened))
+    thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+    try:
+        conn = await asyncio.get_running_loop().run_in_executor(thread, opened)
+    except BaseException:
+        thread.shutdown(wait=False)
+        raise
+    return Connection(conn, thread)

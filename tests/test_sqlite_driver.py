@@ -119,3 +119,32 @@ async def test_a_failing_statement_raises_and_the_connection_stays_usable(db: Da
             await s.execute(text("SELECT * FROM no_such_table"))
     async with db.read() as s:
         assert await s.scalar(text("SELECT 1")) == 1
+
+
+async def test_writers_of_eight_databases_on_one_file_never_starve_the_holders_commit(
+    db: Database, tmp_path: Path
+) -> None:
+    """Regression (CI 2026-12-04, test_no_two_holders_under_concurrent_acquire[sqlite]): the waits ran
+    on the loop's shared thread pool (6 threads here), eight writers waiting for the lock filled it,
+    and the holder's COMMIT queued behind them until every wait timed out ("database is locked").
+    Each connection now waits on a thread of its own."""
+    others = [Database(db.url) for _ in range(7)]
+
+    def bump(s):  # type: ignore[no-untyped-def]
+        return s.execute(
+            update(Folder).where(Folder.name == "INBOX").values(uidvalidity=Folder.uidvalidity + 1)
+        )
+
+    async def writes(database: Database) -> None:
+        for _ in range(5):
+            await database.grouped(bump)
+
+    try:
+        async with db.read() as s:
+            before = await s.scalar(select(Folder.uidvalidity).where(Folder.name == "INBOX"))
+        await asyncio.wait_for(asyncio.gather(*(writes(d) for d in [db, *others])), 60)
+        async with db.read() as s:
+            assert await s.scalar(select(Folder.uidvalidity).where(Folder.name == "INBOX")) == before + 40
+    finally:
+        for other in others:
+            await other.close()
