@@ -695,6 +695,11 @@ class TenantSection(_Model):
     suspended: bool = False  # by the operator: read-only until resumed
     seats: int | None = Field(None, ge=0)  # agents that may log in, when bought apart from the plan
     spam: TenantSpamSection = TenantSpamSection()
+    # Internal notes (gateway.answering): mail an agent sends here is filed in the conversation,
+    # never relayed. None: notes@ the first domain.
+    notes_address: Address | None = None
+    # An agent's saved draft reply marks the customer message ($Answering) for at most this long.
+    answering_expiry: Duration = Field(timedelta(hours=2), ge=timedelta(minutes=1))
 
     _ruleset: RuleSet = PrivateAttr()
     _plan: PlanSection | None = PrivateAttr(default=None)
@@ -704,6 +709,8 @@ class TenantSection(_Model):
         for i, addr in enumerate(self.addresses):
             if addr.rpartition("@")[2] not in self.domains:
                 raise _error_at(("addresses", i), f"address {addr!r} is not in the tenant's domains")
+        if self.notes_address is not None and self.notes_address.rpartition("@")[2] not in self.domains:
+            raise _error_at(("notes_address",), f"{self.notes_address!r} is not in the tenant's domains")
         names = [f.name for f in self.folders]
         if len(set(names)) != len(names):
             raise ValueError("folder names must be unique")
@@ -736,6 +743,11 @@ class TenantSection(_Model):
         if self.quota is not None:
             return self.quota
         return self._plan.quota if self._plan is not None else None
+
+    @property
+    def effective_notes_address(self) -> str:
+        """Where agents send internal notes: ``notes_address``, else notes@ the first domain."""
+        return self.notes_address or f"notes@{self.domains[0]}"
 
     def agent(self, login: str) -> AgentSection | None:
         """The agent with this login (lower case), if the tenant has one."""

@@ -31,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import systemd
 from gateway.admin.api import AdminServer, Context, build_app
+from gateway.answering import Sweeper
 from gateway.auth import Authenticator
 from gateway.blobs import open_blobs
 from gateway.config import Config, ConfigError, load_config
@@ -153,6 +154,8 @@ class Daemon:
             asyncio.create_task(self.scheduler.run(), name="scheduler"),
             asyncio.create_task(self._instance_heartbeat(self.lock), name="instance"),
             asyncio.create_task(self.catalog.run(), name="catalog"),
+            # Ends the "answering" marks of deleted and abandoned drafts.
+            asyncio.create_task(Sweeper(self.current_config, self.db, changes).run(), name="answering"),
         ]
         if not self.db.is_sqlite:  # the other instances' writes reach this one's sessions and index
             self._tasks.append(asyncio.create_task(ClusterNotices(self.db.url, changes).run(), name="notify"))

@@ -489,3 +489,26 @@ class SpamVerdict(Base):
     reason: Mapped[str] = mapped_column(String(255))  # why it went to Junk; "" when it did not
     learned: Mapped[str] = mapped_column(String(16), default="")  # "spam" / "ham": last class taught
     created_at: Mapped[datetime] = mapped_column()
+
+
+class AnsweringMark(Base):
+    """An agent's saved draft replying to a customer message (gateway.answering): while it lasts, the
+    message carries ``$Answering`` and the agent's ``$Answering<Name>`` keywords.
+
+    The draft is named by folder and UID (never reused), not by a foreign key: a row whose draft
+    was expunged is found by the sweep, which then takes the marks off.
+    """
+
+    __tablename__ = "answering_marks"
+    __table_args__ = (
+        Index("ix_answering_marks_tenant_id_target", "tenant_id", "target"),
+        Index("ix_answering_marks_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    agent_id: Mapped[int] = mapped_column(ForeignKey("agents.id", ondelete="CASCADE"))
+    target: Mapped[str] = mapped_column(Text)  # the customer message's Message-ID
+    draft_folder_id: Mapped[int] = mapped_column(ForeignKey("folders.id", ondelete="CASCADE"))
+    draft_uid: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column()

@@ -52,7 +52,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import quotas
-from gateway import plans
+from gateway import answering, plans
 from gateway.auth import Authenticator, AuthUnavailable, Identity
 from gateway.config import Config
 from gateway.imap import commands as c
@@ -755,6 +755,8 @@ class Session:
 
         folder, stored = await self.db.grouped(append)
         self.changes.publish([folder.id])
+        tenant, drafts = self.config().tenant(self.tenant_id), [h for _, h in forms]
+        await answering.drafted(self.db, self.changes, tenant, self.me, folder, stored, drafts, now)
         uids = f"{stored[0].uid}:{stored[-1].uid}" if len(stored) > 1 else str(stored[0].uid)
         return f"[APPENDUID {folder.uidvalidity} {uids}] APPEND completed"
 
@@ -1180,7 +1182,9 @@ class Session:
                     select(Message.id).where(Message.folder_id == folder.id, Message.uid.in_(uids))
                 )
             ).all()
-            await events.record_reads(s, self.tenant_id, self.me.agent_id, ids, datetime.now(UTC))
+            now, tenant = datetime.now(UTC), self.config().tenant(self.tenant_id)
+            await events.record_reads(s, self.tenant_id, self.me.agent_id, ids, now)
+            await answering.opened(s, tenant, self.me, folder.id, uids, now)  # a colleague's draft: a warning
             return changed
 
         changed = await self.db.grouped(mark)

@@ -17,7 +17,9 @@ transaction's log lines already carry, unless (very rarely) another message
 once had it.
 
 The customer message a reply answers is the most recent stored message of
-the tenant (outside ``\\Sent``) named in its In-Reply-To or References. It is
+the tenant (outside ``\\Sent`` and ``\\Drafts``) named in its In-Reply-To or
+References (:func:`gateway.answering.find_original`); its copies in every
+folder get ``\\Answered`` and the agent's ``$AnsweredBy<Name>``. It is
 a collision when another agent answered that very message first, or has the
 first reply to it in the queue: a newer customer message in the thread is a
 new message to answer, so replying to it never collides. A collision
@@ -52,7 +54,8 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import quotas
-from gateway import metrics
+from gateway import answering, metrics
+from gateway.answering import Original
 from gateway.auth import Identity
 from gateway.config import TenantSection
 from gateway.footer import add_footer
@@ -65,7 +68,7 @@ from gateway.smtp.hourly import HourlyLimits
 from storage import events, mailstore, queue
 from storage.blobs import BlobStore
 from storage.db import Database
-from storage.models import Agent, Event, Folder, Message, Outbound, OutboundLog, Tenant
+from storage.models import Agent, Event, Message, Outbound, OutboundLog, Tenant
 
 log = structlog.get_logger(__name__)
 
@@ -76,16 +79,6 @@ class Submitted:
 
     reply: str
     queue_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Original:
-    """The customer message a reply answers."""
-
-    id: int
-    folder_id: int
-    uid: int
-    received_at: datetime
 
 
 class Outbox:
@@ -224,11 +217,10 @@ class Outbox:
                 except quotas.QuotaExceeded as exc:
                     logger.warning("outbox.sent_copy_over_quota", reason=str(exc))
                 await mailstore.append(s, sent, [sent_copy])
+            marked: set[int] = set()
             if identity is not None and original is not None:
-                await self._answered(s, tenant.id, identity, original, now)
-        self.changes.publish(
-            [f for f in (sent.id if sent else None, original.folder_id if original else None) if f]
-        )
+                marked = await self._answered(s, tenant, identity, original, now)
+        self.changes.publish({*marked, *([sent.id] if sent else [])})
         self.wake()
         logger.info(
             "outbox.queued",
@@ -259,24 +251,8 @@ class Outbox:
         return limit if (sent or 0) >= limit else None
 
     async def _original(self, tenant_id: str, headers: Headers) -> Original | None:
-        ids = [*headers.in_reply_to, *headers.references]
-        if not ids:
-            return None
         async with self.db.read() as s:
-            row = (
-                await s.execute(
-                    select(Message.id, Message.folder_id, Message.uid, Message.received_at)
-                    .join(Folder, Folder.id == Message.folder_id)
-                    .where(
-                        Message.tenant_id == tenant_id,
-                        Message.message_id.in_(ids),
-                        Folder.special_use.is_distinct_from("\\Sent"),
-                    )
-                    .order_by(Message.received_at.desc(), Message.id.desc())
-                    .limit(1)
-                )
-            ).first()
-        return Original(*row) if row is not None else None
+            return await answering.find_original(s, tenant_id, headers)
 
     async def _collision(
         self, s: AsyncSession, identity: Identity, original: Original
@@ -314,14 +290,17 @@ class Outbox:
     async def _answered(
         self,
         s: AsyncSession,
-        tenant_id: str,
+        tenant: TenantSection,
         identity: Identity,
         original: Original,
         now: datetime,
-    ) -> None:
+    ) -> set[int]:
+        """Record the answer; ``\\Answered`` and the agent's ``$AnsweredBy<Name>`` on every copy of
+        the customer message, the agent's answering marks ended (:func:`gateway.answering.answered`);
+        the folders changed."""
         s.add(
             Event(
-                tenant_id=tenant_id,
+                tenant_id=tenant.id,
                 agent_id=identity.agent_id,
                 message_id=original.id,
                 kind="answered",
@@ -329,6 +308,4 @@ class Outbox:
                 response_seconds=max(0.0, (now - original.received_at).total_seconds()),
             )
         )
-        folder = await s.get(Folder, original.folder_id)
-        if folder is not None:
-            await mailstore.store_flags(s, folder, [original.uid], ["\\Answered"], "add")
+        return await answering.answered(s, tenant, identity, original.message_id)

@@ -1,0 +1,182 @@
+"""The shared inbox in any mail client (issue #19): "answering" marks from drafts, collision warnings,
+answered-by marks. Real listeners in-process (the submission and IMAP servers), imaplib, smtplib and a
+raw IDLE socket as the clients.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import socket
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from gateway.answering import Sweeper, keyword_name
+from gateway.config import parse_config
+from storage.models import AnsweringMark, Event, Message
+from tests.conftest import config_dict
+from tests.test_relay import HASH, PASSWORD, SENDER, Gateway
+from tests.test_sent_copies import gateway_with_imap, run, submit
+
+pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
+
+CUSTOMER = (
+    b"From: Customer <customer@example.org>\r\nTo: biuro@acme.test\r\nSubject: order 17\r\n"
+    b"Date: Wed, 02 Dec 2026 09:00:00 +0100\r\nMessage-ID: <order-17@example.org>\r\n\r\nWhere is it?\r\n"
+)
+DRAFT = (
+    b"From: Anna <anna@acme.test>\r\nTo: customer@example.org\r\nSubject: Re: order 17\r\n"
+    b"In-Reply-To: <order-17@example.org>\r\nReferences: <order-17@example.org>\r\n"
+    b"Message-ID: <draft-1@acme.test>\r\n\r\nIt ships\r\n"
+)
+REPLY = DRAFT.replace(b"<draft-1@acme.test>", b"<reply-1@acme.test>")
+
+
+def config(tmp_path: Path, db_url: str) -> object:
+    data = config_dict(tmp_path, db_url)
+    data["tenants"][0]["agents"] = [
+        {"login": "anna@acme.test", "name": "Anna Nowak", "password_hash": HASH},
+        {"login": "piotr@acme.test", "name": "Piotr", "password_hash": HASH},
+    ]
+    data["tenants"][0]["smtp"] = {"host": "127.0.0.1", "port": 9, "security": "none", "from": SENDER}
+    return parse_config(data)
+
+
+def client(port: int, login: str) -> imaplib.IMAP4:
+    c = imaplib.IMAP4("127.0.0.1", port, timeout=10)
+    c.login(login, PASSWORD)
+    return c
+
+
+def append(port: int, login: str, folder: str, data: bytes) -> None:
+    c = client(port, login)
+    typ, answer = c.append(folder, "", None, data)
+    assert typ == "OK", answer
+    c.logout()
+
+
+def flags(port: int, folder: str = "INBOX") -> str:
+    c = client(port, "piotr@acme.test")
+    c.select(folder, readonly=True)
+    _typ, data = c.fetch("1", "(FLAGS)")
+    c.logout()
+    return str(data[0])
+
+
+class Idler:
+    """Agent B's raw IMAP session, idling in INBOX."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.buf = b""
+        self.read_until(b"* OK")
+        self.command(b"a1 LOGIN piotr@acme.test " + PASSWORD.encode(), b"a1 OK")
+        self.command(b"a2 SELECT INBOX", b"a2 OK")
+        self.sock.sendall(b"a3 IDLE\r\n")
+        self.read_until(b"+ ")
+
+    def command(self, line: bytes, until: bytes) -> bytes:
+        self.sock.sendall(line + b"\r\n")
+        return self.read_until(until)
+
+    def read_until(self, marker: bytes, seconds: float = 5.0) -> bytes:
+        deadline = time.monotonic() + seconds
+        while marker not in self.buf:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = self.sock.recv(65536)
+            assert chunk, self.buf
+            self.buf += chunk
+        out, _, self.buf = self.buf.partition(marker)
+        rest, _, self.buf = self.buf.partition(b"\r\n")
+        return out + marker + rest
+
+
+def test_keyword_names(tmp_path: Path) -> None:
+    data = config_dict(tmp_path, "")
+    data["tenants"][0]["agents"] = [
+        {"login": "anna@acme.test", "name": "Anna Nowak", "password_hash": HASH},
+        {"login": "ak@acme.test", "name": "Anna Kowalska", "password_hash": HASH},
+        {"login": "lukasz@acme.test", "name": "Łukasz Żółw", "password_hash": HASH},
+        {"login": "jan.k@acme.test", "password_hash": HASH},
+    ]
+    tenant = parse_config(data).tenant("acme")
+    assert keyword_name(tenant, "anna@acme.test") == "AnnaNowak"  # two agents named Anna
+    assert keyword_name(tenant, "ak@acme.test") == "AnnaKowalska"
+    assert keyword_name(tenant, "lukasz@acme.test") == "Lukasz"
+    assert keyword_name(tenant, "jan.k@acme.test") == "Jank"
+
+
+async def collisions(g: Gateway) -> int:
+    async with g.db.read() as s:
+        return int(await s.scalar(select(func.count()).where(Event.kind == "collision")) or 0)
+
+
+async def test_draft_marks_reach_idle_then_the_reply_answered_by(tmp_path: Path, db_url: str) -> None:
+    async with gateway_with_imap(config(tmp_path, db_url)) as (g, port):  # type: ignore[arg-type]
+        await run(append, port, "piotr@acme.test", "INBOX", CUSTOMER)
+        idler = await run(Idler, port)
+        start = time.monotonic()
+        await run(append, port, "anna@acme.test", "Drafts", DRAFT)
+        line = (await run(idler.read_until, b"FETCH", 1.0)).rpartition(b"\r\n")[2]
+        took = time.monotonic() - start
+        assert b"$AnsweringAnna" in line, line
+        assert b"$Answering " in line, line
+        assert took < 1.0
+        # B opens the message (a non-PEEK body fetch): one collision warning, once.
+        await run(idler.command, b"DONE", b"a3 OK")
+        await run(idler.command, b"a4 FETCH 1 BODY[]", b"a4 OK")
+        await run(idler.command, b"a5 FETCH 1 BODY[]", b"a5 OK")
+        assert await collisions(g) == 1
+        # A sends the reply: the marks go, \Answered and A's answered-by come, and B sees them.
+        await run(idler.command, b"a6 IDLE", b"+ ")
+        await run(submit, g.submission.port, "anna@acme.test", REPLY)
+        line = (await run(idler.read_until, b"FETCH", 2.0)).rpartition(b"\r\n")[2]
+        assert b"$AnsweredByAnna" in line, line
+        assert b"\\Answered" in line, line
+        final = await run(flags, port)
+        assert "\\Answered" in final, final
+        assert "$AnsweredByAnna" in final, final
+        assert "$Answering" not in final, final
+        async with g.db.read() as s:
+            assert await s.scalar(select(func.count()).select_from(AnsweringMark)) == 0
+        idler.sock.close()
+
+
+async def test_marks_end_when_the_draft_is_deleted_or_abandoned(tmp_path: Path, db_url: str) -> None:
+    async with gateway_with_imap(config(tmp_path, db_url)) as (g, port):  # type: ignore[arg-type]
+        now = datetime.now(UTC)
+        clock = [now]
+        sweeper = Sweeper(g.current, g.db, g.changes, clock=lambda: clock[0])
+        await run(append, port, "piotr@acme.test", "INBOX", CUSTOMER)
+        await run(append, port, "piotr@acme.test", "Archive", CUSTOMER)  # a copy: marked too
+        await run(append, port, "anna@acme.test", "Drafts", DRAFT)
+        assert "$AnsweringAnna" in await run(flags, port, "Archive")
+        # Abandoned: nothing before the expiry (2 h), everything after it.
+        clock[0] = now + timedelta(hours=1, minutes=59)
+        assert await sweeper.sweep() == 0
+        clock[0] = now + timedelta(hours=2, minutes=1)
+        assert await sweeper.sweep() == 1
+        for folder in ("INBOX", "Archive"):
+            assert "$Answering" not in await run(flags, port, folder)
+        # Deleted: a new draft marks again; expunging it ends the marks at the next sweep.
+        clock[0] = datetime.now(UTC)
+        await run(append, port, "anna@acme.test", "Drafts", DRAFT)
+        assert "$AnsweringAnna" in await run(flags, port)
+
+        def delete_drafts() -> None:
+            c = client(port, "anna@acme.test")
+            c.select("Drafts")
+            c.store("1:*", "+FLAGS", "\\Deleted")
+            c.expunge()
+            c.logout()
+
+        await run(delete_drafts)
+        assert await sweeper.sweep() == 1
+        assert "$Answering" not in await run(flags, port)
+        async with g.db.read() as s:
+            query = select(Message.keywords).where(Message.message_id == "<order-17@example.org>")
+            kw = await s.scalars(query)
+            assert all("$Answering" not in k for k in kw.all())
