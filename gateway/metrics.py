@@ -194,7 +194,7 @@ class DatabaseCollector(Collector):
             ("mailgate_agent_replies", "Replies an agent sent to customer messages", d.replies),
             (
                 "mailgate_agent_collisions",
-                "Customer messages an agent replied to (sent or held) after a colleague",
+                "Customer messages an agent replied to after a colleague, or opened while one was answering",
                 d.collisions,
             ),
         ):
