@@ -31,6 +31,14 @@ folder index and every idling session (in every instance) see it.
   on every copy of the customer message (every folder but ``\\Sent`` and
   ``\\Drafts``) and ends the agent's answering marks on it.
 
+* **Internal notes.** An agent's submission to the tenant's ``notes_address``
+  (:mod:`gateway.smtp.outbox`) is filed by :func:`file_note` in the folder of
+  the conversation it replies to (else INBOX) with ``$Note`` and its subject
+  prefixed ``[Note]`` (:func:`note_form`), never relayed and with no
+  ``\\Sent`` copy; the other recipients of a reply-all get the message without
+  the notes address in the envelope. Relay-in refuses the notes address
+  (:func:`gateway.smtp.policy.route_recipient`, ``550 5.7.1``).
+
 ``<Name>`` (:func:`keyword_name`) is made of the agent's configured ``name``:
 its first word, in ASCII letters only (accents dropped: "Łukasz" gives
 ``Lukasz``), first letter upper case, at most 32 letters. When another agent of
@@ -42,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,6 +73,7 @@ log = structlog.get_logger(__name__)
 
 ANSWERING = "$Answering"
 ANSWERED_BY = "$AnsweredBy"
+NOTE = "$Note"
 NAME_MAX = 32
 SWEEP_EVERY = 60.0  # seconds between sweeps when no \\Drafts folder changes
 _UNMARKED = ("\\Sent", "\\Drafts")  # folders whose messages are never customer messages
@@ -341,3 +351,28 @@ class Sweeper:
             log.info("answering.swept", marks=count, folders=len(changed))
         self.changes.publish(changed)
         return count
+
+
+_SUBJECT = re.compile(rb"(?im)^subject:[ \t]*")
+
+
+def note_form(raw: bytes, headers: Headers) -> bytes:
+    """An internal note as stored: its subject prefixed ``[Note]`` (once)."""
+    head, body = raw[: headers.body_offset], raw[headers.body_offset :]
+    if (headers.get("Subject") or "").startswith("[Note]"):
+        return raw
+    match = _SUBJECT.search(head)
+    if match is None:
+        return b"Subject: [Note]\r\n" + raw
+    return head[: match.end()] + b"[Note] " + head[match.end() :] + body
+
+
+async def file_note(s: AsyncSession, tenant_id: str, headers: Headers, note: mailstore.NewMessage) -> int:
+    """Store an agent's internal note in the folder of the conversation it replies to (else INBOX),
+    with ``$Note``; the folder's id."""
+    original = await find_original(s, tenant_id, headers)
+    folder = await s.get(Folder, original.folder_id) if original is not None else None
+    if folder is None:
+        folder = await mailstore.require_folder(s, tenant_id, mailstore.INBOX)
+    await mailstore.append(s, folder, [note])
+    return folder.id

@@ -6,6 +6,7 @@ raw IDLE socket as the clients.
 from __future__ import annotations
 
 import imaplib
+import smtplib
 import socket
 import time
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,7 @@ from gateway.answering import Sweeper, keyword_name
 from gateway.config import parse_config
 from storage.models import AnsweringMark, Event, Message
 from tests.conftest import config_dict
-from tests.test_relay import HASH, PASSWORD, SENDER, Gateway
+from tests.test_relay import HASH, PASSWORD, SENDER, Gateway, asend
 from tests.test_sent_copies import gateway_with_imap, run, submit
 
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
@@ -180,3 +181,59 @@ async def test_marks_end_when_the_draft_is_deleted_or_abandoned(tmp_path: Path, 
             query = select(Message.keywords).where(Message.message_id == "<order-17@example.org>")
             kw = await s.scalars(query)
             assert all("$Answering" not in k for k in kw.all())
+
+
+NOTE = (
+    b"From: Piotr <piotr@acme.test>\r\nTo: notes@acme.test\r\nSubject: Re: order 17\r\n"
+    b"In-Reply-To: <order-17@example.org>\r\nReferences: <order-17@example.org>\r\n"
+    b"Message-ID: <note-1@acme.test>\r\n\r\nVIP customer, ship first\r\n"
+)
+
+
+def send_as(port: int, login: str, rcpts: list[str], data: bytes) -> str:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+        c.login(login, PASSWORD)
+        c.sendmail(SENDER, rcpts, data)
+        return "ok"
+
+
+def thread_and_notes(port: int) -> tuple[bytes, list[str]]:
+    c = client(port, "anna@acme.test")
+    c.select("INBOX", readonly=True)
+    _typ, threads = c.uid("THREAD", "REFERENCES", "UTF-8", "ALL")
+    _typ, found = c.uid("SEARCH", "KEYWORD", "$Note")
+    subjects = []
+    for uid in found[0].split():
+        _typ, data = c.uid("FETCH", uid, "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        subjects.append(str(data[0]))
+    c.logout()
+    return threads[0], subjects
+
+
+async def test_notes_are_filed_in_the_thread_and_never_relayed(tmp_path: Path, db_url: str) -> None:
+    async with gateway_with_imap(config(tmp_path, db_url)) as (g, port):  # type: ignore[arg-type]
+        await run(append, port, "piotr@acme.test", "INBOX", CUSTOMER)
+        await run(send_as, g.submission.port, "piotr@acme.test", ["notes@acme.test"], NOTE)
+        threads, notes = await run(thread_and_notes, port)
+        assert threads == b"(1 2)", threads  # the note (UID 2) under the customer's message
+        assert len(notes) == 1
+        assert "[Note] Re: order 17" in notes[0], notes
+        assert "$Note" in notes[0], notes
+        assert await g.queued() == []  # nothing for the smarthost
+        assert await g.folder("Sent") == []  # and no \Sent copy
+        # A reply-all: the customer gets the reply without the notes address, the note is filed.
+        both = NOTE.replace(b"<note-1@acme.test>", b"<reply-2@acme.test>")
+        await run(
+            send_as, g.submission.port, "piotr@acme.test", ["customer@example.org", "notes@acme.test"], both
+        )
+        queued = await g.queued()
+        assert [list(rcpts) for _row, rcpts in queued] == [["customer@example.org"]]
+        _threads, notes = await run(thread_and_notes, port)
+        assert len(notes) == 2
+
+
+async def test_mail_to_the_notes_address_from_outside_is_refused(tmp_path: Path, db_url: str) -> None:
+    async with gateway_with_imap(config(tmp_path, db_url)) as (g, _port):  # type: ignore[arg-type]
+        reply = await asend(g.smtp.port, "customer@example.org", ["notes@acme.test"], CUSTOMER)
+        assert reply.startswith("550 5.7.1 <notes@acme.test>"), reply
+        assert await g.folder("INBOX") == []

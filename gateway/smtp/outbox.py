@@ -72,6 +72,8 @@ from storage.models import Agent, Event, Message, Outbound, OutboundLog, Tenant
 
 log = structlog.get_logger(__name__)
 
+NOTE_FLAGS = frozenset({"\\Seen", answering.NOTE})
+
 
 @dataclass(frozen=True, slots=True)
 class Submitted:
@@ -163,6 +165,23 @@ class Outbox:
             logger.info("outbox.header_sender_refused", reply=refused)
             return Submitted(refused)
         now = self.clock()
+        notes = tenant.effective_notes_address
+        if identity is not None and notes in {r.lower() for r in recipients}:
+            # An internal note: filed in the conversation, never relayed; the other recipients
+            # (a reply-all) get the message without the notes address in the envelope.
+            noted = answering.note_form(data, headers)
+            note = await asyncio.to_thread(
+                describe, noted, parse_headers(noted), await self.blobs.put(noted), now, NOTE_FLAGS
+            )
+            recipients = [r for r in recipients if r.lower() != notes]
+            if not recipients:
+                async with self.db.write() as s:
+                    folder_id = await answering.file_note(s, tenant.id, headers, note)
+                self.changes.publish([folder_id])
+                logger.info("outbox.note_filed", folder_id=folder_id)
+                return Submitted(f"{policy.OK} note filed, not sent")
+        else:
+            note = None
         original = await self._original(tenant.id, headers)
         agent = tenant.agent(identity.login) if identity is not None else None
         save_sent = agent.save_sent if agent is not None else "auto"
@@ -209,6 +228,7 @@ class Outbox:
                 queue_id=queue_id,
             )
             logger = logger.bind(queue_id=row.queue_id)
+            note_folder = await answering.file_note(s, tenant.id, headers, note) if note is not None else None
             sent = None if save_sent == "never" else await mailstore.special_folder(s, tenant.id, "\\Sent")
             if sent is not None:
                 # Refusing to send would be worse than going over quota: the copy is kept.
@@ -220,7 +240,7 @@ class Outbox:
             marked: set[int] = set()
             if identity is not None and original is not None:
                 marked = await self._answered(s, tenant, identity, original, now)
-        self.changes.publish({*marked, *([sent.id] if sent else [])})
+        self.changes.publish({*marked, *([sent.id] if sent else []), *([note_folder] if note_folder else [])})
         self.wake()
         logger.info(
             "outbox.queued",

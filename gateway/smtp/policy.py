@@ -17,6 +17,7 @@ from gateway.message import Headers
 
 OK = "250 2.0.0 OK"
 RELAY_DENIED = "554 5.7.1 <{addr}>: Relay access denied"
+NOTES_ONLY_AGENTS = "550 5.7.1 <{addr}>: Internal notes address: only the tenant's agents write to it"
 NO_SUCH_USER = "550 5.1.1 <{addr}>: Recipient address rejected: no such user here"
 BAD_ADDRESS = "501 5.1.3 Bad recipient address syntax"
 BAD_SENDER = "501 5.1.7 Bad sender address syntax"
@@ -39,6 +40,8 @@ def route_recipient(config: Config, address: str, declared_size: int | None) -> 
     tenant = config.tenant_for_domain(address.rpartition("@")[2])
     if tenant is None:
         return RELAY_DENIED.format(addr=address)
+    if address == tenant.effective_notes_address:  # agents' internal notes come by submission only
+        return NOTES_ONLY_AGENTS.format(addr=address)
     if not tenant.accepts(address):
         return NO_SUCH_USER.format(addr=address)
     if declared_size is not None and declared_size > tenant.max_message_size:
