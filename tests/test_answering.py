@@ -17,6 +17,8 @@ from sqlalchemy import func, select
 
 from gateway.answering import Sweeper, keyword_name
 from gateway.config import parse_config
+from gateway.metrics import DatabaseCollector
+from storage import events
 from storage.models import AnsweringMark, Event, Message
 from tests.conftest import config_dict
 from tests.test_relay import HASH, PASSWORD, SENDER, Gateway, asend
@@ -131,6 +133,11 @@ async def test_draft_marks_reach_idle_then_the_reply_answered_by(tmp_path: Path,
         await run(idler.command, b"a4 FETCH 1 BODY[]", b"a4 OK")
         await run(idler.command, b"a5 FETCH 1 BODY[]", b"a5 OK")
         assert await collisions(g) == 1
+        collector = DatabaseCollector(g.current, g.db)  # what /metrics serves
+        await collector.refresh()
+        family = next(f for f in collector.collect() if f.name == "mailgate_agent_collisions")
+        counted = {s.labels["agent"]: s.value for s in family.samples if s.name.endswith("_total")}
+        assert counted == {"anna@acme.test": 0, "piotr@acme.test": 1}
         # A sends the reply: the marks go, \Answered and A's answered-by come, and B sees them.
         await run(idler.command, b"a6 IDLE", b"+ ")
         await run(submit, g.submission.port, "anna@acme.test", REPLY)
@@ -143,6 +150,13 @@ async def test_draft_marks_reach_idle_then_the_reply_answered_by(tmp_path: Path,
         assert "$Answering" not in final, final
         async with g.db.read() as s:
             assert await s.scalar(select(func.count()).select_from(AnsweringMark)) == 0
+            stats = {
+                a.login: a for a in await events.agent_stats(s, "acme", datetime(2000, 1, 1, tzinfo=UTC))
+            }
+        # `stats agents`: B's collision warning; A's reply and its first-response time.
+        assert stats["piotr@acme.test"].collisions == 1
+        assert stats["anna@acme.test"].replies == 1
+        assert len(stats["anna@acme.test"].first_responses) == 1
         idler.sock.close()
 
 
