@@ -58,6 +58,10 @@ import aiosmtplib
 from argon2 import PasswordHasher
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from bench.smtp_ingest import bench_bare  # noqa: E402 (after the path is set)
+
 MAILGATE = ROOT / ".venv" / "bin" / "mailgate"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -359,6 +363,11 @@ def write_config(
         f'submission = "{HOST}:{port}"\n'
         "[queue]\n"
         f"concurrency = {concurrency}\n"
+        "[limits.outbound]\n"  # the hourly sending limits (300/agent by default) would stop the load
+        "agent_messages_per_hour = 0\n"
+        "agent_recipients_per_hour = 0\n"
+        "tenant_messages_per_hour = 0\n"
+        "tenant_recipients_per_hour = 0\n"
         "[[tenants]]\n"
         'id = "bench"\n'
         'domains = ["bench.test"]\n'
@@ -506,6 +515,7 @@ def main() -> int:
         dbname = pg_database(args.database_url) if pg else ""
         ceiling_s, ceiling_sess = bench_ceiling(args, keep_connection=True)
         fresh_s, fresh_sess = bench_ceiling(args, keep_connection=False)
+        bare = bench_bare(args)  # issue #16's peer: aiosmtpd writing fsynced files, same messages
         for concurrency in concurrencies:
             with tempfile.TemporaryDirectory(prefix="mailgate-bench-") as tmpdir:
                 if pg:
@@ -525,6 +535,15 @@ def main() -> int:
     print(f"{'path':<40}{'msgs/s':>9}{'seconds':>10}{'sessions':>10}")
     print(f"{'smtp-source -d -> smtp-sink (ceiling)':<40}{ceiling:>9.0f}{ceiling_s:>10.2f}{ceiling_sess:>10}")
     print(f"{'smtp-source -> smtp-sink (conn/msg)':<40}{n / fresh_s:>9.0f}{fresh_s:>10.2f}{fresh_sess:>10}")
+    bare_rate = bare.acked / bare.seconds
+    print(
+        f"{'smtp-source -d -> bare aiosmtpd sink':<40}{bare_rate:>9.0f}"
+        f"{bare.seconds:>10.2f}{args.connections:>10}"
+    )
+    print(
+        f"  bare sink: CPU {1000 * bare.cpu / n:.2f} s per 1000 messages,"
+        f" peak RSS {bare.rss_kib / 1024:.0f} MiB"
+    )
     failed = False
     for run in runs:
         sub = run.submitted
@@ -540,6 +559,7 @@ def main() -> int:
         e2e_s = f"{run.end_to_end:.2f}" if run.end_to_end else "never"
         print(f"{label + ' end to end (at sink)':<40}{e2e:>9.0f}{e2e_s:>10}{run.sessions:>10}")
         print(f"  ratio end-to-end/ceiling: {e2e / ceiling:.4f}; delivered {run.delivered}/{n}, {backend}")
+        print(f"  ratio end-to-end/bare sink: {e2e / bare_rate:.3f} (issue #16 target >= 0.8)")
         if run.rss_kib:
             rss = (
                 f"{run.rss_kib / 1024:.0f} MiB (once listening: {run.rss_start_kib / 1024:.0f} MiB;"
@@ -551,7 +571,8 @@ def main() -> int:
         if run.end_to_end:
             share = 100 * run.cpu / run.end_to_end
             print(
-                f"  CPU: {run.cpu:.1f} s ({share:.0f}% of one core);"
+                f"  CPU: {run.cpu:.1f} s ({share:.0f}% of one core,"
+                f" {1000 * run.cpu / n:.2f} s per 1000 messages);"
                 f" the submission client: {run.client_cpu:.1f} s"
             )
             drain = run.end_to_end - sub.seconds
@@ -563,6 +584,8 @@ def main() -> int:
             problems.append(f"{len(sub.errors)} submission errors, first: {sub.errors[0]}")
         if not run.end_to_end:
             problems.append(f"the sink got {run.delivered}/{n}")
+        if run.delivered > n:
+            problems.append(f"the sink got {run.delivered} messages for {n}: duplicates")
         if run.queue_left != 0:
             problems.append(f"{run.queue_left} messages left in the queue")
         if run.status != 0:

@@ -2,9 +2,13 @@
 
 Postfix ``smtp-source`` sends the same N messages over C parallel sessions
 (``-d``: each session keeps its connection) first to ``smtp-sink`` (accepts
-and discards: the wire ceiling on this machine), then to a freshly started
-mailgate. Printed: both rates, their ratio, mailgate's peak RSS (VmHWM) and
-how many messages mailgate really stored (``mailgate folders``).
+and discards: the wire ceiling on this machine), then to the bare aiosmtpd
+sink (bench/bare_sink.py: one fsynced file per message, 250 after the fsync:
+the framework ceiling, issue #16's peer), then to a freshly started mailgate.
+Printed: the rates, the ratios mailgate/smtp-sink and mailgate/bare sink
+(issue #16 target >= 1.2), CPU per 1000 messages and peak RSS (VmHWM) of
+mailgate and the bare sink, and how many messages mailgate really stored
+(``mailgate folders``).
 
 smtp-source gives every message a distinct Message-ID (pid.fd.counter), so
 mailgate's dedupe (Message-ID + body hash) keeps them all.
@@ -47,6 +51,7 @@ if str(ROOT) not in sys.path:
 MAILGATE = ROOT / ".venv" / "bin" / "mailgate"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
+BARE_SINK = Path(__file__).resolve().parent / "bare_sink.py"
 HOST = "127.0.0.1"
 SENDER = "sender@example.org"
 RECIPIENT = "rcpt@bench.test"
@@ -147,6 +152,30 @@ def bench_sink(args: argparse.Namespace) -> float:
             sink.kill()
         sink.wait(10)
     return seconds
+
+
+def bench_bare(args: argparse.Namespace) -> MailgateRun:
+    """The same smtp-source run against the bare aiosmtpd sink (bench/bare_sink.py)."""
+    run = MailgateRun()
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="mailgate-bench-bare-") as tmpdir:
+        cmd = [sys.executable, str(BARE_SINK), "--port", str(port), "--dir", tmpdir]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_port(port, proc, 30.0)
+            cpu_before = cpu_seconds(proc.pid)
+            run.seconds, run.acked, run.error = run_source(port, args)
+            run.cpu = cpu_seconds(proc.pid) - cpu_before
+            run.rss_kib = peak_rss_kib(proc.pid)
+            run.status = stop(proc, 30.0)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        run.stored = len(list(Path(tmpdir).iterdir()))
+    if run.error:
+        raise BenchError(f"against the bare sink: {run.error}")
+    return run
 
 
 # --------------------------------------------------------------------------- PostgreSQL scratch database
@@ -296,6 +325,7 @@ def main() -> int:
     try:
         dbname = pg_database(args.database_url) if pg else ""
         sink_s = bench_sink(args)
+        bare = bench_bare(args)
         runs = {"mailgate": run_once(args, pg, dbname, "")}
         if args.rspamd:
             from tests.rspamd import Rspamd
@@ -316,18 +346,24 @@ def main() -> int:
     backend = "PostgreSQL" if pg else "SQLite"
     print(f"{'peer':<12}{'msgs/s':>9}{'seconds':>10}")
     print(f"{'smtp-sink':<12}{sink_rate:>9.0f}{sink_s:>10.2f}")
+    print(f"{'bare sink':<12}{bare.acked / bare.seconds:>9.0f}{bare.seconds:>10.2f}   (files: {bare.stored})")
     for name, run in runs.items():
         mg_rate = run.acked / run.seconds  # acked == N unless it failed
         stored = f"(stored: {run.stored}/{run.acked}, {backend})"
         print(f"{name:<12}{mg_rate:>9.0f}{run.seconds:>10.2f}   {stored}")
     run = runs["mailgate"]
     print(f"ratio mailgate/smtp-sink: {run.acked / run.seconds / sink_rate:.3f}")
+    bare_rate = bare.acked / bare.seconds
+    print(f"ratio mailgate/bare sink: {run.acked / run.seconds / bare_rate:.3f} (issue #16 target >= 1.2)")
     if "+ rspamd" in runs:
         spam = runs["+ rspamd"]
         print(f"spam filtering adds: {100 * (spam.seconds / run.seconds - 1):+.0f}% to mailgate's time")
     rss = f"{run.rss_kib / 1024:.0f} MiB (VmHWM)" if run.rss_kib else "unknown (mailgate died during the run)"
     print(f"mailgate peak RSS: {rss}")
     print(f"mailgate CPU while sending: {run.cpu:.1f} s ({100 * run.cpu / run.seconds:.0f}% of one core)")
+    for name, r in (("mailgate", run), ("bare sink", bare)):
+        per_k = 1000 * r.cpu / r.acked if r.acked else 0.0
+        print(f"{name}: CPU {per_k:.2f} s per 1000 messages, peak RSS {r.rss_kib / 1024:.0f} MiB")
     return 1 if any(failed_run(r) for r in runs.values()) else 0
 
 
