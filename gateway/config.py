@@ -527,6 +527,7 @@ class MailboxSection(SecretRef):
     after_fetch: str = Field("keep", pattern=AFTER_FETCH_RE)
     idle: bool = True
     poll_interval: Duration = Field(timedelta(seconds=60), ge=timedelta(seconds=1))
+    max_connections: int | None = Field(None, ge=1, le=100)  # None: by provider (Gmail 10, M365 15, else 5)
 
     @model_validator(mode="after")
     def _credentials(self) -> MailboxSection:
@@ -551,6 +552,26 @@ class MailboxSection(SecretRef):
     def password(self) -> SecretStr | None:
         """Read the password from its file or environment variable."""
         return self._read(self.password_file, self.password_env, "password")
+
+    @property
+    def effective_max_connections(self) -> int:
+        """The connection budget: the configured one, else the provider's (by host name)."""
+        if self.max_connections is not None:
+            return self.max_connections
+        host = self.host.lower().rstrip(".")
+        for suffix, budget in MAX_CONNECTIONS_PRESETS.items():
+            if host == suffix or host.endswith("." + suffix):
+                return budget
+        return 5
+
+
+# Connections per upstream account, under the providers' limits (Gmail about 15, Microsoft 365 about 20).
+MAX_CONNECTIONS_PRESETS: Mapping[str, int] = {
+    "gmail.com": 10,
+    "googlemail.com": 10,
+    "office365.com": 15,
+    "outlook.com": 15,
+}
 
 
 class ConditionSection(_Model):

@@ -167,6 +167,7 @@ class PullManager:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.limits.close()
         try:
             await self.db.transaction(lambda s: leases.release(s, self.instance))
         except (SQLAlchemyError, OSError) as exc:  # they expire by themselves

@@ -81,9 +81,15 @@ without a lease (tests, tools) stores unfenced.
 Two caps protect upstream servers: at most :data:`LOGINS_PER_HOST`
 connections being opened to one server at a time (hundreds of tenants on one
 provider start without a thundering herd, and an idling connection never
-holds a slot), and at most
-:data:`CONNECTIONS_PER_ACCOUNT` open connections per account (providers limit
-those, e.g. Gmail to 15). A failing mailbox only delays its own tasks.
+holds a slot), and at most ``max_connections`` open connections per account
+(providers limit those: Gmail to about 15, Microsoft 365 to about 20; the
+defaults are 10, 15 and otherwise 5). A mailbox with more folders than that
+gives its first ``max_connections - 1`` folders a connection each (they
+IDLE); the others (:func:`polled`) take turns, one pass at a time, on one
+shared connection, each every ``poll_interval``. Every connection, the
+shared one included, holds a slot of the account's semaphore while open, so
+the budget holds across reconnects; leases change only which instance runs
+a folder. A failing mailbox only delays its own tasks.
 """
 
 from __future__ import annotations
@@ -123,7 +129,6 @@ IDLE_SECONDS = 28 * 60
 BACKOFF_FIRST, BACKOFF_MAX = 5.0, 15 * 60.0  # seconds; each delay is jittered down to half
 PAUSED_RECHECK = 3600.0  # seconds a paused folder waits, unless woken, before it asks again
 LOGINS_PER_HOST = 10
-CONNECTIONS_PER_ACCOUNT = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,22 +196,57 @@ class Pass:
         return None, min(self.waiting.values())
 
 
-class HostLimits:
-    """Caps on concurrent logins per server and open connections per account."""
+class SharedConnection:
+    """One connection of an account, lent to its polled folders one pass at a time."""
 
-    def __init__(self, logins: int = LOGINS_PER_HOST, per_account: int = CONNECTIONS_PER_ACCOUNT) -> None:
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()  # held for a pass
+        self.client: UpstreamIMAP | None = None
+        self.slot: asyncio.Semaphore | None = None  # the account's, held while the client is open
+
+    async def close(self) -> None:
+        """Log out (if open) and give the account's slot back."""
+        client, slot, self.client, self.slot = self.client, self.slot, None, None
+        if client is not None:
+            await client.logout()
+        if slot is not None:
+            slot.release()
+
+
+class HostLimits:
+    """Caps on concurrent logins per server and open connections per account (``max_connections``)."""
+
+    def __init__(self, logins: int = LOGINS_PER_HOST) -> None:
         self._logins: defaultdict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(logins))
-        self._accounts: defaultdict[tuple[str, str], asyncio.Semaphore] = defaultdict(
-            lambda: asyncio.Semaphore(per_account)
-        )
+        self._accounts: dict[tuple[str, str, int], asyncio.Semaphore] = {}
+        self._shared: defaultdict[tuple[str, str], SharedConnection] = defaultdict(SharedConnection)
 
     def login(self, host: str) -> asyncio.Semaphore:
         """Held while a connection to ``host`` is being opened and authenticated."""
         return self._logins[host.lower()]
 
-    def account(self, host: str, username: str) -> asyncio.Semaphore:
-        """Held for the lifetime of a connection to this account."""
-        return self._accounts[(host.lower(), username)]
+    def account(self, box: MailboxSection) -> asyncio.Semaphore:
+        """Held for the lifetime of a connection to this account: ``max_connections`` at most."""
+        budget = box.effective_max_connections
+        return self._accounts.setdefault((box.host.lower(), box.username, budget), asyncio.Semaphore(budget))
+
+    def shared(self, box: MailboxSection) -> SharedConnection:
+        """The connection the account's polled folders share (see :func:`polled`)."""
+        return self._shared[(box.host.lower(), box.username)]
+
+    async def close(self) -> None:
+        """Log out of the shared connections (the pullers are stopped)."""
+        for shared in self._shared.values():
+            await shared.close()
+
+
+def polled(job: FolderJob) -> bool:
+    """True for a folder beyond its mailbox's connection budget: it has no connection of its own,
+    but is polled over the shared one. The first ``max_connections - 1`` folders (in the order of
+    ``folders``) have their own and IDLE; the last connection is the shared one."""
+    box = job.mailbox
+    budget = box.effective_max_connections
+    return len(box.folders) > budget and list(box.folders).index(job.folder) >= budget - 1
 
 
 class FolderPuller:
@@ -246,13 +286,16 @@ class FolderPuller:
             box = self.job.mailbox
             try:
                 self._check_writable()
-                async with self.limits.account(box.host, box.username):
-                    async with self.limits.login(box.host):
-                        client = await self.connect()
-                    try:
-                        await self._watch(client)
-                    finally:
-                        await client.logout()
+                if polled(self.job):
+                    await self._poll_shared()
+                else:
+                    async with self.limits.account(box):
+                        async with self.limits.login(box.host):
+                            client = await self.connect()
+                        try:
+                            await self._watch(client)
+                        finally:
+                            await client.logout()
             except LeaseLost as exc:
                 self.log.info("pull.lease_lost", reason=str(exc))
                 return
@@ -322,6 +365,33 @@ class FolderPuller:
                 await self._wait_for_room(poll, *done.room_wanted())
             elif use_idle:
                 await client.idle(IDLE_SECONDS)
+            else:
+                await self.sleep(poll)
+            self._check_writable()
+
+    async def _poll_shared(self) -> None:
+        """Pass over the folder on the account's shared connection every ``poll_interval``."""
+        box = self.job.mailbox
+        shared = self.limits.shared(box)
+        while True:
+            async with shared.lock:
+                try:
+                    if shared.client is None:
+                        slot = self.limits.account(box)
+                        await slot.acquire()
+                        shared.slot = slot
+                        async with self.limits.login(box.host):
+                            shared.client = await self.connect()
+                    done = await self._pass(shared.client)
+                except BaseException:
+                    await shared.close()  # a failed pass may leave the connection in any state
+                    raise
+            if done.waiting and not done.stored:
+                raise MailWaits(self._waits(done), *done.room_wanted())
+            await self._succeeded("polled")
+            poll = box.poll_interval.total_seconds()
+            if done.waiting:
+                await self._wait_for_room(poll, *done.room_wanted())
             else:
                 await self.sleep(poll)
             self._check_writable()
