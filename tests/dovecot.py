@@ -47,6 +47,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pytest
 import trustme
@@ -359,6 +360,20 @@ service imap-login {{
         return "\n".join(parts)
 
     # ------------------------------------------------------------------ users and sessions
+
+    def mailbox(self, user: str, **fields: Any) -> dict[str, Any]:
+        """A ``[[tenants.mailboxes]]`` table pulling ``user``'s mail from here over plain IMAP, the
+        password in ``MAILGATE_TEST_UPSTREAM``, no IDLE; ``fields`` add keys or replace these."""
+        return {
+            "name": user,
+            "host": self.host,
+            "port": self.port,
+            "security": "none",
+            "username": user,
+            "password_env": "MAILGATE_TEST_UPSTREAM",
+            "idle": False,
+            **fields,
+        }
 
     def add_user(self, name: str, password: str) -> None:
         """Add (or change the password of) a user; usable at once, no restart.

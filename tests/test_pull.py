@@ -27,17 +27,7 @@ pytestmark = pytest.mark.peers
 
 
 def mailbox(dovecot: Dovecot, user: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "name": user,
-        "host": dovecot.host,
-        "port": dovecot.port,
-        "security": "none",
-        "username": user,
-        "password_env": "MAILGATE_TEST_UPSTREAM",
-        "folders": {"INBOX": "INBOX", "Junk": "Spam"},
-        "idle": False,
-        **fields,
-    }
+    return dovecot.mailbox(user, **{"folders": {"INBOX": "INBOX", "Junk": "Spam"}, **fields})
 
 
 class Env:

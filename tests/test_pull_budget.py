@@ -63,17 +63,13 @@ async def test_thirty_folders_within_five_connections(
     with dovecot.connect("biuro") as c:
         for name in names[1:]:
             dovecot._create(c, name)
-    box = {
-        "name": "biuro",
-        "host": dovecot.host,
-        "port": dovecot.port,
-        "security": "none",
-        "username": "biuro",
-        "password_env": "MAILGATE_TEST_UPSTREAM",
-        "folders": dict.fromkeys(names, "INBOX"),
-        "poll_interval": f"{POLL:g}s",
-        "max_connections": 5,
-    }
+    box = dovecot.mailbox(
+        "biuro",
+        folders=dict.fromkeys(names, "INBOX"),
+        poll_interval=f"{POLL:g}s",
+        max_connections=5,
+        idle=True,  # the folders with a connection of their own IDLE; the rest are polled
+    )
     config = parse_config(config_dict(tmp_path, db_url, mailboxes=[box]))
     db, blobs = await open_store(config)
     pipeline, limits = Pipeline(db, blobs), HostLimits()

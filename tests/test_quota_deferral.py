@@ -132,17 +132,7 @@ async def env(
     opened: list[Env] = []
 
     async def make(quota: str) -> Env:
-        box = {
-            "name": "biuro",
-            "host": dovecot.host,
-            "port": dovecot.port,
-            "security": "none",
-            "username": "biuro",
-            "password_env": "MAILGATE_TEST_UPSTREAM",
-            "folders": {"INBOX": "INBOX"},
-            "idle": False,
-            "after_fetch": "delete",
-        }
+        box = dovecot.mailbox("biuro", folders={"INBOX": "INBOX"}, after_fetch="delete")
         config = parse_config(config_dict(tmp_path, db_url, quota=quota, rules=[], mailboxes=[box]))
         db, blobs = await open_store(config)
         opened.append(Env(config, db, blobs))

@@ -102,15 +102,7 @@ async def env(
 ) -> AsyncIterator[Env]:
     monkeypatch.setenv("MAILGATE_TEST_UPSTREAM", PASSWORD)
     dovecot.add_user("biuro", PASSWORD)
-    box = {
-        "name": "biuro",
-        "host": dovecot.host,
-        "port": dovecot.port,
-        "security": "none",
-        "username": "biuro",
-        "password_env": "MAILGATE_TEST_UPSTREAM",
-        "idle": False,
-    }
+    box = dovecot.mailbox("biuro")
     data = config_dict(tmp_path, db_url, mailboxes=[box])
     data["spam"] = {"engine": "rspamd", "url": rspamd.url, "timeout": "5s", "on_error": "tempfail"}
     config = parse_config(data)
