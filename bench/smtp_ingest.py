@@ -154,6 +154,18 @@ def bench_sink(args: argparse.Namespace) -> float:
     return seconds
 
 
+def measure(
+    run: MailgateRun, proc: subprocess.Popen[bytes], port: int, args: argparse.Namespace, grace: float
+) -> None:
+    """smtp-source against the server ``proc`` listening on ``port``: its time, CPU and peak RSS,
+    then its exit status after SIGTERM (``grace`` seconds at most)."""
+    cpu_before = cpu_seconds(proc.pid)
+    run.seconds, run.acked, run.error = run_source(port, args)
+    run.cpu = cpu_seconds(proc.pid) - cpu_before
+    run.rss_kib = peak_rss_kib(proc.pid)
+    run.status = stop(proc, grace)
+
+
 def bench_bare(args: argparse.Namespace) -> MailgateRun:
     """The same smtp-source run against the bare aiosmtpd sink (bench/bare_sink.py)."""
     run = MailgateRun()
@@ -163,11 +175,7 @@ def bench_bare(args: argparse.Namespace) -> MailgateRun:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_port(port, proc, 30.0)
-            cpu_before = cpu_seconds(proc.pid)
-            run.seconds, run.acked, run.error = run_source(port, args)
-            run.cpu = cpu_seconds(proc.pid) - cpu_before
-            run.rss_kib = peak_rss_kib(proc.pid)
-            run.status = stop(proc, 30.0)
+            measure(run, proc, port, args, 30.0)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -279,11 +287,7 @@ def bench_mailgate(args: argparse.Namespace, tmp: Path, spam_url: str = "") -> M
         except BenchError:
             sys.stderr.write(log.read_text(errors="replace")[-2000:])
             raise
-        cpu_before = cpu_seconds(proc.pid)
-        run.seconds, run.acked, run.error = run_source(port, args)
-        run.cpu = cpu_seconds(proc.pid) - cpu_before
-        run.rss_kib = peak_rss_kib(proc.pid)
-        run.status = stop(proc, 60.0)
+        measure(run, proc, port, args, 60.0)
     finally:
         if proc.poll() is None:
             proc.kill()
