@@ -1,10 +1,13 @@
 """Debian's Roundcube webmail served by PHP's built-in web server on 127.0.0.1, for tests.
 
 Roundcube runs from Debian's install (``roundcube-core``: code in
-/usr/share/roundcube, web root /var/lib/roundcube/public_html) with a private
-configuration directory (``ROUNDCUBE_CONFIG_DIR``), an SQLite database made
-from Roundcube's own schema, and temp and log directories below the test's
-directory: nothing under /etc/roundcube or /var/lib/roundcube is written.
+/usr/share/roundcube, web root /var/lib/roundcube/public_html) through a
+private install tree of links to it (:meth:`Roundcube._install`) whose plugins
+folder adds the repository's plugins (webmail/roundcube/plugins, enabled: what
+an operator does), with a private configuration directory
+(``ROUNDCUBE_CONFIG_DIR``), an SQLite database made from Roundcube's own
+schema, and temp and log directories below the test's directory: nothing under
+/etc/roundcube or /var/lib/roundcube is written.
 ``imap_debug`` and ``smtp_debug`` are on, so ``logs/imap.log`` and
 ``logs/smtp.log`` hold every exchange (shown by :meth:`Roundcube.logs`).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -22,9 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, missing_peer, peer
+from tests.conftest import REPO, free_port, missing_peer, peer
 
 WEB_ROOT = Path("/var/lib/roundcube/public_html")
+INSTALL = WEB_ROOT.parent  # Debian's install tree: links to /usr/share/roundcube, the plugins folder
+OUR_PLUGINS = REPO / "webmail" / "roundcube" / "plugins"
 SCHEMA = Path("/usr/share/roundcube/SQL/sqlite.initial.sql")
 DEFAULTS = Path("/etc/roundcube/defaults.inc.php")
 HOST = "127.0.0.1"
@@ -58,12 +64,32 @@ class Roundcube:
         self.php = installed()
         self.root, self.imap_port, self.smtp_port = root, imap_port, smtp_port
         self.config_dir, self.log_dir, self.temp_dir = root / "config", root / "logs", root / "temp"
+        self.install = root / "install"
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}/"
+
+    def _install(self) -> list[str]:
+        """Debian's install tree again, as links, with the repository's plugins in its plugins
+        folder next to Debian's (``index.php`` in the web root is a copy: Roundcube finds its tree
+        as the folder above it); the names of our plugins."""
+        web = self.install / "public_html"
+        (web / "program").mkdir(parents=True)
+        for name in ("index.php", "program", "skins", "SQL"):
+            (self.install / name).symlink_to((INSTALL / name).resolve())
+        plugins = self.install / "plugins"
+        plugins.mkdir()
+        for plugin in (*(INSTALL / "plugins").iterdir(), *OUR_PLUGINS.iterdir()):
+            (plugins / plugin.name).symlink_to(plugin.resolve())
+        shutil.copy(WEB_ROOT / "index.php", web / "index.php")
+        for name in ("plugins", "skins"):
+            (web / name).symlink_to(self.install / name)
+        for name in ("js", "resources"):
+            (web / "program" / name).symlink_to(self.install / "program" / name)
+        return sorted(p.name for p in OUR_PLUGINS.iterdir())
 
     def _configure(self) -> None:
         for d in (self.config_dir, self.log_dir, self.temp_dir):
@@ -87,8 +113,9 @@ class Roundcube:
             "support_url": "",
         }
         lines = [f"$config[{php_string(k)}] = {php_string(v)};" for k, v in settings.items()]
+        plugins = ", ".join(php_string(name) for name in self._install())
         lines += [
-            "$config['plugins'] = [];",
+            f"$config['plugins'] = [{plugins}];",
             "$config['enable_installer'] = false;",
             "$config['enable_spellcheck'] = false;",
             "$config['imap_debug'] = true;",
@@ -109,7 +136,7 @@ class Roundcube:
             self.port = free_port()
             with (self.log_dir / "php-server.log").open("ab") as log:
                 self.proc = subprocess.Popen(
-                    [self.php, "-S", f"{HOST}:{self.port}", "-t", str(WEB_ROOT)],
+                    [self.php, "-S", f"{HOST}:{self.port}", "-t", str(self.install / "public_html")],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

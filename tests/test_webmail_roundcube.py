@@ -12,6 +12,13 @@ to ``$MAILGATE_ARTIFACTS`` when that is set.
 
 The very same scenario runs against a private Dovecot, with Roundcube
 submitting straight to the smarthost: a check of the test itself.
+
+Roundcube runs with the repository's plugin ``mailgate_answering``
+(webmail/roundcube/plugins): issue #19, "Done means 5". A colleague's draft
+reply marks the customer's message ``$Answering``; the agent's message list
+shows who is answering on that row (``roundcube-answering.png``, kept as
+above), then, at the next refresh after the colleague's reply went out, who
+answered instead; an internal note's row shows that it is one.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import contextlib
 import imaplib
 import os
 import shutil
+import smtplib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -53,6 +61,7 @@ pytestmark = [
 T = TypeVar("T")
 
 AGENT = "anna@acme.test"
+COLLEAGUE = "piotr@acme.test"  # the other agent of the shared inbox, named "Piotr"
 PASSWORD = "agent-password"
 HASH = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(PASSWORD)
 CUSTOMER = "klient@example.org"
@@ -120,9 +129,9 @@ class MailServer:
     log: Callable[[], str]  # the server's log, for failure messages
 
 
-def imap(port: int) -> imaplib.IMAP4:
+def imap(port: int, login: str = AGENT) -> imaplib.IMAP4:
     client = imaplib.IMAP4("127.0.0.1", port, timeout=10)
-    client.login(AGENT, PASSWORD)
+    client.login(login, PASSWORD)
     return client
 
 
@@ -182,6 +191,11 @@ from = "biuro@acme.test"
 [[tenants.agents]]
 login = "{AGENT}"
 name = "Anna"
+password_hash = "{HASH}"
+
+[[tenants.agents]]
+login = "{COLLEAGUE}"
+name = "Piotr"
 password_hash = "{HASH}"
 """,
         encoding="utf-8",
@@ -252,9 +266,39 @@ def save_artifact(path: Path) -> None:
         print(f"copied to {shutil.copy(path, target)}")
 
 
-async def scenario(page: Page, url: str, s: MailServer, shot: Path) -> None:
-    page.set_default_timeout(WAIT * 1000)
+async def login(page: Page, url: str) -> None:
+    """Log in as the agent: INBOX's message list shown."""
+    await page.goto(url)
+    await page.fill("#rcmloginuser", AGENT)
+    await page.fill("#rcmloginpwd", PASSWORD)
+    await page.click("#rcmloginsubmit")
+    await page.wait_for_selector("#messagelist tbody tr")
 
+
+@contextlib.asynccontextmanager
+async def webmail(chromium: str, s: MailServer, tmp_path: Path) -> AsyncIterator[tuple[Page, str]]:
+    """Roundcube pointed at the server, and a Chromium page: the page and Roundcube's address.
+    A failure inside shows Roundcube's logs and the server's."""
+    from playwright.async_api import async_playwright  # the chromium fixture made sure it is there
+
+    rc = Roundcube(tmp_path / "roundcube", s.imap_port, s.smtp_port).start()
+    try:
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=chromium)
+            try:
+                page = await browser.new_page(viewport={"width": 1400, "height": 900}, locale="en-US")
+                page.set_default_timeout(WAIT * 1000)
+                yield page, rc.url
+            finally:
+                await browser.close()
+    except BaseException as exc:
+        exc.add_note(f"--- Roundcube's logs\n{rc.logs()}\n--- {s.name}'s log\n{s.log()}")
+        raise
+    finally:
+        rc.stop()
+
+
+async def scenario(page: Page, url: str, s: MailServer, shot: Path) -> None:
     async def listed() -> list[str]:
         """Subjects of the message list's visible rows, top to bottom."""
         return await page.locator("#messagelist tbody tr:visible td.subject span.subject a").all_inner_texts()
@@ -282,12 +326,7 @@ async def scenario(page: Page, url: str, s: MailServer, shot: Path) -> None:
             f" && !!rcmail.env.threading == {threads} && !rcmail.busy"
         )
 
-    # Log in.
-    await page.goto(url)
-    await page.fill("#rcmloginuser", AGENT)
-    await page.fill("#rcmloginpwd", PASSWORD)
-    await page.click("#rcmloginsubmit")
-    await page.wait_for_selector("#messagelist tbody tr")
+    await login(page, url)
 
     # INBOX sorted by date, then in thread mode; the collapsed thread expanded.
     await list_options("list")
@@ -357,19 +396,91 @@ async def scenario(page: Page, url: str, s: MailServer, shot: Path) -> None:
 
 
 async def test_roundcube_agent_scenario(chromium: str, server: MailServer, tmp_path: Path) -> None:
-    from playwright.async_api import async_playwright  # the chromium fixture made sure it is there
+    async with webmail(chromium, server, tmp_path) as (page, url):
+        await scenario(page, url, server, tmp_path / f"roundcube-list-{server.name}.png")
 
-    rc = Roundcube(tmp_path / "roundcube", server.imap_port, server.smtp_port).start()
+
+# --------------------------------------------------------------------------- who is answering
+
+DRAFT_TO_QUESTION = Seed(f"Re: {QUESTION.subject}", june(5), "<draft-piotr@acme.test>", QUESTION.msgid)
+NOTE_ON_ORDER = Seed(f"Re: {ORDER.subject}", june(5), "<note-piotr@acme.test>", ORDER.msgid)
+
+
+def written_by_colleague(seed: Seed, to: str) -> bytes:
+    m = message_from_bytes(seed.raw(), policy=policy.SMTP)
+    m.replace_header("From", f"Piotr <{COLLEAGUE}>")
+    m.replace_header("To", to)
+    return m.as_bytes(policy=policy.SMTP)
+
+
+def save_draft(port: int) -> None:
+    """The colleague's client saves a draft reply to the customer's question (APPEND to Drafts)."""
+    with imap(port, COLLEAGUE) as c:
+        typ, data = c.append("Drafts", "", None, written_by_colleague(DRAFT_TO_QUESTION, CUSTOMER))
+        assert typ == "OK", data
+
+
+def send_as_colleague(port: int, to: str, seed: Seed) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+        c.login(COLLEAGUE, PASSWORD)
+        c.sendmail(COLLEAGUE, [to], written_by_colleague(seed, to))
+
+
+def question_flags(port: int) -> str:
+    with imap(port) as c:
+        assert c.select("INBOX", readonly=True)[0] == "OK"
+        _, found = c.uid("SEARCH", "HEADER", "Message-ID", QUESTION.msgid)
+        _, data = c.uid("FETCH", found[0].split()[0].decode(), "(FLAGS)")
+    return str(data[0])
+
+
+async def test_roundcube_shows_who_is_answering(chromium: str, tmp_path: Path) -> None:
+    smarthost = await Smarthost().start()
     try:
-        async with async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=chromium)
-            try:
-                page = await browser.new_page(viewport={"width": 1400, "height": 900}, locale="en-US")
-                await scenario(page, rc.url, server, tmp_path / f"roundcube-list-{server.name}.png")
-            finally:
-                await browser.close()
-    except BaseException as exc:
-        exc.add_note(f"--- Roundcube's logs\n{rc.logs()}\n--- {server.name}'s log\n{server.log()}")
-        raise
+        with mailgate(tmp_path, smarthost) as s:
+            await asyncio.to_thread(seed, s.imap_port)
+            await asyncio.to_thread(save_draft, s.imap_port)
+            await asyncio.to_thread(send_as_colleague, s.smtp_port, "notes@acme.test", NOTE_ON_ORDER)
+
+            async def marked() -> bool:
+                return "$AnsweringPiotr" in await asyncio.to_thread(question_flags, s.imap_port)
+
+            await until("the question marked $AnsweringPiotr over IMAP", marked)
+            async with webmail(chromium, s, tmp_path) as (page, url):
+                await answering_marks(page, url, s, tmp_path / "roundcube-answering.png")
     finally:
-        rc.stop()
+        await smarthost.stop()
+
+
+async def answering_marks(page: Page, url: str, s: MailServer, shot: Path) -> None:
+    await login(page, url)
+    question = page.locator("#messagelist tbody tr", has_text=QUESTION.subject).first
+    answering = question.locator(".mailgate-answering-mark")
+    await answering.wait_for()
+    assert await answering.get_attribute("title") == "Being answered by Piotr (a draft reply is saved)"
+    assert await answering.inner_text() == "Piotr"
+    assert "mailgate-answering" in (await question.get_attribute("class") or "").split()
+    assert await page.locator("#messagelist tr.mailgate-answering").count() == 1  # that row only
+    note = page.locator("#messagelist tbody tr", has_text=f"[Note] {NOTE_ON_ORDER.subject}").first
+    assert await note.locator(".mailgate-note-mark").get_attribute("title") == (
+        "Internal note: the customer never sees it"
+    )
+    await page.screenshot(path=str(shot), full_page=True)
+    save_artifact(shot)
+
+    # The colleague sends the reply: at the next refresh, the row says who answered instead.
+    await asyncio.to_thread(send_as_colleague, s.smtp_port, CUSTOMER, DRAFT_TO_QUESTION)
+
+    async def answered() -> bool:
+        flags = await asyncio.to_thread(question_flags, s.imap_port)
+        return "$AnsweredByPiotr" in flags and "$Answering" not in flags
+
+    await until("the question answered by Piotr over IMAP", answered)
+    await page.evaluate("rcmail.command('checkmail')")
+    answered_by = question.locator(".mailgate-answeredby-mark")
+    await answered_by.wait_for()
+    assert await answered_by.get_attribute("title") == "Answered by Piotr"
+    assert await page.locator("#messagelist .mailgate-answering-mark").count() == 0
+    assert "mailgate-answering" not in (await question.get_attribute("class") or "").split()
+    received = [m.rcpts for m in s.smarthost.received]
+    assert received == [[CUSTOMER]], received  # the reply went out; the note did not
