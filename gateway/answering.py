@@ -36,7 +36,11 @@ folder index and every idling session (in every instance) see it.
   the conversation it replies to (else INBOX) with ``$Note`` and its subject
   prefixed ``[Note]`` (:func:`note_form`), never relayed and with no
   ``\\Sent`` copy; the other recipients of a reply-all get the message without
-  the notes address in the envelope. Relay-in refuses the notes address
+  the notes address in the envelope. A note takes no place in the hourly
+  outbound limits (:func:`gateway.smtp.outbox.going_out`); a note alone that
+  does not fit the quota is refused ``452 4.2.2`` (the client keeps it), the
+  note copy of a reply-all is kept whatever the quota, as the ``\\Sent`` copy
+  is. Relay-in refuses the notes address
   (:func:`gateway.smtp.policy.route_recipient`, ``550 5.7.1``).
 
 ``<Name>`` (:func:`keyword_name`) is made of the agent's configured ``name``:
@@ -61,6 +65,7 @@ import structlog
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+import quotas
 from gateway.auth import Identity
 from gateway.config import Config, TenantSection
 from gateway.message import Headers
@@ -367,12 +372,17 @@ def note_form(raw: bytes, headers: Headers) -> bytes:
     return head[: match.end()] + b"[Note] " + head[match.end() :] + body
 
 
-async def file_note(s: AsyncSession, tenant_id: str, headers: Headers, note: mailstore.NewMessage) -> int:
+async def file_note(
+    s: AsyncSession, tenant_id: str, headers: Headers, note: mailstore.NewMessage, *, check_quota: bool
+) -> int:
     """Store an agent's internal note in the folder of the conversation it replies to (else INBOX),
-    with ``$Note``; the folder's id."""
+    with ``$Note``; the folder's id. With ``check_quota``, a note that does not fit the folder's or
+    the tenant's quota raises :class:`quotas.QuotaExceeded`."""
     original = await find_original(s, tenant_id, headers)
     folder = await s.get(Folder, original.folder_id) if original is not None else None
     if folder is None:
         folder = await mailstore.require_folder(s, tenant_id, mailstore.INBOX)
+    if check_quota:
+        await quotas.check(s, folder, note.size)
     await mailstore.append(s, folder, [note])
     return folder.id

@@ -16,8 +16,9 @@ import pytest
 from sqlalchemy import func, select
 
 from gateway.answering import Sweeper, keyword_name
-from gateway.config import parse_config
+from gateway.config import OutboundLimits, parse_config
 from gateway.metrics import DatabaseCollector
+from gateway.smtp.hourly import HourlyLimits
 from storage import events
 from storage.models import AnsweringMark, Event, Message
 from tests.conftest import config_dict
@@ -38,8 +39,10 @@ DRAFT = (
 REPLY = DRAFT.replace(b"<draft-1@acme.test>", b"<reply-1@acme.test>")
 
 
-def config(tmp_path: Path, db_url: str) -> object:
+def config(tmp_path: Path, db_url: str, **tenant: object) -> object:
+    """Agents Anna Nowak and Piotr; ``tenant``: more tenant keys."""
     data = config_dict(tmp_path, db_url)
+    data["tenants"][0].update(tenant)
     data["tenants"][0]["agents"] = [
         {"login": "anna@acme.test", "name": "Anna Nowak", "password_hash": HASH},
         {"login": "piotr@acme.test", "name": "Piotr", "password_hash": HASH},
@@ -251,3 +254,40 @@ async def test_mail_to_the_notes_address_from_outside_is_refused(tmp_path: Path,
         reply = await asend(g.smtp.port, "customer@example.org", ["notes@acme.test"], CUSTOMER)
         assert reply.startswith("550 5.7.1 <notes@acme.test>"), reply
         assert await g.folder("INBOX") == []
+
+
+async def test_a_note_takes_no_place_in_the_hourly_outbound_limits(tmp_path: Path, db_url: str) -> None:
+    async with gateway_with_imap(config(tmp_path, db_url)) as (g, port):  # type: ignore[arg-type]
+        one = OutboundLimits(agent_messages_per_hour=1, agent_recipients_per_hour=1)
+        g.outbox.hourly = HourlyLimits(lambda: one, time.monotonic)
+        await run(append, port, "piotr@acme.test", "INBOX", CUSTOMER)
+        sub = g.submission.port
+        assert await run(send_as, sub, "piotr@acme.test", ["notes@acme.test"], NOTE) == "ok"
+        # The reply-all: one message, one recipient outside (the notes address is not one).
+        both = NOTE.replace(b"<note-1@acme.test>", b"<reply-2@acme.test>")
+        assert await run(send_as, sub, "piotr@acme.test", ["customer@example.org", "notes@acme.test"], both)
+        assert await run(send_as, sub, "piotr@acme.test", ["notes@acme.test"], NOTE) == "ok"
+        with pytest.raises(smtplib.SMTPDataError, match="Hourly sending limit reached: 1 messages per hour"):
+            await run(send_as, sub, "piotr@acme.test", ["customer@example.org"], REPLY)
+        _threads, notes = await run(thread_and_notes, port)
+        assert len(notes) == 3
+
+
+async def test_a_note_alone_over_the_quota_is_refused(tmp_path: Path, db_url: str) -> None:
+    quota = len(CUSTOMER) + len(NOTE) // 2  # the customer's message fits, a note after it does not
+    async with gateway_with_imap(config(tmp_path, db_url, quota=quota)) as (g, port):  # type: ignore[arg-type]
+        await run(append, port, "piotr@acme.test", "INBOX", CUSTOMER)
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            await run(send_as, g.submission.port, "piotr@acme.test", ["notes@acme.test"], NOTE)
+        assert (refused.value.smtp_code, refused.value.smtp_error) == (
+            452,
+            b"4.2.2 Mailbox full, try again later",
+        )
+        assert len(await g.folder("INBOX")) == 1
+        # A reply-all's note copy is kept whatever the quota, as the \Sent copy is: the reply goes.
+        both = NOTE.replace(b"<note-1@acme.test>", b"<reply-2@acme.test>")
+        await run(
+            send_as, g.submission.port, "piotr@acme.test", ["customer@example.org", "notes@acme.test"], both
+        )
+        assert len(await g.queued()) == 1
+        assert len(await g.folder("INBOX")) == 2

@@ -83,6 +83,14 @@ class Submitted:
     queue_id: str | None = None
 
 
+def going_out(tenant: TenantSection, identity: Identity | None, recipients: Sequence[str]) -> list[str]:
+    """The recipients a message is relayed to: an agent's without the tenant's notes address."""
+    if identity is None:
+        return list(recipients)
+    notes = tenant.effective_notes_address
+    return [r for r in recipients if r.lower() != notes]
+
+
 class Outbox:
     """Queues messages for the tenants' relays."""
 
@@ -117,13 +125,15 @@ class Outbox:
         queued after all gives its place back.
         """
         agent = identity.login if identity is not None else ""
-        reserved = self.hourly.reserve(tenant.id, agent, len(recipients)) if self.hourly else None
+        outgoing = going_out(tenant, identity, recipients)
+        # An internal note is not outgoing mail: the notes address takes no place, a note alone none.
+        reserved = self.hourly.reserve(tenant.id, agent, len(outgoing)) if self.hourly and outgoing else None
         if isinstance(reserved, str):
             metrics.OUTBOUND_LIMITED.labels(tenant.id, agent).inc()
             log.warning("outbox.hourly_limit", tenant=tenant.id, agent=agent or None, reply=reserved)
             return Submitted(reserved)
         try:
-            submitted = await self._submit(tenant, identity, mail_from, recipients, data, queue_id)
+            submitted = await self._submit(tenant, identity, mail_from, recipients, outgoing, data, queue_id)
         except BaseException:
             if self.hourly is not None and reserved is not None:
                 self.hourly.release(reserved)
@@ -138,6 +148,7 @@ class Outbox:
         identity: Identity | None,
         mail_from: str,
         recipients: Sequence[str],
+        outgoing: Sequence[str],
         data: bytes,
         queue_id: str | None,
     ) -> Submitted:
@@ -165,18 +176,23 @@ class Outbox:
             logger.info("outbox.header_sender_refused", reply=refused)
             return Submitted(refused)
         now = self.clock()
-        notes = tenant.effective_notes_address
-        if identity is not None and notes in {r.lower() for r in recipients}:
+        if len(outgoing) < len(recipients):
             # An internal note: filed in the conversation, never relayed; the other recipients
             # (a reply-all) get the message without the notes address in the envelope.
             noted = answering.note_form(data, headers)
             note = await asyncio.to_thread(
                 describe, noted, parse_headers(noted), await self.blobs.put(noted), now, NOTE_FLAGS
             )
-            recipients = [r for r in recipients if r.lower() != notes]
+            recipients = outgoing
             if not recipients:
-                async with self.db.write() as s:
-                    folder_id = await answering.file_note(s, tenant.id, headers, note)
+                # A note alone must fit the quota (452: the client keeps it and tries again); the
+                # note copy of a reply-all is kept whatever the quota, as the \Sent copy is.
+                try:
+                    async with self.db.write() as s:
+                        folder_id = await answering.file_note(s, tenant.id, headers, note, check_quota=True)
+                except quotas.QuotaExceeded as exc:
+                    logger.info("outbox.note_over_quota", reason=str(exc))
+                    return Submitted(exc.smtp_reply)
                 self.changes.publish([folder_id])
                 logger.info("outbox.note_filed", folder_id=folder_id)
                 return Submitted(f"{policy.OK} note filed, not sent")
@@ -192,13 +208,16 @@ class Outbox:
             await asyncio.to_thread(describe, data, headers, digest, now, frozenset({"\\Seen"})),
             submitted_by=identity.agent_id if identity is not None else None,
         )
-        collision = None
-        async with self.db.write() as s:
+
+        async def queue_it(s: AsyncSession) -> tuple[Submitted, set[int], bool]:
+            """The transaction: the monthly limit, the collision check, the queue row, the note
+            and Sent copies, the answered marks; the reply, the folders changed, whether it collided."""
             limit = await self._over_monthly_limit(s, tenant, now)
             if limit is not None:
                 metrics.OUTBOUND_LIMITED.labels(tenant.id, identity.login if identity else "").inc()
                 logger.info("outbox.monthly_limit", limit=limit, plan=tenant.plan)
-                return Submitted(policy.monthly_limit(limit, tenant.plan or ""))
+                return Submitted(policy.monthly_limit(limit, tenant.plan or "")), set(), False
+            collision = None
             if identity is not None and original is not None and tenant.collision != "off":
                 # Checked inside the write transaction, with the answered message's
                 # row locked (SQLite serialises writers anyway): two agents replying
@@ -211,9 +230,8 @@ class Outbox:
                         who, when = collision
                         # Returning commits the collision event before the client hears 450.
                         logger.info("outbox.collision_held", answered_by=who, counted=counted)
-                        return Submitted(
-                            policy.COLLISION.format(who=who, when=when.strftime("%Y-%m-%d %H:%M UTC"))
-                        )
+                        held = policy.COLLISION.format(who=who, when=when.strftime("%Y-%m-%d %H:%M UTC"))
+                        return Submitted(held), set(), True
             row = await queue.enqueue(
                 s,
                 tenant_id=tenant.id,
@@ -227,29 +245,44 @@ class Outbox:
                 message_id=headers.message_id,
                 queue_id=queue_id,
             )
-            logger = logger.bind(queue_id=row.queue_id)
-            note_folder = await answering.file_note(s, tenant.id, headers, note) if note is not None else None
+            note_folder = (
+                await answering.file_note(s, tenant.id, headers, note, check_quota=False)
+                if note is not None
+                else None
+            )
             sent = None if save_sent == "never" else await mailstore.special_folder(s, tenant.id, "\\Sent")
             if sent is not None:
                 # Refusing to send would be worse than going over quota: the copy is kept.
                 try:
                     await quotas.check(s, sent, len(data))
                 except quotas.QuotaExceeded as exc:
-                    logger.warning("outbox.sent_copy_over_quota", reason=str(exc))
+                    logger.warning("outbox.sent_copy_over_quota", queue_id=row.queue_id, reason=str(exc))
                 await mailstore.append(s, sent, [sent_copy])
             marked: set[int] = set()
             if identity is not None and original is not None:
                 marked = await self._answered(s, tenant, identity, original, now)
-        self.changes.publish({*marked, *([sent.id] if sent else []), *([note_folder] if note_folder else [])})
+            changed = {*marked, *([sent.id] if sent else []), *([note_folder] if note_folder else [])}
+            return (
+                Submitted(f"{policy.OK} queued as {row.queue_id}", row.queue_id),
+                changed,
+                collision is not None,
+            )
+
+        # Group commit: submissions arriving while one commits share the next transaction.
+        submitted, changed, collided = await self.db.grouped(queue_it)
+        if submitted.queue_id is None:
+            return submitted
+        self.changes.publish(changed)
         self.wake()
         logger.info(
             "outbox.queued",
+            queue_id=submitted.queue_id,
             rcpts=len(recipients),
             domains=sorted({r.rpartition("@")[2] for r in recipients}),
             size=len(data),
-            collision=collision is not None,
+            collision=collided,
         )
-        return Submitted(f"{policy.OK} queued as {row.queue_id}", row.queue_id)
+        return submitted
 
     @staticmethod
     async def _over_monthly_limit(s: AsyncSession, tenant: TenantSection, now: datetime) -> int | None:
