@@ -32,6 +32,7 @@ from gateway.connections import ConnectionGate
 from gateway.ingest import Delivery, Pipeline
 from gateway.message import parse_headers
 from gateway.smtp import policy
+from gateway.smtp.data import BlockDataSMTP
 from gateway.smtp.outbox import Outbox
 from storage import queue
 from storage.db import uninterrupted
@@ -62,8 +63,8 @@ class Limits:
         self.commands = commands
 
 
-class MailgateSMTP(SMTP):
-    """aiosmtpd's SMTP with our reply translation, connection gate and adaptive idle timeout.
+class MailgateSMTP(BlockDataSMTP):
+    """aiosmtpd's SMTP with our DATA reader, reply translation, connection gate and adaptive idle timeout.
 
     A session is *early* until ``MAIL FROM`` is accepted; the gate may close an
     early session that sits idle, and under stress allows it a shorter idle
