@@ -203,10 +203,12 @@ class Outbox:
         save_sent = agent.save_sent if agent is not None else "auto"
         if agent is not None and agent.footer:
             data = await asyncio.to_thread(add_footer, data, agent.footer)
-        digest = await self.blobs.put(data)
+        # The blob is written (its syscalls release the GIL) while the Sent copy is described.
+        digest, described = await asyncio.gather(
+            self.blobs.put(data), asyncio.to_thread(describe, data, headers, "", now, frozenset({"\\Seen"}))
+        )
         sent_copy = dataclasses.replace(
-            await asyncio.to_thread(describe, data, headers, digest, now, frozenset({"\\Seen"})),
-            submitted_by=identity.agent_id if identity is not None else None,
+            described, blob=digest, submitted_by=identity.agent_id if identity is not None else None
         )
 
         async def queue_it(s: AsyncSession) -> tuple[Submitted, set[int], bool]:
