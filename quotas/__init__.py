@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -66,6 +66,14 @@ class QuotaExceeded(StoreError):
         self.adding = adding
 
 
+# One statement, built once: the folder's and the tenant's usage and limits.
+_USAGE = (
+    select(Folder.used_bytes, Folder.quota_bytes, Tenant.used_bytes, Tenant.quota_bytes)
+    .join(Tenant, Tenant.id == Folder.tenant_id)
+    .where(Folder.id == bindparam("fid"))
+)
+
+
 async def check(s: AsyncSession, folder: Folder, adding: int, *, tenant_adding: int | None = None) -> None:
     """Raise :class:`QuotaExceeded` if ``adding`` bytes do not fit in ``folder``.
 
@@ -75,13 +83,7 @@ async def check(s: AsyncSession, folder: Folder, adding: int, *, tenant_adding: 
     if adding <= 0 or folder.special_use == JUNK:
         return
     tenant_adding = adding if tenant_adding is None else tenant_adding
-    row = (  # one statement: the folder's and the tenant's usage and limits
-        await s.execute(
-            select(Folder.used_bytes, Folder.quota_bytes, Tenant.used_bytes, Tenant.quota_bytes)
-            .join(Tenant, Tenant.id == Folder.tenant_id)
-            .where(Folder.id == folder.id)
-        )
-    ).one()
+    row = (await s.execute(_USAGE, {"fid": folder.id})).one()
     folder_used, folder_quota, tenant_used, tenant_quota = row
     if folder_quota is not None and folder_used + adding > folder_quota:
         raise QuotaExceeded(f"folder {folder.name!r}", folder_used, folder_quota, adding, folder_id=folder.id)

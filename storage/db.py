@@ -13,7 +13,8 @@ transaction shared with the writers that queued while the previous one
 committed, each in its own SAVEPOINT, so N concurrent IMAP STOREs cost one
 commit (one fsync) instead of N. A function that raises is rolled back alone;
 the others' results are handed out only after the commit, and a failed commit
-fails them all.
+fails them all. A function alone in its transaction needs no SAVEPOINT: its
+failure rolls the whole transaction back.
 
 Counting: every statement sent and every commit made through a
 :class:`Database` is counted in its :class:`Activity` (the metrics
@@ -181,18 +182,23 @@ class Database:
             done: list[tuple[asyncio.Future[Any], Any]] = []
             try:
                 async with self.write() as s:
-                    for fn, future in batch:
-                        try:
-                            async with s.begin_nested():
-                                done.append((future, await fn(s)))
-                        except Exception as exc:  # noqa: BLE001 (handed to its caller; the others go on)
-                            future.set_exception(exc)
-                        # Flushed (or rolled back): each function starts with an empty identity map, so a
-                        # rollback's expiry never reaches objects another one holds.
-                        s.expunge_all()
-            except BaseException as exc:  # the commit failed: so did every function in it
-                for future, _ in done:
-                    future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+                    if len(batch) == 1:  # alone: its failure is the transaction's (see the module doc)
+                        fn, future = batch[0]
+                        done.append((future, await fn(s)))
+                    else:
+                        for fn, future in batch:
+                            try:
+                                async with s.begin_nested():
+                                    done.append((future, await fn(s)))
+                            except Exception as exc:  # noqa: BLE001 (handed to its caller; the others go on)
+                                future.set_exception(exc)
+                            # Flushed (or rolled back): each function starts with an empty identity map, so
+                            # a rollback's expiry never reaches objects another one holds.
+                            s.expunge_all()
+            except BaseException as exc:  # the transaction failed: so did every function in it not failed yet
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
                 if not isinstance(exc, Exception):
                     raise
                 continue

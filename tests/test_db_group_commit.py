@@ -56,6 +56,36 @@ async def test_concurrent_writers_share_one_commit_and_a_failure_is_undone_alone
     assert after == before + 101
 
 
+async def test_a_writer_alone_in_its_transaction_is_undone_when_it_fails(db: Database) -> None:
+    """A lone function runs without a SAVEPOINT (2026-12-04, issue #13's APPEND): its failure must
+    roll its writes back all the same, reach its caller, and leave the next writer a clean start."""
+    async with db.read() as s:
+        folder = await mailstore.get_folder(s, "acme", "INBOX")
+    assert folder is not None
+    statements: list[str] = []
+    event.listen(db.writer.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+
+    async def bump_then_fail(s):  # type: ignore[no-untyped-def]
+        await s.execute(
+            update(Folder).where(Folder.id == folder.id).values(uidvalidity=Folder.uidvalidity + 7)
+        )
+        raise ValueError("refused")
+
+    async def bump(s):  # type: ignore[no-untyped-def]
+        await s.execute(
+            update(Folder).where(Folder.id == folder.id).values(uidvalidity=Folder.uidvalidity + 1)
+        )
+        return "done"
+
+    with pytest.raises(ValueError, match="refused"):
+        await db.grouped(bump_then_fail)
+    assert await db.grouped(bump) == "done"
+    assert not [s for s in statements if "SAVEPOINT" in s.upper()], statements
+    async with db.read() as s:
+        after = await s.scalar(select(Folder.uidvalidity).where(Folder.id == folder.id))
+    assert after == folder.uidvalidity + 1
+
+
 async def test_activity_counts_each_statement_and_each_commit(db: Database) -> None:
     """What ``mailgate_db_statements_total`` and ``mailgate_db_commits_total`` report."""
     before = (db.activity.statements, db.activity.commits)
