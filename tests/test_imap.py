@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import imaplib
 import re
+import shutil
 import socket
 import time
 import zlib
@@ -22,6 +23,7 @@ from gateway.daemon import open_store
 from gateway.imap.server import IMAPServer
 from gateway.ingest import Delivery, Pipeline
 from gateway.notify import Changes
+from storage.blobs.fs import FsBlobStore
 from storage.db import Database
 from storage.models import Event
 from tests.conftest import config_dict, on_every_blob_backend
@@ -523,6 +525,27 @@ async def test_multiappend_stores_all_or_nothing(imap: Server) -> None:
     )
     assert refused.startswith(b"t1 NO [OVERQUOTA]"), refused
     assert len(await _inbox(imap)) == 6  # not the first two either
+
+
+async def test_append_whose_blob_cannot_be_written_stores_nothing(imap: Server) -> None:
+    """Regression guard for the overlapped APPEND (2026-12-04, issue #13): the blob is written
+    while the transaction runs, and the transaction names it only once it is durable. A blob
+    that cannot be written fails the APPEND with a NO, stores no row, and the session goes on."""
+    store = imap.server.blobs
+    assert isinstance(store, FsBlobStore)
+    spool = store.root / "tmp"
+    shutil.rmtree(spool, ignore_errors=True)
+    spool.write_bytes(b"")  # where the blob's temporary file goes: not a directory now
+    replies = await run(
+        _exchange, imap.server.port, [b"APPEND INBOX " + _plus(message(21)), b"STATUS INBOX (MESSAGES)"]
+    )
+    assert replies[0].startswith(b"t1 NO [UNAVAILABLE]"), replies
+    assert replies[1].startswith(b"t2 OK"), replies
+    assert len(await _inbox(imap)) == 3
+    spool.unlink()
+    (stored,) = await run(_exchange, imap.server.port, [b"APPEND INBOX " + _plus(message(21))])
+    assert stored.startswith(b"t1 OK [APPENDUID"), stored
+    assert (await _inbox(imap))[-1] == message(21)
 
 
 async def test_catenate_builds_from_text_and_this_agents_messages(imap: Server) -> None:

@@ -41,6 +41,7 @@ is the one place where they become ``NO [CODE] text``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from bisect import bisect_left, bisect_right
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -110,6 +111,7 @@ BLOB_BATCH = 4 * 2**20  # message bytes a FETCH reads per thread hop
 _META = frozenset({"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "MODSEQ"})  # FETCH items in the index
 APPEND_LIMIT = 50 * 10**6
 MAX_UPDATES = 10  # updating searches per session (CONTEXT=SEARCH), as Dovecot's CLIENT_MAX_SEARCH_UPDATES
+INLINE_PARSE = 64 * 1024  # APPENDs up to this size are parsed on the event loop, not in a thread
 SENT_COPY_WINDOW = timedelta(hours=24)  # how long a client's own copy of a sent message is recognised
 MAX_NAME = 255  # characters in a folder name: the folders.name column, as mailstore.create_folder checks
 
@@ -715,50 +717,92 @@ class Session:
 
     async def cmd_append(self, cmd: c.Append) -> str:
         """APPEND of one message or several (MULTIAPPEND, RFC 3502: one transaction, all or none),
-        each a literal or CATENATEd (RFC 4469) from text and URLs of messages the agent may read."""
+        each a literal or CATENATEd (RFC 4469) from text and URLs of messages the agent may read.
+
+        The blobs are written and fsynced in a thread while this loop parses the messages and the
+        transaction finds the folder, checks the quota and allocates UIDs; the transaction awaits
+        them before it names them, so they are durable before the commit that references them.
+        """
         self.may_change(cmd.mailbox)
         now = datetime.now(UTC)
         raws = [m.message if not m.catenate else await self._catenate(m.catenate) for m in cmd.messages]
-        if sum(map(len, raws)) > APPEND_LIMIT:
+        size = sum(map(len, raws))
+        if size > APPEND_LIMIT:
             raise No("message too large", "TOOBIG")
 
         # Stored as an IMAP server stores it: CRLF line ends, no NUL (as Dovecot does).
         def stored_forms() -> list[tuple[bytes, Headers]]:
             return [(form, parse_headers(form)) for form in map(mime.stored_form, raws)]
 
-        forms = await asyncio.to_thread(stored_forms)
-        if len(forms) == 1:
-            first = cmd.messages[0]
-            existing = await self._own_sent_copy(cmd.mailbox, first.flags, forms[0][1].message_id, now)
-            if existing is not None:
-                return existing
-        raws = [raw for raw, _ in forms]
-
-        digests = [await self.blobs.put(raw) for raw, _ in forms]  # durable before the rows name them
-
-        def structures() -> list[mailstore.NewMessage]:  # one thread hop for all the messages
+        def structures() -> list[mailstore.NewMessage]:  # the blob digests are filled in below
             return [
-                describe(raw, parsed, digest, now, frozenset(m.flags), m.internal_date)
-                for (raw, parsed), digest, m in zip(forms, digests, cmd.messages, strict=True)
+                describe(raw, parsed, "", now, frozenset(m.flags), m.internal_date)
+                for (raw, parsed), m in zip(forms, cmd.messages, strict=True)
             ]
 
-        new = await asyncio.to_thread(structures)
-
-        async def append(s: AsyncSession) -> tuple[Folder, list[Any]]:
+        async def append(s: AsyncSession) -> tuple[Folder, list[mailstore.Stored] | int]:
+            """The new messages' places, or the UID of mailgate's own copy in Sent (see _sent_copy_of)."""
             folder = await mailstore.get_folder(s, self.tenant_id, cmd.mailbox)
             if folder is None or not self.visible(folder.name):
                 raise No(f"no folder {cmd.mailbox}", "TRYCREATE")
-            await quotas.check(s, folder, sum(map(len, raws)))
-            stored = await mailstore.append(s, folder, new)
+            if sent is not None and folder.special_use == "\\Sent":
+                uid = await mailstore.submitted_copy(
+                    s, folder, self.me.agent_id, sent, now - SENT_COPY_WINDOW
+                )
+                if uid is not None:
+                    if flags:
+                        await mailstore.store_flags(s, folder, [uid], flags, "add")
+                    return folder, uid
+            await quotas.check(s, folder, size)
+            try:
+                digests = await asyncio.shield(written)
+            except OSError as exc:
+                self.log.error("imap.append_unwritten", error=repr(exc))
+                raise No("the message could not be written, try again later", "UNAVAILABLE") from None
+            stored = await mailstore.append(
+                s, folder, [dataclasses.replace(m, blob=d) for m, d in zip(new, digests, strict=True)]
+            )
             await self._claim_recent(s, folder.id, stored[-1].uid + 1)
             return folder, stored
 
-        folder, stored = await self.db.grouped(append)
+        inline = size <= INLINE_PARSE
+        forms = stored_forms() if inline else await asyncio.to_thread(stored_forms)
+        sent = self._sent_copy_of(forms[0][1].message_id) if len(forms) == 1 else None
+        flags = cmd.messages[0].flags
+        written = asyncio.create_task(self._put_blobs([raw for raw, _ in forms]))  # noqa: RUF006 (awaited below)
+        try:
+            new = structures() if inline else await asyncio.to_thread(structures)
+            folder, outcome = await self.db.grouped(append)
+        finally:
+            await asyncio.wait([written])  # a blob nothing names is collected later (retention)
+        if isinstance(outcome, int):
+            if flags:
+                self.changes.publish([folder.id])
+            self.log.info("imap.sent_copy_kept", uid=outcome, message_id=sent)
+            return (
+                f"[APPENDUID {folder.uidvalidity} {outcome}] APPEND completed (mailgate filed it on sending)"
+            )
         self.changes.publish([folder.id])
         tenant, drafts = self.config().tenant(self.tenant_id), [h for _, h in forms]
-        await answering.drafted(self.db, self.changes, tenant, self.me, folder, stored, drafts, now)
-        uids = f"{stored[0].uid}:{stored[-1].uid}" if len(stored) > 1 else str(stored[0].uid)
+        await answering.drafted(self.db, self.changes, tenant, self.me, folder, outcome, drafts, now)
+        uids = f"{outcome[0].uid}:{outcome[-1].uid}" if len(outcome) > 1 else str(outcome[0].uid)
         return f"[APPENDUID {folder.uidvalidity} {uids}] APPEND completed"
+
+    async def _put_blobs(self, raws: Sequence[bytes]) -> list[str]:
+        return [await self.blobs.put(raw) for raw in raws]
+
+    def _sent_copy_of(self, message_id: str | None) -> str | None:
+        """The Message-ID to look for in ``\\Sent`` when this agent APPENDs one message there.
+
+        Thunderbird and Outlook save each sent message to Sent themselves. When
+        the agent's ``save_sent`` is ``auto`` (the default) and the target is
+        the tenant's ``\\Sent`` folder, a message whose Message-ID is that of
+        mailgate's copy of this agent's submission in the last 24 hours is not
+        stored again: its flags are added to that copy and the answer names the
+        copy's UID.
+        """
+        agent = self.config().tenant(self.tenant_id).agent(self.me.login)
+        return None if message_id is None or agent is None or agent.save_sent != "auto" else message_id
 
     async def _catenate(self, parts: Sequence[c.CatenatePart]) -> bytes:
         """The message a CATENATE builds; NO [BADURL url] for a URL that names nothing this agent may read
@@ -795,40 +839,6 @@ class Session:
             start, length = ref.partial
             data = data[start : start + length] if length else data[start:]
         return data
-
-    async def _own_sent_copy(
-        self, mailbox: str, flags: Sequence[str], message_id: str | None, now: datetime
-    ) -> str | None:
-        """APPEND of the agent's own copy of a message mailgate filed in ``\\Sent`` for them.
-
-        Thunderbird and Outlook save each sent message to Sent themselves. When
-        the agent's ``save_sent`` is ``auto`` (the default) and the target is
-        the tenant's ``\\Sent`` folder, a message whose Message-ID is that of
-        mailgate's copy of this agent's submission in the last 24 hours is not
-        stored again: its flags are added to that copy and the answer names the
-        copy's UID. The tagged reply, or None when the APPEND is to be stored.
-        """
-        agent = self.config().tenant(self.tenant_id).agent(self.me.login)
-        if message_id is None or agent is None or agent.save_sent != "auto":
-            return None
-        async with self.db.read() as s:  # most APPENDs are not to Sent: no write for them
-            folder = await mailstore.get_folder(s, self.tenant_id, mailbox)
-            if folder is None or folder.special_use != "\\Sent" or not self.visible(folder.name):
-                return None
-            since = now - SENT_COPY_WINDOW
-            uid = await mailstore.submitted_copy(s, folder, self.me.agent_id, message_id, since)
-        if uid is None:
-            return None
-        folder_id = folder.id
-
-        async def add_flags(s: AsyncSession) -> list[mailstore.FlagChange]:
-            current = await s.get(Folder, folder_id)
-            return await mailstore.store_flags(s, current, [uid], flags, "add") if current and flags else []
-
-        if await self.db.grouped(add_flags):
-            self.changes.publish([folder_id])
-        self.log.info("imap.sent_copy_kept", uid=uid, message_id=message_id)
-        return f"[APPENDUID {folder.uidvalidity} {uid}] APPEND completed (mailgate filed it on sending)"
 
     # ------------------------------------------------------------------ selected
 
@@ -1118,17 +1128,16 @@ class Session:
             atts.insert(0, c.FetchAtt("UID"))
         if cmd.changed_since is not None and "MODSEQ" not in names:  # RFC 7162 3.1.4.1
             atts.append(c.FetchAtt("MODSEQ"))
-        marks_seen = (
-            not view.readonly
-            and any(
-                a.name in ("RFC822", "RFC822.TEXT") or (a.section is not None and not a.peek) for a in atts
-            )
+        opens = (
+            any(a.name in ("RFC822", "RFC822.TEXT") or (a.section is not None and not a.peek) for a in atts)
             and self.refusal(view.name) is None
         )
-        if marks_seen and uids:
+        if opens and uids and not view.readonly:
             await self._mark_seen(uids)
             if "FLAGS" not in names:
                 atts.append(c.FetchAtt("FLAGS"))
+        elif opens and uids:
+            await self._opened_read_only(view, uids)
         if not any(map(_stored, atts)):
             state = await self.index.current(view.folder_id)
             since = cmd.changed_since
@@ -1192,6 +1201,23 @@ class Session:
             self.selected.answered(change.uid, change.modseq)
         if changed:
             self._wrote(changed)
+
+    async def _opened_read_only(self, view: View, uids: list[int]) -> None:
+        """Messages opened in an EXAMINE session: no ``\\Seen``, but one a colleague is answering
+        counts a collision warning as in a SELECT session (a write only for such messages)."""
+        state = await self.index.current(view.folder_id)
+        marked = [
+            uid
+            for uid in uids
+            if (entry := state.messages.get(uid)) is not None
+            and answering.ANSWERING in entry.keywords.split(" ")
+        ]
+        if not marked:
+            return
+        tenant = self.config().tenant(self.tenant_id)
+        await self.db.grouped(
+            lambda s: answering.opened(s, tenant, self.me, view.folder_id, marked, datetime.now(UTC))
+        )
 
     async def _fetch_one(
         self,
