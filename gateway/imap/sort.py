@@ -141,6 +141,7 @@ def subject_text(raw: bytes) -> str:
 # --------------------------------------------------------------------------- the stored ENVELOPE
 
 _ATOM_END = re.compile(rb"[ ()\r\n]")
+_QUOTED_STOP = re.compile(rb'["\\]')
 
 
 def _value(data: bytes, i: int) -> tuple[object, int]:
@@ -159,12 +160,13 @@ def _value(data: bytes, i: int) -> tuple[object, int]:
     if c == b'"':
         out = bytearray()
         i += 1
-        while data[i : i + 1] != b'"':
-            if data[i : i + 1] == b"\\":
-                i += 1
-            out += data[i : i + 1]
-            i += 1
-        return bytes(out), i + 1
+        while (stop := _QUOTED_STOP.search(data, i)) is not None:  # the closing quote or a backslash
+            out += data[i : stop.start()]
+            if stop.group() == b'"':
+                return bytes(out), stop.end()
+            out += data[stop.end() : stop.end() + 1]  # the escaped character
+            i = stop.end() + 1
+        raise ValueError("an unterminated quoted string")
     if c == b"{":
         close = data.index(b"}", i)
         size = int(data[i + 1 : close])
