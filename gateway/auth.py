@@ -165,7 +165,7 @@ class Authenticator:
             metrics.AUTH_CACHE_HITS.inc()
             ok = True
         else:
-            ok = await self._verify_in_budget(hashed, password, address)
+            ok = await self._verify_in_budget(login, hashed, password, address)
             if ok and hashed is not None:
                 self._remember(login, hashed, password)
         if not ok:
@@ -182,8 +182,12 @@ class Authenticator:
         await asyncio.sleep(self.failure_delay)
         return None
 
-    async def _verify_in_budget(self, hashed: str | None, password: str, address: str) -> bool:
-        """Run one check within the global budget; False, unchecked, if the address is blocked by then."""
+    async def _verify_in_budget(self, login: str, hashed: str | None, password: str, address: str) -> bool:
+        """Run one check within the global budget; False, unchecked, if the address is blocked by then.
+
+        True, unchecked, when the login was verified with this password while this one waited for
+        its turn: a client opening several sessions at once (all logging in with the same password)
+        costs one argon2 check, not one per session one after another."""
         if self._waiting >= self.config().limits.auth.queue and self._checks.locked():
             log.warning("auth.busy", peer=address, waiting=self._waiting)
             raise AuthUnavailable("too many logins at once, try again later")
@@ -196,6 +200,9 @@ class Authenticator:
             if self.blocked(address):  # failures from this address while it waited
                 log.warning("auth.blocked", peer=address)
                 return False
+            if hashed is not None and self._remembered(login, hashed, password):
+                metrics.AUTH_CACHE_HITS.inc()
+                return True
             self._running[address] += 1
             try:
                 if hashed is None:

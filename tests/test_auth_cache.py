@@ -6,6 +6,7 @@ that verifies); the clock is a variable, so expiry needs no sleeping.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -106,3 +107,12 @@ async def test_the_cache_holds_no_password_and_stays_bounded(counted: Counted, t
     counted.auth.forget()
     assert await counted.login()
     assert not counted.auth._verified
+
+
+async def test_simultaneous_logins_of_one_agent_run_argon2_once(counted: Counted) -> None:
+    """Regression (issue #16): eight sessions logging in at once as one agent ran argon2 eight times, one
+    after another (``concurrent_checks`` 1), though the first success was remembered while the others
+    waited their turn; a wrong password among them is still checked, and still fails."""
+    results = await asyncio.gather(*(counted.login() for _ in range(8)), counted.login("wrong"))
+    assert list(results) == [True] * 8 + [False]
+    assert counted.checks == 2  # one for the right password, one for the wrong one
