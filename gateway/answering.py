@@ -21,11 +21,12 @@ folder index and every idling session (in every instance) see it.
   one: the marks stay while any of the agent's drafts to that message does.
   When the agent's last row for a message ends, ``$Answering<Name>`` goes;
   when the message's last row ends, ``$Answering`` goes.
-* **Collision warnings.** An agent opening (a non-PEEK body FETCH that sets
-  ``\\Seen``) a message another agent's ``$Answering<Name>`` marks counts one
-  ``collision`` event (:func:`opened`, in the transaction that sets
-  ``\\Seen``), as a reply after a colleague's does: once per agent and
-  message, in ``stats agents`` and ``mailgate_agent_collisions_total``.
+* **Collision warnings.** An agent opening (a non-PEEK body FETCH) a message
+  another agent's ``$Answering<Name>`` marks counts one ``collision`` event
+  (:func:`opened`: in the transaction that sets ``\\Seen``, or, in a
+  read-only EXAMINE session, in a transaction of its own), as a reply after a
+  colleague's does: once per agent and message, in ``stats agents`` and
+  ``mailgate_agent_collisions_total``.
 * **Answered-by.** The transaction that queues an agent's reply
   (:mod:`gateway.smtp.outbox`) sets ``\\Answered`` and ``$AnsweredBy<Name>``
   on every copy of the customer message (every folder but ``\\Sent`` and

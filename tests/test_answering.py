@@ -291,3 +291,26 @@ async def test_a_note_alone_over_the_quota_is_refused(tmp_path: Path, db_url: st
         )
         assert len(await g.queued()) == 1
         assert len(await g.folder("INBOX")) == 2
+
+
+async def test_opening_in_an_examine_session_counts_a_collision(tmp_path: Path, db_url: str) -> None:
+    async with gateway_with_imap(config(tmp_path, db_url)) as (g, port):  # type: ignore[arg-type]
+        await run(append, port, "piotr@acme.test", "INBOX", CUSTOMER)
+        await run(append, port, "anna@acme.test", "Drafts", DRAFT)
+
+        def examine_and_fetch(item: str) -> str:
+            c = client(port, "piotr@acme.test")
+            assert c.select("INBOX", readonly=True)[0] == "OK"  # EXAMINE
+            typ, data = c.fetch("1", f"({item} FLAGS)")
+            assert typ == "OK", data
+            c.logout()
+            return str(data[0])
+
+        await run(examine_and_fetch, "BODY.PEEK[]")
+        assert await collisions(g) == 0  # a peek is not opening
+        fetched = await run(examine_and_fetch, "BODY[]")
+        assert await collisions(g) == 1
+        await run(examine_and_fetch, "RFC822")
+        assert await collisions(g) == 1  # once per agent and message
+        assert "\\Seen" not in fetched  # read-only: not \Seen
+        assert "\\Seen" not in await run(flags, port)
