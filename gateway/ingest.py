@@ -12,6 +12,9 @@ Theory of operation
    (UID, MODSEQ and usage counters) and queues any forwards. A forwarded
    copy (From rewritten, see :mod:`gateway.forward`) is its own blob, written
    with the message's before the transaction; its envelope sender is SRS.
+   :meth:`Pipeline.prepare` does steps 1-2 and the blob writes for a whole
+   batch, in two thread hops that overlap, and :meth:`Pipeline.commit` the
+   transaction, so a source can prepare its next batch while one commits.
 4. Only when :meth:`Pipeline.deliver` returns may the source acknowledge
    (SMTP ``250``, upstream delete). A crash before that loses nothing: the
    source retries, and the dedupe key turns the retry into a no-op.
@@ -249,6 +252,19 @@ def fallback_key(headers: Headers, raw: bytes) -> str:
     return "h:" + h.hexdigest()
 
 
+def _analyse(
+    tenant: TenantSection, raw: bytes, delivery: Delivery, now: datetime
+) -> tuple[Headers, Verdict, tuple[str, ...], mailstore.NewMessage]:
+    """The CPU-bound part of preparing a message (in a worker thread): its headers, the rules'
+    verdict, its dedupe keys and its metadata (whose ``blob`` the caller fills in)."""
+    headers = parse_headers(raw)
+    verdict = decide(tenant, headers, len(raw), delivery)
+    content_key = fallback_key(headers, raw)
+    keys = (delivery.dedupe_key, content_key) if delivery.dedupe_key else (content_key,)
+    message = describe(raw, headers, "", delivery.received_at or now, verdict.flags)
+    return headers, verdict, keys, message
+
+
 @dataclass(frozen=True, slots=True)
 class _Forward:
     """A forwarded copy to queue with the message: envelope, recipients, its durable blob."""
@@ -260,8 +276,9 @@ class _Forward:
 
 
 @dataclass(frozen=True, slots=True)
-class _Prepared:
-    """A message ready to commit: parsed, decided, its blob (and its forwards' blobs) durable."""
+class Prepared:
+    """A message ready to commit: parsed, decided, its blob (and its forwards' blobs) durable
+    (:meth:`Pipeline.prepare`)."""
 
     raw_size: int
     headers: Headers
@@ -286,7 +303,7 @@ class _Job:
     """One deliver_many call waiting for a group commit."""
 
     tenant: TenantSection
-    prepared: Sequence[_Prepared]
+    prepared: Sequence[Prepared]
     within: Within | None
     done: asyncio.Future[list[Outcome]]
 
@@ -338,7 +355,34 @@ class Pipeline:
         key, and always Message-ID plus body hash) was recorded before, or
         earlier in the same batch. ``within`` runs inside the transaction.
         """
-        prepared = [await self._prepare(tenant, raw, delivery) for raw, delivery in items]
+        return await self.commit(tenant, await self.prepare(tenant, items), within)
+
+    async def prepare(self, tenant: TenantSection, items: Sequence[tuple[bytes, Delivery]]) -> list[Prepared]:
+        """The work before a commit, for a batch: headers, rules, dedupe keys and MIME structures
+        in one thread hop, while the blobs are written and fsynced in another (their syscalls
+        release the GIL); then any forwarded copies. Nothing is committed: a batch prepared and
+        never committed leaves only unreferenced blobs, which retention removes."""
+        if not items:
+            return []
+        now = self.clock()
+        analysed, digests = await asyncio.gather(
+            asyncio.to_thread(lambda: [_analyse(tenant, raw, delivery, now) for raw, delivery in items]),
+            self.blobs.put_many([raw for raw, _ in items]),
+        )
+        prepared = []
+        for (raw, delivery), (headers, verdict, keys, message), digest in zip(
+            items, analysed, digests, strict=True
+        ):
+            forwards = await self._forwards(tenant, raw, headers, delivery, verdict, digest)
+            message = dataclasses.replace(message, blob=digest)
+            prepared.append(Prepared(len(raw), headers, delivery, verdict, keys, digest, message, forwards))
+        return prepared
+
+    async def commit(
+        self, tenant: TenantSection, prepared: Sequence[Prepared], within: Within | None = None
+    ) -> list[Outcome]:
+        """Commit prepared messages in one transaction (shared with other callers' by group commit);
+        returns once it is durable. See :meth:`deliver_many`."""
         job = _Job(tenant, prepared, within, asyncio.get_running_loop().create_future())
         self._pending.append(job)
         if self._drainer is None or self._drainer.done():
@@ -365,7 +409,7 @@ class Pipeline:
             )
         return outcomes
 
-    async def _deferred(self, tenant: TenantSection, refused: Sequence[_Prepared]) -> None:
+    async def _deferred(self, tenant: TenantSection, refused: Sequence[Prepared]) -> None:
         """Record relay-in messages refused for quota (the sender retries them later)."""
         if not refused:
             return
@@ -418,17 +462,6 @@ class Pipeline:
                 self.changes.publish(o.folder_id for o in outcomes if o.folder_id is not None)
                 job.done.set_result(outcomes)
                 return
-
-    async def _prepare(self, tenant: TenantSection, raw: bytes, delivery: Delivery) -> _Prepared:
-        headers = parse_headers(raw)
-        verdict = decide(tenant, headers, len(raw), delivery)
-        content_key = await asyncio.to_thread(fallback_key, headers, raw)
-        keys = (delivery.dedupe_key, content_key) if delivery.dedupe_key else (content_key,)
-        digest = await self.blobs.put(raw)
-        received_at = delivery.received_at or self.clock()
-        message = await asyncio.to_thread(describe, raw, headers, digest, received_at, verdict.flags)
-        forwards = await self._forwards(tenant, raw, headers, delivery, verdict, digest)
-        return _Prepared(len(raw), headers, delivery, verdict, keys, digest, message, forwards)
 
     async def _forwards(
         self,
@@ -565,7 +598,7 @@ class Pipeline:
         return folder or await mailstore.create_folder(s, tenant_id, name)
 
     @staticmethod
-    async def _queue_forwards(s: AsyncSession, tenant: TenantSection, p: _Prepared, now: datetime) -> None:
+    async def _queue_forwards(s: AsyncSession, tenant: TenantSection, p: Prepared, now: datetime) -> None:
         for f in p.forwards:
             await queue.enqueue(
                 s,

@@ -43,6 +43,17 @@ async def test_a_blob_is_named_by_its_sha256_and_stored_once(blobs: BlobStore) -
 
 
 @on_every_blob_backend
+async def test_put_many_stores_a_batch_once_each_in_order(blobs: BlobStore) -> None:
+    known = await blobs.put(b"stored before")
+    batch = [b"one", b"stored before", b"two", b"one", b""]
+    digests = await blobs.put_many(batch)
+    assert digests == [hashlib.sha256(d).hexdigest() for d in batch]
+    assert digests[1] == known
+    assert await blobs.get_many(digests, 20) == batch
+    assert sorted([d async for d in blobs.digests()]) == sorted(set(digests))
+
+
+@on_every_blob_backend
 async def test_a_missing_blob_is_missing_blob_on_every_read(blobs: BlobStore) -> None:
     absent = hashlib.sha256(b"never stored").hexdigest()
     present = await blobs.put(b"here")

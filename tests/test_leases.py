@@ -363,7 +363,7 @@ async def test_lease_moved_mid_batch_stores_every_message_exactly_once(
     assert await acquire(a.db, job.key, "a", T0)
     batches = 0
     b_stored: list[int] = []
-    deliver = a.pipeline.deliver_many
+    deliver = a.pipeline.commit
 
     async def deliver_after_the_move(*args: Any, **kwargs: Any) -> Any:
         nonlocal batches
@@ -379,7 +379,7 @@ async def test_lease_moved_mid_batch_stores_every_message_exactly_once(
             if first == "old_holder_commits_first":
                 b_stored.append(await b.sync(clock))
 
-    a.pipeline.deliver_many = deliver_after_the_move  # type: ignore[method-assign]
+    a.pipeline.commit = deliver_after_the_move  # type: ignore[method-assign]
     with pytest.raises(LeaseLost):
         await a.sync(clock)
     assert batches == 3  # a stopped at the loss

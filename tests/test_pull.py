@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
-from gateway.config import Config, parse_config
+from gateway.config import Config, TenantSection, parse_config
 from gateway.daemon import open_store
-from gateway.ingest import Pipeline
+from gateway.ingest import Outcome, Pipeline, Prepared, Within
+from gateway.message import parse_headers
 from gateway.pull.imap_client import UpstreamError
-from gateway.pull.puller import FolderPuller, HostLimits, jobs
+from gateway.pull.puller import BATCH, FolderPuller, HostLimits, jobs
 from storage import mailstore, upstream
 from storage.blobs import BlobStore
 from storage.db import Database
+from storage.errors import StoreError
 from storage.models import Message, Tenant
 from tests import corpus
 from tests.conftest import config_dict
@@ -262,3 +265,83 @@ async def test_over_quota_leaves_mail_upstream_until_space_is_freed(
         assert await env.count() == 5
     finally:
         await db.close()
+
+
+async def last_uid(env: Env, mailbox: str, folder: str = "INBOX") -> int:
+    async with env.db.read() as s:
+        state = await upstream.folder_state(s, "acme", mailbox, folder)
+    return 0 if state is None else state.last_uid
+
+
+async def test_pipelined_batches_commit_in_order_and_none_after_a_failed_commit(
+    env: Env, dovecot: Dovecot
+) -> None:
+    """Batch 3 is fetched and prepared while batch 2 commits; batch 2's commit fails: batch 3 is
+    never committed, and the last UID stays at batch 1's last message (no gap behind it)."""
+    total = 5 * BATCH
+    dovecot.deliver_files("biuro", "INBOX", corpus.normal(total, size=2000, seed=21))
+    prepare, commit = env.pipeline.prepare, env.pipeline.commit
+    prepared, commits = 0, 0
+    third_prepared = asyncio.Event()
+
+    async def counting_prepare(tenant: TenantSection, items: Sequence[tuple[bytes, Any]]) -> list[Prepared]:
+        nonlocal prepared
+        out = await prepare(tenant, items)
+        prepared += 1
+        if prepared == 3:
+            third_prepared.set()
+        return out
+
+    async def failing_second_commit(
+        tenant: TenantSection, batch: Sequence[Prepared], within: Within | None = None
+    ) -> list[Outcome]:
+        nonlocal commits
+        commits += 1
+        if commits == 2:
+            await asyncio.wait_for(third_prepared.wait(), 30)  # the pipeline overlaps batches
+            raise StoreError("the disk is full")
+        return await commit(tenant, batch, within)
+
+    env.pipeline.prepare = counting_prepare  # type: ignore[method-assign]
+    env.pipeline.commit = failing_second_commit  # type: ignore[method-assign]
+    with pytest.raises(StoreError):
+        await env.pull("biuro")
+    assert commits == 2
+    assert prepared >= 3
+    assert await env.count() == BATCH
+    assert await last_uid(env, "biuro") == BATCH  # UIDs 1..BATCH: exactly what is stored
+    env.pipeline.prepare, env.pipeline.commit = prepare, commit  # type: ignore[method-assign]
+    assert await env.pull("biuro") == total - BATCH
+    assert await env.count() == total
+    assert await last_uid(env, "biuro") == total
+
+
+async def test_pipelined_policy_acts_upstream_only_on_committed_batches(
+    tmp_path: Path, db_url: str, dovecot: Dovecot, upstream_password: str
+) -> None:
+    """With after_fetch = "delete" and batches overlapping, no message of a batch is gone
+    upstream when its commit starts."""
+    dovecot.add_user("biuro", upstream_password)
+    dovecot.deliver_files("biuro", "INBOX", corpus.normal(6 * BATCH, size=2000, seed=22))
+    env = await make_env(tmp_path, db_url, [mailbox(dovecot, "biuro", after_fetch="delete")])
+    commit = env.pipeline.commit
+    gone_before_commit: list[str | None] = []
+
+    async def checking_commit(
+        tenant: TenantSection, batch: Sequence[Prepared], within: Within | None = None
+    ) -> list[Outcome]:
+        left = await asyncio.to_thread(dovecot.messages, "biuro", "INBOX")
+        upstream_ids = {parse_headers(m).message_id for m in left}
+        gone_before_commit.extend(
+            p.headers.message_id for p in batch if p.headers.message_id not in upstream_ids
+        )
+        return await commit(tenant, batch, within)
+
+    env.pipeline.commit = checking_commit  # type: ignore[method-assign,assignment]
+    try:
+        assert await env.pull("biuro") == 6 * BATCH
+        assert gone_before_commit == []
+        assert dovecot.exists("biuro") == 0
+        assert await env.count() == 6 * BATCH
+    finally:
+        await env.db.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import signal
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from storage import upstream
+from storage.db import Database
 from tests import corpus
 from tests.conftest import free_port
 from tests.daemon import Daemon, write_config
@@ -110,6 +113,54 @@ def test_kill_9_during_a_pull_loses_and_duplicates_nothing(
         d.start()
         d.wait_for("the final pull", lambda: inbox(d) == total and dovecot.exists("biuro") == 0, 120)
         assert inbox(d) == total
+        assert d.signal(signal.SIGTERM) == 0
+    finally:
+        d.stop()
+
+
+def folder_last_uid(db_url: str, mailbox: str) -> int:
+    """The last UID the daemon's database records for ``mailbox``'s INBOX (0: none yet)."""
+
+    async def read() -> int:
+        db = Database(db_url)
+        try:
+            async with db.read() as s:
+                state = await upstream.folder_state(s, "acme", mailbox, "INBOX")
+            return 0 if state is None else state.last_uid
+        finally:
+            await db.close()
+
+    return asyncio.run(read())
+
+
+def test_kill_9_mid_pipeline_leaves_the_last_uid_on_the_last_committed_message(
+    tmp_path: Path, db_url: str, dovecot: Dovecot
+) -> None:
+    """Batches overlap (fetch, prepare, commit); whenever the daemon is killed, what is stored is
+    exactly UIDs 1..last UID: the last UID never passed an uncommitted message, nothing twice."""
+    total = 1500
+    dovecot.add_user("biuro", PASSWORD)
+    dovecot.deliver_files("biuro", "INBOX", corpus.normal(total, size=3000, seed=31))  # UIDs 1..total
+    port = free_port()
+    config = write_config(tmp_path, db_url, port, mailbox_toml("biuro", dovecot.port, after_fetch="keep"))
+    d = Daemon(config, port, tmp_path, env=ENV)
+    targets = sorted(random.Random(2027).sample(range(50, total - 50), 4))
+    try:
+        for target in targets:
+            d.start()
+            d.wait_for(
+                f"{target} messages stored",
+                lambda t=target: d.log.read_text().count("ingest.stored") >= t,
+                60,
+            )
+            d.signal(signal.SIGKILL)
+            stored = inbox(d)
+            assert 0 < stored < total
+            assert folder_last_uid(db_url, "biuro") == stored
+        d.start()
+        d.wait_for("the final pull", lambda: inbox(d) == total, 120)
+        assert folder_last_uid(db_url, "biuro") == total
+        assert d.mailboxes()["biuro"]["messages_pulled"] == total
         assert d.signal(signal.SIGTERM) == 0
     finally:
         d.stop()

@@ -15,7 +15,13 @@ two), over one connection. A *pass*:
 3. Bodies come with ``BODY.PEEK[]`` (never marks upstream mail read), in
    batches of at most :data:`BATCH` messages and :data:`BATCH_BYTES` bytes
    (aioimaplib cannot read long responses). Each batch is committed in one
-   transaction together with the folder's new last UID.
+   transaction together with the folder's new last UID. Batches are
+   pipelined: while one is prepared (parsed, its blobs written and fsynced:
+   :meth:`Pipeline.prepare <gateway.ingest.Pipeline.prepare>`) and the one
+   before it commits, the next is fetched; up to :data:`PIPELINE` are in
+   hand at once. Commits keep UID order: a batch commits only after the
+   batch before it did, so the last UID never passes a message that is not
+   committed, and a failed commit stores nothing after it.
 4. Only after that commit is the after-fetch policy applied upstream (seen,
    delete, move). A crash in between leaves stored messages upstream at UIDs
    up to the last stored one; the next pass finds them there and applies the
@@ -97,8 +103,8 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -110,7 +116,7 @@ import quotas
 from gateway import plans
 from gateway import spam as spam_filter
 from gateway.config import Config, MailboxSection
-from gateway.ingest import Delivery, Outcome, Pipeline
+from gateway.ingest import Delivery, Outcome, Pipeline, Prepared
 from gateway.oauth2 import TokenError, Tokens
 from gateway.pull.imap_client import AuthFailed, UpstreamError, UpstreamIMAP
 from quotas import QuotaExceeded
@@ -123,6 +129,7 @@ from storage.models import Tenant
 log = structlog.get_logger(__name__)
 
 BATCH = 50
+PIPELINE = 2  # fetched batches of a folder being prepared or committed while the next is fetched
 BATCH_BYTES = 16 * 2**20
 SEARCH_SIZES_CHUNK = 200
 IDLE_SECONDS = 28 * 60
@@ -166,6 +173,11 @@ def batches(uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
         total += size
     if batch:
         yield batch
+
+
+async def _each(items: Iterable[list[int]]) -> AsyncIterator[list[int]]:
+    for item in items:
+        yield item
 
 
 class Paused(Exception):
@@ -441,49 +453,120 @@ class FolderPuller:
         if done.waiting and not retry and limit is not None:
             smallest = min(done.waiting.values())
             done.full = QuotaExceeded(f"tenant {job.tenant_id!r}", used, limit, smallest, folder_id=None)
-        for batch in batches(retry, done.waiting):
-            await self._pull_batch(client, batch, selected.uidvalidity, spam, done, retry=True)
+        await self._pull_batches(
+            client, _each(batches(retry, done.waiting)), selected.uidvalidity, spam, done
+        )
+        await self._pull_batches(
+            client, self._new(client, last_uid), selected.uidvalidity, spam, done, new=True
+        )
+        return done
+
+    @staticmethod
+    async def _new(client: UpstreamIMAP, last_uid: int) -> AsyncIterator[list[int]]:
+        """The fetch batches of the UIDs above ``last_uid`` (their sizes asked a chunk at a time)."""
         new = [u for u in await client.search(f"UID {last_uid + 1}:*") if u > last_uid]
         for chunk_start in range(0, len(new), SEARCH_SIZES_CHUNK):
             chunk = new[chunk_start : chunk_start + SEARCH_SIZES_CHUNK]
-            sizes = await client.sizes(chunk)
-            for batch in batches(chunk, sizes):
-                await self._pull_batch(client, batch, selected.uidvalidity, spam, done, retry=False)
-        return done
+            for batch in batches(chunk, await client.sizes(chunk)):
+                yield batch
 
-    async def _pull_batch(
-        self, client: UpstreamIMAP, uids: list[int], uidvalidity: int, spam: bool, done: Pass, *, retry: bool
+    async def _pull_batches(
+        self,
+        client: UpstreamIMAP,
+        uid_batches: AsyncIterator[list[int]],
+        uidvalidity: int,
+        spam: bool,
+        done: Pass,
+        *,
+        new: bool = False,
     ) -> None:
-        """Fetch and store a batch (new UIDs, or ``retry`` ones from the waiting list)."""
-        bodies = await client.fetch(uids)
+        """Fetch and store batches (``new`` UIDs, else ones from the waiting list), pipelined.
+
+        Every IMAP command is sent from here, one after another; each fetched batch is settled
+        (:meth:`_settle`: prepared, then committed) by a task of its own, so the next FETCH, the
+        preparation of a batch and the commit of the one before overlap, with up to
+        :data:`PIPELINE` batches settling. A batch commits only after the one before it did:
+        the last UID advances only over committed messages. The after-fetch policy is applied
+        to a batch only once its task returned, so after its commit. A failure (say, of the
+        connection) lets the batches already fetched settle, and the next pass applies the
+        policy they missed; a cancellation cancels them, and one whose commit has begun sees it
+        to its end (:func:`~storage.db.uninterrupted`).
+        """
+        settling: deque[asyncio.Task[list[int]]] = deque()
+        try:
+            async for uids in uid_batches:
+                bodies = await client.fetch(uids)
+                previous = settling[-1] if settling else None
+                settling.append(
+                    asyncio.create_task(self._settle(uids, bodies, uidvalidity, spam, done, new, previous))
+                )
+                while settling and (len(settling) > PIPELINE or settling[0].done()):
+                    await self._apply_policy(client, await settling.popleft())
+            while settling:
+                await self._apply_policy(client, await settling.popleft())
+        except Exception:
+            # Say the connection dropped: what was fetched before is still stored (in order),
+            # and the next pass applies the policy to it.
+            await asyncio.gather(*settling, return_exceptions=True)
+            raise
+        finally:
+            for task in settling:
+                task.cancel()
+            await asyncio.gather(*settling, return_exceptions=True)
+
+    async def _settle(
+        self,
+        uids: list[int],
+        bodies: dict[int, bytes],
+        uidvalidity: int,
+        spam: bool,
+        done: Pass,
+        new: bool,
+        previous: asyncio.Task[list[int]] | None,
+    ) -> list[int]:
+        """Prepare a fetched batch; once ``previous`` (the batch before) is stored, commit it.
+        The UIDs stored."""
+        job = self.job
         present = [u for u in uids if u in bodies]  # one expunged upstream meanwhile is simply gone
         scans = {} if spam else await self._scan(bodies)  # upstream Junk: spam already
-        if retry and len(present) < len(uids):
+        items = [
+            (
+                bodies[uid],
+                Delivery(
+                    source="imap",
+                    dedupe_key=f"imap:{job.mailbox.name}/{job.folder}/{uidvalidity}/{uid}",
+                    default_folder=job.target,
+                    spam=spam,
+                    scan=scans.get(uid),
+                ),
+            )
+            for uid in present
+        ]
+        tenant = self.config().tenant(job.tenant_id)
+        prepared = dict(zip(present, await self.pipeline.prepare(tenant, items), strict=True))
+        if previous is not None:
+            await previous  # raises if it failed: then nothing of this batch is stored
+        if not new and len(present) < len(uids):
             await self._forget([u for u in uids if u not in bodies], done)
         try:
-            done.stored += await self._store(
-                bodies, present, None if retry else max(uids), uidvalidity, spam, scans
-            )
+            done.stored += await self._store(prepared, present, max(uids) if new else None, uidvalidity)
             stored = present
         except QuotaExceeded:
             # Not all of the batch fits: store what does, in order; the rest waits.
             stored = []
             for uid in present:
                 try:
-                    done.stored += await self._store(
-                        bodies, [uid], None if retry else uid, uidvalidity, spam, scans
-                    )
+                    done.stored += await self._store(prepared, [uid], uid if new else None, uidvalidity)
                 except QuotaExceeded as exc:
                     done.full = exc
-                    if not retry:
+                    if new:
                         await self._wait(uid, len(bodies[uid]), uidvalidity, exc)
                     done.waiting[uid] = len(bodies[uid])
                 else:
                     stored.append(uid)
         for uid in stored:
             done.waiting.pop(uid, None)
-        if stored:
-            await self._apply_policy(client, stored)
+        return stored
 
     async def _wait(self, uid: int, size: int, uidvalidity: int, exc: QuotaExceeded) -> None:
         """Put a new message that does not fit on the waiting list, advancing past it."""
@@ -529,31 +612,12 @@ class FolderPuller:
         return scans
 
     async def _store(
-        self,
-        bodies: dict[int, bytes],
-        uids: list[int],
-        last_uid: int | None,
-        uidvalidity: int,
-        spam: bool,
-        scans: Mapping[int, spam_filter.Result],
+        self, prepared: Mapping[int, Prepared], uids: list[int], last_uid: int | None, uidvalidity: int
     ) -> int:
-        """Deliver these UIDs in one transaction that also records ``last_uid`` (new UIDs)
+        """Commit these UIDs in one transaction that also records ``last_uid`` (new UIDs)
         or takes them off the waiting list (``last_uid`` None)."""
         job = self.job
         tenant = self.config().tenant(job.tenant_id)
-        items = [
-            (
-                bodies[uid],
-                Delivery(
-                    source="imap",
-                    dedupe_key=f"imap:{job.mailbox.name}/{job.folder}/{uidvalidity}/{uid}",
-                    default_folder=job.target,
-                    spam=spam,
-                    scan=scans.get(uid),
-                ),
-            )
-            for uid in uids
-        ]
 
         async def within(s: AsyncSession, outcomes: list[Outcome]) -> None:
             await self._fence(s)
@@ -568,7 +632,7 @@ class FolderPuller:
 
         # Seen to its end even if the puller is stopped meanwhile (say, its lease lost): the
         # transaction commits, or is refused by the lease check, before the puller ends.
-        outcomes = await uninterrupted(self.pipeline.deliver_many(tenant, items, within=within))
+        outcomes = await uninterrupted(self.pipeline.commit(tenant, [prepared[u] for u in uids], within))
         return sum(not o.duplicate for o in outcomes)
 
     async def _fence(self, s: AsyncSession) -> None:
@@ -578,6 +642,8 @@ class FolderPuller:
 
     async def _apply_policy(self, client: UpstreamIMAP, uids: list[int]) -> None:
         policy = self.job.mailbox.after_fetch
+        if not uids:
+            return
         if policy == "seen":
             await client.add_flags(uids, "\\Seen")
         elif policy == "delete":

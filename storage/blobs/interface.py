@@ -24,6 +24,10 @@ class BlobStore(Protocol):
         """Store ``data`` durably (or mark the stored copy as reused); its sha256 hex digest."""
         ...
 
+    async def put_many(self, datas: Sequence[bytes]) -> list[str]:
+        """:meth:`put` of each of ``datas`` (the caller bounds how many); their digests, in order."""
+        ...
+
     async def get(self, digest: str) -> bytes:
         """The bytes of a blob; :class:`MissingBlob` if there is none."""
         ...

@@ -232,6 +232,9 @@ class Moving:
     async def put(self, data: bytes) -> str:
         return await self.current.put(data)
 
+    async def put_many(self, datas: Sequence[bytes]) -> list[str]:
+        return [await self.put(data) for data in datas]
+
     async def get(self, digest: str) -> bytes:
         try:
             return await self.current.get(digest)

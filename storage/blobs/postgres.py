@@ -57,6 +57,9 @@ class PostgresBlobStore:
                 await s.execute(insert(BlobChunk), rows)
         return digest
 
+    async def put_many(self, datas: Sequence[bytes]) -> list[str]:
+        return [await self.put(data) for data in datas]
+
     async def get(self, digest: str) -> bytes:
         """The bytes of a blob."""
         return (await self.get_many([digest], 0))[0]

@@ -108,6 +108,9 @@ class S3BlobStore:
             raise OSError(f"S3 stored blob {digest} with sha256 {echoed}")
         return digest
 
+    async def put_many(self, datas: Sequence[bytes]) -> list[str]:
+        return [await self.put(data) for data in datas]
+
     async def get(self, digest: str) -> bytes:
         """The object's bytes."""
         s3 = await self._s3()
