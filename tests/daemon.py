@@ -39,8 +39,16 @@ domains = ["acme.test"]
 class Daemon:
     """``mailgate run`` in a subprocess, with its log in a file."""
 
-    def __init__(self, config: Path, port: int, cwd: Path, env: dict[str, str] | None = None) -> None:
-        self.config, self.port, self.cwd = config, port, cwd
+    def __init__(
+        self,
+        config: Path,
+        port: int,
+        cwd: Path,
+        env: dict[str, str] | None = None,
+        also: tuple[int, ...] = (),
+    ) -> None:
+        """``start`` waits until ``port`` and the ``also`` ports accept connections."""
+        self.config, self.port, self.also, self.cwd = config, port, also, cwd
         self.env = {**os.environ, **(env or {})}
         self.log = cwd / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -55,16 +63,19 @@ class Daemon:
                 env=self.env,
             )
         deadline = time.monotonic() + 30
+        waiting = [self.port, *self.also]  # the listeners bind one after another
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection(("127.0.0.1", waiting[0]), timeout=1).close()
             except OSError:
                 time.sleep(0.05)
             else:
-                return
-        pytest.fail(f"daemon did not listen on {self.port}:\n{self.log.read_text()}")
+                waiting.pop(0)
+                if not waiting:
+                    return
+        pytest.fail(f"daemon did not listen on {waiting[0]}:\n{self.log.read_text()}")
 
     def signal(self, sig: int) -> int:
         assert self.proc is not None

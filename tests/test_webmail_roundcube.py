@@ -200,7 +200,7 @@ password_hash = "{HASH}"
 """,
         encoding="utf-8",
     )
-    d = Daemon(config, submission, tmp_path)
+    d = Daemon(config, submission, tmp_path, also=(imap_port,))
     d.start()
     try:
         yield MailServer("mailgate", imap_port, submission, smarthost, lambda: d.log.read_text()[-4000:])
