@@ -22,6 +22,7 @@ from gateway.daemon import open_store
 from gateway.ingest import Delivery, Pipeline
 from storage import retention
 from storage.blobs import CHUNK, BlobStore, FsBlobStore, MissingBlob
+from storage.blobs.fs import _make_dirs
 from storage.blobs.s3 import S3BlobStore
 from storage.db import Database
 from storage.migrate import migrate
@@ -123,6 +124,17 @@ def test_the_local_directory_writes_atomically_under_ab_cd(tmp_path: Path) -> No
     assert store.put_sync(data) == digest
     assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
     assert store.path(digest).relative_to(tmp_path / "blobs").parts == (digest[:2], digest[2:4], digest)
+
+
+def test_only_a_new_directorys_parent_is_fsynced(tmp_path: Path) -> None:
+    """Regression (2026-12-04, strace of 100 APPENDs: four fsyncs each, Dovecot one and 2.5
+    fdatasyncs): a blob in a new ``cd`` under an existing ``ab`` fsynced the store's root too."""
+    root = tmp_path / "blobs"
+    root.mkdir()
+    assert _make_dirs(root / "ab" / "cd") == [root, root / "ab"]  # both new
+    assert _make_dirs(root / "ab" / "ce") == [root / "ab"]  # only cd is new: not the root
+    assert _make_dirs(root / "ab" / "ce") == []
+    assert (root / "ab" / "ce").is_dir()
 
 
 @pytest.mark.parametrize("blob_backend", ["s3"], indirect=True)

@@ -769,7 +769,7 @@ class Session:
         forms = stored_forms() if inline else await asyncio.to_thread(stored_forms)
         sent = self._sent_copy_of(forms[0][1].message_id) if len(forms) == 1 else None
         flags = cmd.messages[0].flags
-        written = asyncio.create_task(self._put_blobs([raw for raw, _ in forms]))  # noqa: RUF006 (awaited below)
+        written = asyncio.create_task(self.blobs.put_many([raw for raw, _ in forms]))  # noqa: RUF006 (awaited below)
         try:
             new = structures() if inline else await asyncio.to_thread(structures)
             folder, outcome = await self.db.grouped(append)
@@ -787,9 +787,6 @@ class Session:
         await answering.drafted(self.db, self.changes, tenant, self.me, folder, outcome, drafts, now)
         uids = f"{outcome[0].uid}:{outcome[-1].uid}" if len(outcome) > 1 else str(outcome[0].uid)
         return f"[APPENDUID {folder.uidvalidity} {uids}] APPEND completed"
-
-    async def _put_blobs(self, raws: Sequence[bytes]) -> list[str]:
-        return [await self.blobs.put(raw) for raw in raws]
 
     def _sent_copy_of(self, message_id: str | None) -> str | None:
         """The Message-ID to look for in ``\\Sent`` when this agent APPENDs one message there.
