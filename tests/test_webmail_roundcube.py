@@ -278,21 +278,25 @@ async def login(page: Page, url: str) -> None:
 @contextlib.asynccontextmanager
 async def webmail(chromium: str, s: MailServer, tmp_path: Path) -> AsyncIterator[tuple[Page, str]]:
     """Roundcube pointed at the server, and a Chromium page: the page and Roundcube's address.
-    A failure inside shows Roundcube's logs and the server's."""
+    No page may raise a JavaScript error; a failure shows Roundcube's logs and the server's."""
     from playwright.async_api import async_playwright  # the chromium fixture made sure it is there
 
     rc = Roundcube(tmp_path / "roundcube", s.imap_port, s.smtp_port).start()
+    errors: list[str] = []  # uncaught JavaScript errors: Roundcube's or the plugin's
     try:
         async with async_playwright() as p:
             browser = await p.chromium.launch(executable_path=chromium)
             try:
                 page = await browser.new_page(viewport={"width": 1400, "height": 900}, locale="en-US")
                 page.set_default_timeout(WAIT * 1000)
+                page.on("pageerror", lambda error: errors.append(str(error)))
                 yield page, rc.url
+                assert errors == [], errors
             finally:
                 await browser.close()
     except BaseException as exc:
-        exc.add_note(f"--- Roundcube's logs\n{rc.logs()}\n--- {s.name}'s log\n{s.log()}")
+        exc.add_note(f"--- JavaScript errors: {errors}\n--- Roundcube's logs\n{rc.logs()}")
+        exc.add_note(f"--- {s.name}'s log\n{s.log()}")
         raise
     finally:
         rc.stop()
