@@ -41,7 +41,6 @@ is the one place where they become ``NO [CODE] text``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from bisect import bisect_left, bisect_right
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -68,6 +67,7 @@ from gateway.notify import Changes
 from gateway.spam import Learner
 from storage import events, mailstore
 from storage.blobs import BlobStore
+from storage.blobs.interface import sha256
 from storage.db import Database
 from storage.errors import StoreError
 from storage.flags import DELETED, SEEN
@@ -720,8 +720,9 @@ class Session:
         each a literal or CATENATEd (RFC 4469) from text and URLs of messages the agent may read.
 
         The blobs are written and fsynced in a thread while this loop parses the messages and the
-        transaction finds the folder, checks the quota and allocates UIDs; the transaction awaits
-        them before it names them, so they are durable before the commit that references them.
+        transaction stores their rows (a blob's name is its sha256, known before it is written);
+        the transaction awaits the blobs before it ends, so they are durable before the commit
+        that references them.
         """
         self.may_change(cmd.mailbox)
         now = datetime.now(UTC)
@@ -734,10 +735,10 @@ class Session:
         def stored_forms() -> list[tuple[bytes, Headers]]:
             return [(form, parse_headers(form)) for form in map(mime.stored_form, raws)]
 
-        def structures() -> list[mailstore.NewMessage]:  # the blob digests are filled in below
+        def structures() -> list[mailstore.NewMessage]:
             return [
-                describe(raw, parsed, "", now, frozenset(m.flags), m.internal_date)
-                for (raw, parsed), m in zip(forms, cmd.messages, strict=True)
+                describe(raw, parsed, digest, now, frozenset(m.flags), m.internal_date)
+                for (raw, parsed), digest, m in zip(forms, digests, cmd.messages, strict=True)
             ]
 
         async def append(s: AsyncSession) -> tuple[Folder, list[mailstore.Stored] | int]:
@@ -754,15 +755,13 @@ class Session:
                         await mailstore.store_flags(s, folder, [uid], flags, "add")
                     return folder, uid
             await quotas.check(s, folder, size)
+            stored = await mailstore.append(s, folder, new)
+            await self._claim_recent(s, folder.id, stored[-1].uid + 1)
             try:
-                digests = await asyncio.shield(written)
+                await asyncio.shield(written)  # durable before this transaction commits
             except OSError as exc:
                 self.log.error("imap.append_unwritten", error=repr(exc))
                 raise No("the message could not be written, try again later", "UNAVAILABLE") from None
-            stored = await mailstore.append(
-                s, folder, [dataclasses.replace(m, blob=d) for m, d in zip(new, digests, strict=True)]
-            )
-            await self._claim_recent(s, folder.id, stored[-1].uid + 1)
             return folder, stored
 
         inline = size <= INLINE_PARSE
@@ -771,6 +770,7 @@ class Session:
         flags = cmd.messages[0].flags
         written = asyncio.create_task(self.blobs.put_many([raw for raw, _ in forms]))  # noqa: RUF006 (awaited below)
         try:
+            digests = [await sha256(raw) for raw, _ in forms]  # the names put_many gives them
             new = structures() if inline else await asyncio.to_thread(structures)
             folder, outcome = await self.db.grouped(append)
         finally:
