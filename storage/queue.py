@@ -187,9 +187,12 @@ async def due(
     if not tenants:
         await s.flush()
         return []
+    # Up to ``limit`` due messages are looked at, but only the few there is room for are claimed:
+    # read ids, and load rows only for those (a backlog of hundreds made each pass build hundreds
+    # of ORM objects to claim one or two of them).
     candidates = (
-        await s.scalars(
-            select(Outbound)
+        await s.execute(
+            select(Outbound.id, Outbound.tenant_id)
             .where(
                 Outbound.next_attempt_at <= now,
                 Outbound.ended_at.is_(None),
@@ -205,15 +208,21 @@ async def due(
             .with_for_update(skip_locked=True)
         )
     ).all()
-    rows: list[Outbound] = []
-    for row in candidates:
-        if left[row.tenant_id] > 0:
-            left[row.tenant_id] -= 1
-            row.claimed_by, row.claimed_until = instance, now + claim_for
-            rows.append(row)
-    await s.flush()
-    if not rows:
+    chosen: dict[int, int] = {}  # id -> its place in the due order
+    for outbound_id, tenant_id in candidates:
+        if left[tenant_id] > 0:
+            left[tenant_id] -= 1
+            chosen[outbound_id] = len(chosen)
+    if not chosen:
+        await s.flush()
         return []
+    rows = sorted(
+        (await s.scalars(select(Outbound).where(Outbound.id.in_(list(chosen))))).all(),
+        key=lambda r: chosen[r.id],
+    )
+    for row in rows:
+        row.claimed_by, row.claimed_until = instance, now + claim_for
+    await s.flush()
     pending: dict[int, list[str]] = {}
     for outbound_id, address in await s.execute(
         select(OutboundRecipient.outbound_id, OutboundRecipient.address).where(
