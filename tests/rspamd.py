@@ -7,9 +7,22 @@ temporary directory), the normal and controller workers on free loopback
 ports, no proxy or fuzzy worker, and no system service. With ``learning``, a
 private ``redis-server`` on a loopback port backs the Bayes statistics.
 
-DNS goes to a closed loopback port (queries fail at once: SPF, DKIM and DMARC
-report a DNS failure and no RBL is asked), so results do not depend on the
-network. One test symbol (a Lua rule), ``MAILGATE_TEST_SPAMMY`` (score 7: rspamd's ``add
+DNS goes to :class:`NxDomain`, a stub on a loopback port that answers every
+query at once with "no such domain", as a local caching resolver answers the
+names a network-less machine cannot know: SPF, DKIM and DMARC find no record,
+no RBL lists anyone, and no scan waits for a resolver timeout (a closed port
+made rspamd wait out its timeout on every query). The options that say so sit in
+``override.d/options.inc``, included at priority 10 as Debian's own
+``rspamd.conf`` does: set after ``options.inc`` at the same priority they were
+ignored (UCL keeps the first of two equal keys), and rspamd asked the machine's
+resolver. ``fuzzy_check`` is off (its servers are on the internet).
+
+Hyperscan is on, as in Debian's default configuration: the ``hs_helper``
+process compiles the regular expressions into ``$DBDIR`` in the background after
+start-up, and scans use PCRE until it is done; :meth:`Rspamd.wait_hyperscan`
+waits for it (with ``log_level="info"``, where rspamd says so).
+
+One test symbol (a Lua rule), ``MAILGATE_TEST_SPAMMY`` (score 7: rspamd's ``add
 header``), fires on a Subject containing :data:`ADD_HEADER_SUBJECT`.
 """
 
@@ -18,10 +31,14 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -39,19 +56,17 @@ _CONFIG = """\
 options {{
     pidfile = "$RUNDIR/rspamd.pid";
     .include "$CONFDIR/options.inc"
-    dns {{ nameserver = ["{dns}"]; timeout = 0.2s; retransmits = 1; }}
-    local_addrs = [];
-    disable_hyperscan = true;
+    .include(try=true; priority=10) "$LOCAL_CONFDIR/override.d/options.inc"
 }}
 logging {{
     type = "file";
     filename = "$LOGDIR/rspamd.log";
-    level = "notice";
+    level = "{log_level}";
 }}
 worker "normal" {{
     bind_socket = "{host}:{normal}";
     .include "$CONFDIR/worker-normal.inc"
-    count = 1;
+    count = {workers};
 }}
 worker "controller" {{
     bind_socket = "{host}:{controller}";
@@ -70,12 +85,50 @@ rspamd_config.MAILGATE_TEST_SPAMMY = {{
   description = 'mailgate test: scored as add header',
 }}
 """
+# Over options.inc's values (at priority 10): see the module's docstring.
+_OPTIONS = """\
+dns {{ nameserver = ["{dns}"]; timeout = 1s; retransmits = 1; }}
+local_addrs = [];
+"""
+
+
+class NxDomain:
+    """A DNS stub on a loopback UDP port: every query is answered at once with NXDOMAIN."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind((HOST, 0))
+        self.address = f"{HOST}:{self._sock.getsockname()[1]}"
+        self.answered = 0
+        self._thread = threading.Thread(target=self._serve, name="nxdomain", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                query, peer = self._sock.recvfrom(4096)
+            except OSError:
+                return  # closed
+            if len(query) < 12:
+                continue
+            qid, flags = struct.unpack("!HH", query[:4])
+            end = 12  # the question's name: labels up to the root's zero byte, then type and class
+            while end < len(query) and query[end]:
+                end += 1 + query[end]
+            # QR, the query's opcode and RD, RA, rcode 3 (NXDOMAIN); the question echoed, no records.
+            header = struct.pack("!HHHHHH", qid, 0x8000 | (flags & 0x7900) | 0x0080 | 3, 1, 0, 0, 0)
+            self._sock.sendto(header + query[12 : end + 5], peer)
+            self.answered += 1
+
+    def close(self) -> None:
+        self._sock.close()
+        self._thread.join(5)
 
 
 class Rspamd:
     """One private rspamd: ``url`` (checks) and ``controller`` (learning, ``stat``)."""
 
-    def __init__(self, root: Path, *, learning: bool) -> None:
+    def __init__(self, root: Path, *, learning: bool, workers: int = 1, log_level: str = "notice") -> None:
         from tests.conftest import free_port  # here: conftest imports this module
 
         self.root = root
@@ -88,14 +141,19 @@ class Rspamd:
         self._redis: subprocess.Popen[bytes] | None = None
         for sub in ("local.d", "override.d", "db", "run", "log"):
             (root / sub).mkdir(parents=True, exist_ok=True)
+        self.dns = NxDomain()
         (root / "rspamd.conf").write_text(
             _CONFIG.format(
                 host=HOST,
                 normal=self.normal_port,
                 controller=self.controller_port,
-                dns=f"{HOST}:{free_port()}",
+                workers=workers,
+                log_level=log_level,
             )
         )
+        (root / "override.d" / "options.inc").write_text(_OPTIONS.format(dns=self.dns.address))
+        # Its servers are on the internet (and rspamd would resolve their names at start-up).
+        (root / "local.d" / "fuzzy_check.conf").write_text("enabled = false;\n")
         (root / "rspamd.local.lua").write_text(_LUA)
         # Host name checks score every loopback test sender as spam: off, for stable verdicts.
         (root / "local.d" / "hfilter.conf").write_text("enabled = false;\n")
@@ -171,6 +229,26 @@ class Rspamd:
             self._redis.terminate()
             self._redis.wait(10)
             self._redis = None
+        self.dns.close()
+
+    def wait_hyperscan(self, timeout: float = 120.0) -> int:
+        """Wait until a normal worker has loaded the hyperscan database ``hs_helper`` compiled;
+        returns how many regular expressions it holds. Needs ``log_level="info"``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(r"\(normal\).*full hyperscan database of (\d+) regexps", self.log())
+            if found:
+                return int(found.group(1))
+            if self._proc is None or self._proc.poll() is not None:
+                raise RuntimeError(f"rspamd exited: {self.log()[-2000:]}")
+            time.sleep(0.5)
+        raise RuntimeError(f"rspamd did not load its hyperscan database in {timeout:.0f} s")
+
+    @property
+    def pid(self) -> int:
+        """The main process's id (the workers are its children)."""
+        assert self._proc is not None, "not started"
+        return self._proc.pid
 
     def log(self) -> str:
         parts = [p.read_text(errors="replace") for p in (self.root / "log").iterdir() if p.is_file()]

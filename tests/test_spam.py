@@ -331,3 +331,16 @@ async def test_agents_moves_teach_spam_and_ham_once_per_direction(
     assert await asyncio.to_thread(rspamd.learned) == before + 40
     learned = {v.learned for v in await env.verdicts()}
     assert learned == {"ham,spam"}
+
+
+async def test_private_rspamd_asks_the_loopback_dns_stub(env: Env, rspamd: Rspamd) -> None:
+    """Regression (issue #18): the private rspamd's DNS options sat after Debian's options.inc and
+    were ignored, so it asked the machine's resolver and some scans waited out its 1 s timeout."""
+    answered = rspamd.dns.answered
+    tenant = env.config.tenant("acme")
+    for n in range(5):
+        raw = message("hello", mid=f"dns{n}")
+        scan = await env.filter.check(tenant, raw, mail_from="customer@example.org")
+        assert scan is not None
+        assert scan.action == "no action"
+    assert rspamd.dns.answered >= answered + 5  # SPF and DMARC asked the stub
