@@ -39,7 +39,7 @@ from gateway.connections import ConnectionGate
 from gateway.forward import load_signer
 from gateway.imap.index import FolderIndex
 from gateway.imap.server import IMAPServer
-from gateway.ingest import Pipeline
+from gateway.ingest import Pipeline, mime_process
 from gateway.metrics import DatabaseCollector, MetricsServer, refresh_forever
 from gateway.notify import Changes, ClusterNotices
 from gateway.oauth2 import Tokens
@@ -98,6 +98,7 @@ class Daemon:
         self._beat: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.pull: PullManager | None = None
+        self.pipeline: Pipeline | None = None
         self.catalog: Watcher | None = None
         self.auth: Authenticator | None = None
         self.db: Database | None = None
@@ -138,8 +139,13 @@ class Daemon:
         changes = Changes()
         self.spam = SpamFilter(self.current_config)  # asked only while [spam] engine is set
         self.learner = SpamLearner(self.spam, self.db, blobs)
-        pipeline = Pipeline(
-            self.db, blobs, changes=changes, srs_signer=load_signer(self.config), spam_filter=self.spam
+        pipeline = self.pipeline = Pipeline(
+            self.db,
+            blobs,
+            changes=changes,
+            srs_signer=load_signer(self.config),
+            spam_filter=self.spam,
+            workers=mime_process(),
         )
         auth = self.auth = Authenticator(self.current_config, self.db)
         tls = self.tls = server_context(self.config.tls)
@@ -326,6 +332,8 @@ class Daemon:
             await self.learner.drain()
         if self.spam is not None:
             await self.spam.aclose()
+        if self.pipeline is not None:
+            await self.pipeline.close()
         if self.lock is not None:
             await self.lock.release()
         if self.blobs is not None:

@@ -37,11 +37,17 @@ bad message never fails its neighbours.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import hashlib
+import multiprocessing
+import os
 import secrets
+import signal
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -252,17 +258,37 @@ def fallback_key(headers: Headers, raw: bytes) -> str:
     return "h:" + h.hexdigest()
 
 
-def _analyse(
-    tenant: TenantSection, raw: bytes, delivery: Delivery, now: datetime
-) -> tuple[Headers, Verdict, tuple[str, ...], mailstore.NewMessage]:
-    """The CPU-bound part of preparing a message (in a worker thread): its headers, the rules'
-    verdict, its dedupe keys and its metadata (whose ``blob`` the caller fills in)."""
-    headers = parse_headers(raw)
-    verdict = decide(tenant, headers, len(raw), delivery)
-    content_key = fallback_key(headers, raw)
-    keys = (delivery.dedupe_key, content_key) if delivery.dedupe_key else (content_key,)
-    message = describe(raw, headers, "", delivery.received_at or now, verdict.flags)
-    return headers, verdict, keys, message
+def _examine(
+    raws: Sequence[bytes], received: Sequence[datetime]
+) -> list[tuple[Headers, str, mailstore.NewMessage]]:
+    """The CPU-bound part of preparing a batch, in a worker thread or process (plain data in and
+    out): each message's headers, content key and metadata (the caller fills in its ``blob`` and
+    ``flags``)."""
+    out = []
+    for raw, at in zip(raws, received, strict=True):
+        headers = parse_headers(raw)
+        out.append((headers, fallback_key(headers, raw), describe(raw, headers, "", at, frozenset())))
+    return out
+
+
+def mime_process() -> ProcessPoolExecutor | None:
+    """A worker process for the MIME work of batches (:meth:`Pipeline.prepare`), started now,
+    when the machine has a core to spare; else None (worker threads do it)."""
+    if (os.cpu_count() or 1) < 2:
+        return None
+    pool = ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with, initargs=(os.getpid(),)
+    )
+    pool.submit(int)  # the process starts (imports) while the daemon does
+    return pool
+
+
+def _die_with(parent: int) -> None:
+    """In the worker process: die with the daemon, even when it is killed (Linux)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before that
+        os._exit(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +317,8 @@ class Prepared:
 
 
 GROUP_MAX = 500  # messages per group-commit transaction
+PROCESS_BATCH = 8  # messages from which a batch's MIME work goes to the MIME process
+_PR_SET_PDEATHSIG = 1
 
 _SEEN_KEYS = select(IngestKey.key).where(
     IngestKey.tenant_id == bindparam("tid"), IngestKey.key.in_(bindparam("keys", expanding=True))
@@ -324,9 +352,12 @@ class Pipeline:
         changes: Changes | None = None,
         srs_signer: srs.Signer | None = None,
         spam_filter: SpamFilter | None = None,
+        workers: Executor | None = None,
     ) -> None:
         """``srs_signer`` signs forwards' envelope senders (the daemon's persistent keys,
         :func:`gateway.forward.load_signer`); without one, a random key of this process.
+        ``workers`` (:func:`mime_process`) takes batches' MIME work off this process; :meth:`close`
+        stops it.
         """
         self.db = db
         self.blobs = blobs
@@ -334,6 +365,7 @@ class Pipeline:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.changes = changes or Changes()
         self.spam = spam_filter  # asked by the sources (relay-in, pull) before they deliver
+        self.workers = workers
         self._pending: deque[_Job] = deque()
         self._drainer: asyncio.Task[None] | None = None
         self.deferrals = asyncio.Event()  # set when mail waits for quota (relay-in here, pull in the puller)
@@ -365,18 +397,40 @@ class Pipeline:
         if not items:
             return []
         now = self.clock()
-        analysed, digests = await asyncio.gather(
-            asyncio.to_thread(lambda: [_analyse(tenant, raw, delivery, now) for raw, delivery in items]),
-            self.blobs.put_many([raw for raw, _ in items]),
-        )
+        raws = [raw for raw, _ in items]
+        received = [delivery.received_at or now for _, delivery in items]
+        examined, digests = await asyncio.gather(self._examine(raws, received), self.blobs.put_many(raws))
         prepared = []
-        for (raw, delivery), (headers, verdict, keys, message), digest in zip(
-            items, analysed, digests, strict=True
+        for (raw, delivery), (headers, content_key, message), digest in zip(
+            items, examined, digests, strict=True
         ):
+            verdict = decide(tenant, headers, len(raw), delivery)
+            keys = (delivery.dedupe_key, content_key) if delivery.dedupe_key else (content_key,)
             forwards = await self._forwards(tenant, raw, headers, delivery, verdict, digest)
-            message = dataclasses.replace(message, blob=digest)
+            message = dataclasses.replace(message, blob=digest, flags=verdict.flags)
             prepared.append(Prepared(len(raw), headers, delivery, verdict, keys, digest, message, forwards))
         return prepared
+
+    async def _examine(
+        self, raws: Sequence[bytes], received: Sequence[datetime]
+    ) -> list[tuple[Headers, str, mailstore.NewMessage]]:
+        """:func:`_examine` on the MIME process for a batch of :data:`PROCESS_BATCH` or more (a
+        process hop costs more than it saves on fewer), else on a worker thread."""
+        if self.workers is not None and len(raws) >= PROCESS_BATCH:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self.workers, _examine, raws, received
+                )
+            except BrokenExecutor:
+                log.warning("ingest.mime_process_lost", fallback="threads")
+                self.workers = None
+        return await asyncio.to_thread(_examine, raws, received)
+
+    async def close(self) -> None:
+        """Stop the MIME process, if any."""
+        if self.workers is not None:
+            pool, self.workers = self.workers, None
+            await asyncio.to_thread(pool.shutdown, cancel_futures=True)
 
     async def commit(
         self, tenant: TenantSection, prepared: Sequence[Prepared], within: Within | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -12,10 +13,11 @@ from sqlalchemy import select
 
 from gateway.config import Config
 from gateway.daemon import open_store
-from gateway.ingest import Delivery, Outcome, Pipeline, label_keyword
+from gateway.ingest import PROCESS_BATCH, Delivery, Outcome, Pipeline, label_keyword, mime_process
 from storage import mailstore
 from storage.flags import join_flags
 from storage.models import Message, Outbound, OutboundRecipient
+from tests import corpus
 from tests.conftest import on_every_blob_backend
 
 BASE = (
@@ -236,3 +238,26 @@ async def test_any_bytes_are_stored_byte_exact(config: Config, pipeline: Pipelin
         return
     blob, _ = await stored(pipeline, out)
     assert blob == raw
+
+
+async def test_the_mime_process_prepares_what_threads_prepare_and_threads_take_over_if_it_dies(
+    config: Config, pipeline: Pipeline
+) -> None:
+    tenant = config.tenant("acme")
+    pipeline.clock = lambda: datetime(2026, 12, 4, tzinfo=UTC)
+    items = [(m, Delivery(source="imap", dedupe_key=f"imap:k/{i}")) for i, m in enumerate(corpus.normal(12))]
+    items.append((mail(b"=?utf-8?q?Za=C5=BC=C3=B3=C5=82=C4=87?=", b"mime1"), SMTP))
+    by_threads = await pipeline.prepare(tenant, items)
+    workers = mime_process()
+    assert workers is not None  # this machine has two cores
+    pipeline.workers = workers
+    try:
+        assert len(items) >= PROCESS_BATCH
+        assert await pipeline.prepare(tenant, items) == by_threads
+        for process in list(workers._processes.values()):  # the process dies (say, the OOM killer)
+            process.kill()
+            process.join(10)
+        assert await pipeline.prepare(tenant, items) == by_threads  # threads take over
+        assert pipeline.workers is None
+    finally:
+        await asyncio.to_thread(workers.shutdown)

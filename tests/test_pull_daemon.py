@@ -133,11 +133,34 @@ def folder_last_uid(db_url: str, mailbox: str) -> int:
     return asyncio.run(read())
 
 
+def processes() -> dict[int, tuple[int, str]]:
+    """Every live process: its parent and its state (Linux /proc)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        if stat:
+            state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+            out[int(entry.name)] = (int(ppid), state)
+    return out
+
+
+def children(pid: int) -> set[int]:
+    return {p for p, (ppid, state) in processes().items() if ppid == pid and state != "Z"}
+
+
+def alive(pids: set[int]) -> set[int]:
+    return {p for p, (_, state) in processes().items() if p in pids and state != "Z"}
+
+
 def test_kill_9_mid_pipeline_leaves_the_last_uid_on_the_last_committed_message(
     tmp_path: Path, db_url: str, dovecot: Dovecot
 ) -> None:
     """Batches overlap (fetch, prepare, commit); whenever the daemon is killed, what is stored is
-    exactly UIDs 1..last UID: the last UID never passed an uncommitted message, nothing twice."""
+    exactly UIDs 1..last UID: the last UID never passed an uncommitted message, nothing twice.
+    The MIME process dies with the daemon."""
     total = 1500
     dovecot.add_user("biuro", PASSWORD)
     dovecot.deliver_files("biuro", "INBOX", corpus.normal(total, size=3000, seed=31))  # UIDs 1..total
@@ -153,7 +176,12 @@ def test_kill_9_mid_pipeline_leaves_the_last_uid_on_the_last_committed_message(
                 lambda t=target: d.log.read_text().count("ingest.stored") >= t,
                 60,
             )
+            assert d.proc is not None
+            pid = d.proc.pid
+            kids = children(pid)
+            assert kids  # the MIME process (gateway.ingest.mime_process), at least
             d.signal(signal.SIGKILL)
+            d.wait_for("the daemon's processes to die with it", lambda k=kids: not alive(k), 10)
             stored = inbox(d)
             assert 0 < stored < total
             assert folder_last_uid(db_url, "biuro") == stored
