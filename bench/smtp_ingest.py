@@ -29,12 +29,14 @@ stub, ``--rspamd-workers`` normal workers) is started, its hyperscan database
 compiled and loaded and 50 scans made before the timing, and mailgate runs
 twice, without and then with ``[spam] engine = "rspamd"``; both rows are
 printed with the time spam filtering adds, rspamd's CPU per message and the
-scan times it logged.
+scan times it logged. A third run asks a stub in the bench's own process that
+answers every scan at once ("+ stub"): mailgate's own cost of asking.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -43,6 +45,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -340,6 +343,8 @@ def main() -> int:
         runs = {"mailgate": run_once(args, pg, dbname, "")}
         if args.rspamd:
             runs["+ rspamd"] = bench_rspamd(args, pg, dbname)
+            with StubRspamd() as stub:
+                runs["+ stub"] = run_once(args, pg, dbname, stub.url)
     except (BenchError, RuntimeError) as exc:
         print(f"smtp_ingest: error: {exc}", file=sys.stderr)
         return 1
@@ -358,8 +363,9 @@ def main() -> int:
     bare_rate = bare.acked / bare.seconds
     print(f"ratio mailgate/bare sink: {run.acked / run.seconds / bare_rate:.3f} (issue #16 target >= 1.2)")
     if "+ rspamd" in runs:
-        spam = runs["+ rspamd"]
+        spam, stub = runs["+ rspamd"], runs["+ stub"]
         print(f"spam filtering adds: {100 * (spam.seconds / run.seconds - 1):+.0f}% to mailgate's time")
+        print(f"asking a stub that answers at once adds: {100 * (stub.seconds / run.seconds - 1):+.0f}%")
     rss = f"{run.rss_kib / 1024:.0f} MiB (VmHWM)" if run.rss_kib else "unknown (mailgate died during the run)"
     print(f"mailgate peak RSS: {rss}")
     print(f"mailgate CPU while sending: {run.cpu:.1f} s ({100 * run.cpu / run.seconds:.0f}% of one core)")
@@ -408,6 +414,54 @@ def bench_rspamd(args: argparse.Namespace, pg: bool, dbname: str) -> MailgateRun
             f" {times[len(times) * 9 // 10]:.1f} ms (its log)"
         )
     return run
+
+
+class StubRspamd:
+    """A loopback HTTP server (a thread of the bench) that answers every ``/checkv2`` at once with
+    a fixed "no action" verdict, closing the connection as rspamd does: mailgate's own cost of
+    asking, without rspamd's."""
+
+    ANSWER = json.dumps(
+        {
+            "action": "no action",
+            "score": 3.4,
+            "required_score": 15.0,
+            "symbols": {s: {"name": s, "score": 0.0} for s in ("R_SPF_NA", "R_DKIM_NA", "DMARC_NA")},
+            "messages": {},
+        }
+    ).encode()
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="stub-rspamd", daemon=True)
+
+    def __enter__(self) -> StubRspamd:
+        self._thread.start()
+        server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._answer, HOST, 0), self._loop)
+        self._server = server.result(10)
+        self.url = f"http://{HOST}:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            await reader.readexactly(int(length.group(1)) if length else 0)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(self.ANSWER), self.ANSWER)
+            )
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
 
 
 WARM_SCANS = 50
