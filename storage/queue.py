@@ -49,7 +49,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, exists, func, or_, select, text, update
+from sqlalchemy import delete, exists, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage import jobs
@@ -89,6 +89,10 @@ async def _unused_id(s: AsyncSession, wanted: str | None = None) -> str:
     return candidate
 
 
+_INSERT_RECIPIENTS = insert(OutboundRecipient)
+_INSERT_LOG = insert(OutboundLog)
+
+
 def _log(row: Outbound, at: datetime, event: str, **fields: object) -> OutboundLog:
     if row.queue_id is None:  # every path here named the message first
         raise ValueError(f"outbound message {row.id} has no queue id")
@@ -108,11 +112,13 @@ async def enqueue(
     original_id: int | None = None,
     message_id: str | None = None,
     queue_id: str | None = None,
+    agent_login: str | None = None,
 ) -> Outbound:
     """Queue a message for the tenant's relay, due now; the row has its ``queue_id`` set.
 
     ``queue_id`` is the id to give it if no message ever had it (the SMTP
-    transaction's own), else a fresh one is chosen.
+    transaction's own), else a fresh one is chosen. ``agent_login`` is the
+    login of ``agent_id`` when the caller knows it (else it is looked up).
     """
     row = Outbound(
         queue_id=await _unused_id(s, queue_id),
@@ -131,17 +137,30 @@ async def enqueue(
     s.add(row)
     await s.flush()
     addresses = list(dict.fromkeys(recipients))
-    s.add_all(OutboundRecipient(outbound_id=row.id, address=a, state="pending") for a in addresses)
-    agent = await s.scalar(select(Agent.login).where(Agent.id == agent_id)) if agent_id is not None else None
+    # The recipients and the history line as Core inserts: nothing reads them back as objects here.
+    conn = await s.connection()
+    await conn.execute(
+        _INSERT_RECIPIENTS, [{"outbound_id": row.id, "address": a, "state": "pending"} for a in addresses]
+    )
+    if agent_login is None and agent_id is not None:
+        agent_login = await s.scalar(select(Agent.login).where(Agent.id == agent_id))
     summary = {
         "mail_from": mail_from,
-        "agent": agent,
+        "agent": agent_login if agent_id is not None else None,
         "message_id": message_id,
         "size": size,
         "recipients": addresses,
     }
-    s.add(_log(row, now, "queued", reply=json.dumps(summary, ensure_ascii=False)))
-    await s.flush()
+    await conn.execute(
+        _INSERT_LOG,
+        {
+            "queue_id": row.queue_id,
+            "tenant_id": tenant_id,
+            "at": now,
+            "event": "queued",
+            "reply": json.dumps(summary, ensure_ascii=False),
+        },
+    )
     return row
 
 

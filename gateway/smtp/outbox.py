@@ -246,6 +246,7 @@ class Outbox:
                 original_id=original.id if original else None,
                 message_id=headers.message_id,
                 queue_id=queue_id,
+                agent_login=identity.login if identity else None,
             )
             note_folder = (
                 await answering.file_note(s, tenant.id, headers, note, check_quota=False)
