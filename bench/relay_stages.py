@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -70,7 +71,16 @@ async def run(n: int) -> int:
     port = free_port()
     sink = subprocess.Popen([SMTP_SINK, "-u", "nobody", f"127.0.0.1:{port}", "64"])
     try:
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while True:  # until smtp-sink listens (it exits if the port was taken meanwhile)
+            if sink.poll() is not None or time.monotonic() > deadline:
+                print(f"FAILED: smtp-sink did not listen on {port}")
+                return 1
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
         smtp = {"host": "127.0.0.1", "port": port, "security": "none", "from": SENDER}
         async with running(gateway_config(tmp, f"sqlite+aiosqlite:///{tmp / 'mailgate.db'}", smtp)) as g:
             anna = (await identities(g))["anna@acme.test"]

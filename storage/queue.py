@@ -235,10 +235,18 @@ async def due(
     if not chosen:
         await s.flush()
         return []
-    rows = sorted(
-        (await s.scalars(select(Outbound).where(Outbound.id.in_(list(chosen))))).all(),
-        key=lambda r: chosen[r.id],
+    # With each one's agent login (for the logs) in the same query.
+    found = sorted(
+        (
+            await s.execute(
+                select(Outbound, Agent.login)
+                .outerjoin(Agent, Agent.id == Outbound.agent_id)
+                .where(Outbound.id.in_(list(chosen)))
+            )
+        ).all(),
+        key=lambda found: chosen[found[0].id],
     )
+    rows = [row for row, _ in found]
     for row in rows:
         row.claimed_by, row.claimed_until = instance, now + claim_for
     await s.flush()
@@ -249,12 +257,7 @@ async def due(
         )
     ):
         pending.setdefault(outbound_id, []).append(address)
-    agent_ids = {r.agent_id for r in rows if r.agent_id is not None}
-    logins = dict((await s.execute(select(Agent.id, Agent.login).where(Agent.id.in_(agent_ids)))).all())
-    return [
-        Queued(r, tuple(pending.get(r.id, ())), logins.get(r.agent_id) if r.agent_id is not None else None)
-        for r in rows
-    ]
+    return [Queued(r, tuple(pending.get(r.id, ())), login) for r, login in found]
 
 
 async def _dead_holders(s: AsyncSession, now: datetime) -> list[str]:
