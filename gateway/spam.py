@@ -284,7 +284,9 @@ class Filter:
         parts = urlsplit(url)
         tls = None
         if parts.scheme == "https":
-            tls = self._tls = self._tls or ssl.create_default_context()
+            if self._tls is None:  # it reads the CA certificates from disk: not on the event loop
+                self._tls = await asyncio.to_thread(ssl.create_default_context)
+            tls = self._tls
         async with asyncio.timeout(spam.timeout.total_seconds()), self._slots:
             reader, writer = await asyncio.open_connection(
                 parts.hostname, parts.port or (443 if tls else 80), ssl=tls, limit=MAX_ANSWER
