@@ -345,3 +345,20 @@ async def test_pipelined_policy_acts_upstream_only_on_committed_batches(
         assert await env.count() == 6 * BATCH
     finally:
         await env.db.close()
+
+
+async def test_fetch_records_split_right_whatever_parentheses_the_bodies_hold(
+    env: Env, dovecot: Dovecot
+) -> None:
+    """The FETCH reader balances the parentheses of the response's text lines, never of the
+    literals: bodies full of unbalanced ones still come out one message each, byte-exact."""
+    base = corpus.normal(1, seed=40)[0]
+    messages = [
+        base.replace(b"Message-ID: <", b"Message-ID: <p%d." % i, 1).replace(
+            b"\r\n\r\n", b"\r\n\r\n((( " + b")" * i + b"\r\n(\r\n", 1
+        )
+        for i in range(BATCH + 5)
+    ]
+    dovecot.deliver_files("biuro", "INBOX", messages)
+    assert await env.pull("biuro") == len(messages)
+    assert sorted(await env.stored()) == sorted(dovecot.messages("biuro", "INBOX"))
