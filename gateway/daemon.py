@@ -330,6 +330,8 @@ class Daemon:
             await self.relay.drain()
         if self.learner is not None:
             await self.learner.drain()
+        if self.spam is not None:
+            await self.spam.aclose()
         if self.pipeline is not None:
             await self.pipeline.close()
         if self.lock is not None:

@@ -3,14 +3,10 @@
 Theory of operation
 -------------------
 :class:`Filter` is the daemon's one client of rspamd's normal worker
-(``POST /checkv2``) and controller (``/learnspam``, ``/learnham``), every
-request bounded by ``[spam] timeout`` and at most ``[spam] max_in_flight``
-in flight (waiting for a slot counts against the timeout). Each request is
-one HTTP/1.1 exchange on its own connection, written and read with asyncio
-streams: rspamd closes the connection after every answer (``Connection:
-close``, even to keep-alive requests), so a pool keeps nothing, and httpx
-cost 1.1-1.3 ms of CPU per scan where this costs 0.3-0.4 ms (issue #18,
-docs/benchmarks.md). rspamd gets the envelope (``From``, ``Rcpt``), the
+(``POST /checkv2``) and controller (``/learnspam``, ``/learnham``): one
+``httpx`` connection pool, every request bounded by ``[spam] timeout`` and
+at most ``[spam] max_in_flight`` in flight (waiting for a slot counts
+against the timeout). rspamd gets the envelope (``From``, ``Rcpt``), the
 client's ``IP`` and ``Helo`` on relay-in, and the tenant as ``Deliver-To``
 so its statistics can be kept per tenant.
 
@@ -25,7 +21,7 @@ answer), ``mailgate_spam_check_errors_total`` counts it and ``on_error``
 decides: ``accept`` returns an unscanned result (its header says so) and
 ``tempfail`` raises :class:`Unavailable`, whose SMTP reply is ``451 4.7.1``
 (relay-in) and which makes a pull pass retry later. Nothing is lost either
-way. A restarted rspamd is used again with the next request.
+way. The pool reconnects by itself: a restarted rspamd is used again at once.
 
 :class:`Learner` teaches rspamd from agents' moves into and out of ``\\Junk``
 (``mailgate_spam_learned_total``), in the background.
@@ -36,12 +32,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 import structlog
 from sqlalchemy import select
 
@@ -65,10 +61,6 @@ _JUNK = frozenset({ADD_HEADER, REWRITE_SUBJECT, REJECT})
 _ACTIONS = frozenset({REJECT, SOFT_REJECT, GREYLIST, ADD_HEADER, REWRITE_SUBJECT, NO_ACTION})
 
 UNAVAILABLE = "451 4.7.1 Spam filter unavailable, try again later"
-# rspamd's answers are a few KB; one larger than this is not rspamd's.
-MAX_ANSWER = 4 * 1024 * 1024
-# What a request to rspamd can fail with: refused or reset, timed out, cut short, not HTTP.
-_FAILURES = (OSError, TimeoutError, EOFError, ValueError, asyncio.LimitOverrunError)
 
 # rspamd's symbols -> RFC 8601 results, per method.
 _AUTH_SYMBOLS: tuple[tuple[str, Mapping[str, str]], ...] = (
@@ -221,7 +213,9 @@ class Filter:
     def __init__(self, config: Callable[[], Config]) -> None:
         self.config = config
         self._slots = asyncio.Semaphore(config().spam.max_in_flight)
-        self._tls: ssl.SSLContext | None = None  # for https:// URLs, made on first use
+        self._client = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=config().spam.max_in_flight), trust_env=False
+        )
 
     def enabled(self, tenant: TenantSection) -> bool:
         return self.config().spam.engine == "rspamd" and tenant.spam.enabled
@@ -257,7 +251,7 @@ class Filter:
         try:
             body = await self._post(spam, f"{spam.url}/checkv2", raw, headers)
             return Result.parse(body)
-        except (*_FAILURES, KeyError, TypeError) as exc:
+        except (httpx.HTTPError, TimeoutError, ValueError, KeyError, TypeError) as exc:
             metrics.SPAM_CHECK_ERRORS.inc()
             log.warning(
                 "spam.check_failed", tenant=tenant.id, error=type(exc).__name__, on_error=spam.on_error
@@ -271,7 +265,7 @@ class Filter:
         spam = self.config().spam
         try:
             await self._post(spam, f"{_controller_url(spam)}/learn{cls}", raw, [("Deliver-To", tenant.id)])
-        except _FAILURES as exc:
+        except (httpx.HTTPError, TimeoutError) as exc:
             metrics.SPAM_CHECK_ERRORS.inc()
             log.warning("spam.learn_failed", tenant=tenant.id, cls=cls, error=type(exc).__name__)
             return False
@@ -279,40 +273,16 @@ class Filter:
         return True
 
     async def _post(self, spam: SpamSection, url: str, raw: bytes, headers: list[tuple[str, str]]) -> bytes:
-        """POST ``raw`` to ``url`` on a connection of its own; the answer's body (a 2xx answer's:
-        anything else raises ValueError)."""
-        parts = urlsplit(url)
-        tls = None
-        if parts.scheme == "https":
-            if self._tls is None:  # it reads the CA certificates from disk: not on the event loop
-                self._tls = await asyncio.to_thread(ssl.create_default_context)
-            tls = self._tls
-        async with asyncio.timeout(spam.timeout.total_seconds()), self._slots:
-            reader, writer = await asyncio.open_connection(
-                parts.hostname, parts.port or (443 if tls else 80), ssl=tls, limit=MAX_ANSWER
-            )
-            try:
-                lines = [f"POST {parts.path or '/'} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
-                lines += [f"{name}: {value}" for name, value in headers]
-                if any("\r" in line or "\n" in line for line in lines):
-                    raise ValueError("a line break in a header field")
-                lines.append(f"Content-Length: {len(raw)}")
-                writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + raw)
-                await writer.drain()
-                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-                status, *fields = head.split("\r\n")
-                code = status.split(" ")[1] if status.startswith("HTTP/1.") and " " in status else ""
-                if not code.startswith("2"):
-                    raise ValueError(f"rspamd answered {_clean(status, 80)!r}")
-                # rspamd always sends Content-Length (and never chunks): anything else is not rspamd.
-                lengths = [
-                    f.split(":", 1)[1].strip() for f in fields if f.lower().startswith("content-length:")
-                ]
-                if len(lengths) != 1 or not lengths[0].isdigit() or int(lengths[0]) > MAX_ANSWER:
-                    raise ValueError("rspamd's answer has no or a bad Content-Length")
-                return await reader.readexactly(int(lengths[0]))
-            finally:
-                writer.close()
+        timeout = spam.timeout.total_seconds()
+        async with asyncio.timeout(timeout), self._slots:
+            # bytes, never a buffer: httpx would stream that chunked, which rspamd does not read.
+            content = raw if type(raw) is bytes else bytes(raw)
+            response = await self._client.post(url, content=content, headers=headers, timeout=timeout)
+            response.raise_for_status()
+            return response.content
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
 class Learner:
