@@ -229,18 +229,22 @@ def describe(
         sent_date=headers.date,
         flags=flags,
     )
-    return with_structures(raw, message)
+    return with_structures(raw, message, headers)
 
 
-def with_structures(raw: bytes, message: mailstore.NewMessage) -> mailstore.NewMessage:
-    """``message`` with its IMAP ENVELOPE, BODYSTRUCTURE, BODY and SORT keys computed from ``raw``."""
-    envelope = mime.envelope(raw)
-    subject = next((v for name, v in parse_headers(raw).fields if name.lower() == "subject"), b"")
+def with_structures(
+    raw: bytes, message: mailstore.NewMessage, headers: Headers | None = None
+) -> mailstore.NewMessage:
+    """``message`` with its IMAP ENVELOPE, BODYSTRUCTURE, BODY and SORT keys computed from ``raw``
+    (and from ``headers``, ``raw``'s parsed headers when the caller has them)."""
+    envelope, bodystructure, body = mime.structures(raw)
+    fields = (headers or parse_headers(raw)).fields
+    subject = next((v for name, v in fields if name.lower() == "subject"), b"")
     return dataclasses.replace(
         message,
         envelope=envelope,
-        bodystructure=mime.bodystructure(raw, extensible=True),
-        body=mime.bodystructure(raw, extensible=False),
+        bodystructure=bodystructure,
+        body=body,
         sort_keys=sort.keys(sort.subject_text(subject), envelope),
     )
 

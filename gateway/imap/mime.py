@@ -1341,6 +1341,17 @@ def envelope(raw: bytes) -> bytes:
 def bodystructure(raw: bytes, *, extensible: bool = True) -> bytes:
     """The BODYSTRUCTURE value (``extensible``) or the BODY value, parenthesised."""
     _data, root = _parse(raw)
+    return _structure(root, extensible)
+
+
+def structures(raw: bytes) -> tuple[bytes, bytes, bytes]:
+    """:func:`envelope`, :func:`bodystructure` and its BODY form from one parse (what a stored
+    message keeps: parsing three times was a third of storing a 5 KB message)."""
+    _data, root = _parse(raw)
+    return b"(" + _envelope(root.headers) + b")", _structure(root, True), _structure(root, False)
+
+
+def _structure(root: _Part, extensible: bool) -> bytes:
     out = [b"("]
     _write(root, extensible, out)
     out.append(b")")
