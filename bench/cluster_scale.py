@@ -64,6 +64,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import relay, smtp_ingest  # noqa: E402 (after the path is set)
+from tests import procfs  # noqa: E402
 from tests.conftest import PG_DSN, free_port, new_database  # noqa: E402
 from tests.dovecot import running_dovecot  # noqa: E402
 from tests.test_cluster import Instance  # noqa: E402
@@ -84,17 +85,8 @@ def _stat(pid: int) -> list[str]:
 
 def tree_cpu(parent: int) -> float:
     """CPU seconds of ``parent`` and its children, live or already reaped (their cutime/cstime)."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = _stat(int(entry))
-        except OSError:
-            continue  # exited meanwhile: its time is in the parent's cutime once reaped
-        if int(entry) == parent or int(fields[1]) == parent:
-            total += sum(int(f) for f in fields[11:15])
-    return total / TICK
+    # A child that exited meanwhile is missing: its time is in the parent's cutime once reaped.
+    return sum(procfs.cpu_seconds(f) for pid, f in procfs.stats() if parent in (pid, int(f[1])))
 
 
 def machine_busy() -> float:

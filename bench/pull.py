@@ -74,7 +74,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from tests import corpus
+from tests import corpus, procfs
 from tests.dovecot import Dovecot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,18 +143,7 @@ def children_cpu() -> float:
 
 def group_cpu(pgid: int) -> float:
     """CPU seconds of a process group's live members and the children they reaped (Linux /proc)."""
-    ticks = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # fields[2]: pgrp; 11-14: utime stime cutime cstime
-        if int(fields[2]) == pgid:
-            ticks += sum(int(f) for f in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return sum(procfs.cpu_seconds(fields) for _, fields in procfs.stats() if int(fields[2]) == pgid)
 
 
 def maildir_count(box: Path) -> int:
@@ -248,17 +237,10 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time a live process and its live descendants (mailgate's MIME worker
     process) have used so far, and the children they reaped (Linux /proc)."""
     parents: dict[int, int] = {}
-    ticks: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # fields[1]: ppid; 11-14: utime stime cutime cstime
-        parents[int(entry)] = int(fields[1])
-        ticks[int(entry)] = sum(int(f) for f in fields[11:15])
+    cpu: dict[int, float] = {}
+    for p, fields in procfs.stats():
+        parents[p] = int(fields[1])
+        cpu[p] = procfs.cpu_seconds(fields)
 
     def descends(p: int) -> bool:
         while p > 1:
@@ -267,7 +249,7 @@ def cpu_seconds(pid: int) -> float:
             p = parents.get(p, 0)
         return False
 
-    return sum(t for p, t in ticks.items() if descends(p)) / os.sysconf("SC_CLK_TCK")
+    return sum(c for p, c in cpu.items() if descends(p))
 
 
 def mailgate_cli(config: Path, env: dict[str, str], *args: str) -> list[dict[str, object]]:

@@ -53,6 +53,7 @@ import pytest
 import trustme
 
 from gateway import mutf7
+from tests import procfs
 
 INBOX = "INBOX"
 HOST = "127.0.0.1"
@@ -95,18 +96,7 @@ def _check(result: tuple[str, list[object]], what: str) -> list[object]:
 
 def _pgroup_members(pgid: int) -> list[int]:
     """Live processes of a process group (Linux /proc)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry))
-    return members
+    return [pid for pid, fields in procfs.stats() if int(fields[2]) == pgid and fields[0] != "Z"]
 
 
 class Dovecot:
