@@ -13,7 +13,7 @@ import pytest
 
 from storage import upstream
 from storage.db import Database
-from tests import corpus
+from tests import corpus, procfs
 from tests.conftest import free_port
 from tests.daemon import Daemon, write_config
 from tests.dovecot import Dovecot, dropping_proxy
@@ -83,6 +83,12 @@ def message_ids(messages: list[bytes]) -> list[str]:
     return out
 
 
+def run_until_stored(d: Daemon, target: int) -> None:
+    """Start the daemon and wait until its log shows ``target`` messages stored in all."""
+    d.start()
+    d.wait_for(f"{target} messages stored", lambda: d.log.read_text().count("ingest.stored") >= target, 60)
+
+
 def test_kill_9_during_a_pull_loses_and_duplicates_nothing(
     tmp_path: Path, db_url: str, dovecot: Dovecot
 ) -> None:
@@ -98,12 +104,7 @@ def test_kill_9_during_a_pull_loses_and_duplicates_nothing(
     targets = sorted(random.Random(2026).sample(range(50, total - 50), 5))
     try:
         for target in targets:
-            d.start()
-            d.wait_for(
-                f"{target} messages stored",
-                lambda t=target: d.log.read_text().count("ingest.stored") >= t,
-                60,
-            )
+            run_until_stored(d, target)
             d.signal(signal.SIGKILL)
             upstream_left = set(message_ids(dovecot.messages("biuro", "INBOX")))
             stored = inbox(d)
@@ -135,16 +136,7 @@ def folder_last_uid(db_url: str, mailbox: str) -> int:
 
 def processes() -> dict[int, tuple[int, str]]:
     """Every live process: its parent and its state (Linux /proc)."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
-        except OSError:
-            continue
-        if stat:
-            state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
-            out[int(entry.name)] = (int(ppid), state)
-    return out
+    return {pid: (int(fields[1]), fields[0]) for pid, fields in procfs.stats()}
 
 
 def children(pid: int) -> set[int]:
@@ -170,12 +162,7 @@ def test_kill_9_mid_pipeline_leaves_the_last_uid_on_the_last_committed_message(
     targets = sorted(random.Random(2027).sample(range(50, total - 50), 4))
     try:
         for target in targets:
-            d.start()
-            d.wait_for(
-                f"{target} messages stored",
-                lambda t=target: d.log.read_text().count("ingest.stored") >= t,
-                60,
-            )
+            run_until_stored(d, target)
             assert d.proc is not None
             pid = d.proc.pid
             kids = children(pid)
