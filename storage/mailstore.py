@@ -263,7 +263,7 @@ async def delete_folder(s: AsyncSession, tenant_id: str, name: str) -> None:
     used = (
         await s.execute(select(Folder.used_bytes, Folder.used_messages).where(Folder.id == folder.id))
     ).one()
-    await _account(s, folder, -used.used_bytes, -used.used_messages)
+    await _account_tenant(s, folder, -used.used_bytes, -used.used_messages)
     await s.execute(delete(Message).where(Message.folder_id == folder.id))
     await s.execute(delete(Expunge).where(Expunge.folder_id == folder.id))
     await s.delete(folder)
@@ -277,7 +277,8 @@ async def append(s: AsyncSession, folder: Folder, messages: Sequence[NewMessage]
     """Append messages to a folder, allocating consecutive UIDs and one MODSEQ."""
     if not messages:
         return []
-    first_uid, modseq = await _allocate(s, folder.id, len(messages))
+    nbytes = sum(m.size for m in messages)
+    first_uid, modseq = await _allocate(s, folder.id, len(messages), nbytes, len(messages))
     rows = []
     for i, m in enumerate(messages):
         bits, keywords = split_flags(m.flags)
@@ -309,7 +310,7 @@ async def append(s: AsyncSession, folder: Folder, messages: Sequence[NewMessage]
         )
     conn = await s.connection()
     ids = (await conn.execute(_INSERT_MESSAGES, rows)).scalars().all()
-    await _account(s, folder, sum(m.size for m in messages), len(messages))
+    await _account_tenant(s, folder, nbytes, len(messages))
     return [Stored(id_, folder.id, first_uid + i, modseq) for i, id_ in enumerate(ids)]
 
 
@@ -428,14 +429,14 @@ async def expunge(s: AsyncSession, folder: Folder, uids: Iterable[int] | None = 
     if not rows:
         return []
     removed = [uid for uid, _ in rows]
-    _, modseq = await _allocate(s, folder.id, 0)
+    _, modseq = await _allocate(s, folder.id, 0, -sum(size for _, size in rows), -len(rows))
     await s.execute(delete(Message).where(Message.folder_id == folder.id, Message.uid.in_(removed)))
     now = datetime.now(UTC)
     await s.execute(
         insert(Expunge),
         [{"folder_id": folder.id, "uid": u, "modseq": modseq, "expunged_at": now} for u in removed],
     )
-    await _account(s, folder, -sum(size for _, size in rows), -len(rows))
+    await _account_tenant(s, folder, -sum(size for _, size in rows), -len(rows))
     return removed
 
 
@@ -497,19 +498,16 @@ async def claim_recent(s: AsyncSession, folder_id: int, upto: int) -> int:
 # copies of Folder/Tenant counters may therefore be stale; code that needs
 # them reads them with a query (see delete_folder).
 _folders, _tenants, _messages = (Base.metadata.tables[n] for n in ("folders", "tenants", "messages"))
-_ALLOCATE = (
-    update(_folders)
-    .where(_folders.c.id == bindparam("fid"))
-    .values(uidnext=_folders.c.uidnext + bindparam("n"), highestmodseq=_folders.c.highestmodseq + 1)
-    .returning(_folders.c.uidnext, _folders.c.highestmodseq)
-)
-_ACCOUNT_FOLDER = (
+_ALLOCATE = (  # one write of the folder's row per change: UIDs, MODSEQ and usage together
     update(_folders)
     .where(_folders.c.id == bindparam("fid"))
     .values(
+        uidnext=_folders.c.uidnext + bindparam("n"),
+        highestmodseq=_folders.c.highestmodseq + 1,
         used_bytes=_folders.c.used_bytes + bindparam("nbytes"),
         used_messages=_folders.c.used_messages + bindparam("nmessages"),
     )
+    .returning(_folders.c.uidnext, _folders.c.highestmodseq)
 )
 _ACCOUNT_TENANT = (
     update(_tenants)
@@ -522,17 +520,21 @@ _ACCOUNT_TENANT = (
 _INSERT_MESSAGES = insert(_messages).returning(_messages.c.id, sort_by_parameter_order=True)
 
 
-async def _allocate(s: AsyncSession, folder_id: int, count: int) -> tuple[int, int]:
-    """Reserve ``count`` UIDs and a new MODSEQ; returns (first UID, MODSEQ)."""
+async def _allocate(
+    s: AsyncSession, folder_id: int, count: int, nbytes: int = 0, nmessages: int = 0
+) -> tuple[int, int]:
+    """Reserve ``count`` UIDs and a new MODSEQ, and add ``nbytes`` and ``nmessages`` to the folder's
+    usage (the tenant's is :func:`_account_tenant`'s); returns (first UID, MODSEQ)."""
     conn = await s.connection()
-    uidnext, modseq = (await conn.execute(_ALLOCATE, {"fid": folder_id, "n": count})).one()
+    params = {"fid": folder_id, "n": count, "nbytes": nbytes, "nmessages": nmessages}
+    uidnext, modseq = (await conn.execute(_ALLOCATE, params)).one()
     return int(uidnext) - count, int(modseq)
 
 
-async def _account(s: AsyncSession, folder: Folder, nbytes: int, nmessages: int) -> None:
-    conn = await s.connection()
-    await conn.execute(_ACCOUNT_FOLDER, {"fid": folder.id, "nbytes": nbytes, "nmessages": nmessages})
+async def _account_tenant(s: AsyncSession, folder: Folder, nbytes: int, nmessages: int) -> None:
+    """Add to the tenant's usage what ``folder`` gained (negative: lost); Spam never counts."""
     if folder.special_use != JUNK:
+        conn = await s.connection()
         await conn.execute(
             _ACCOUNT_TENANT, {"tid": folder.tenant_id, "nbytes": nbytes, "nmessages": nmessages}
         )
