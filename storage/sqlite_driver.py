@@ -10,16 +10,18 @@ the page cache a statement costs microseconds, the same order as the Python
 that builds it and reads its rows. What can wait goes to a thread:
 
 * opening a connection;
-* ``BEGIN IMMEDIATE``, which takes the database's write lock and may wait up
-  to the busy timeout for another process (a CLI command, a migration);
+* ``BEGIN IMMEDIATE`` when another connection holds the write lock (a CLI
+  command, a migration): it waits up to the busy timeout. It is first tried
+  on the loop with the busy timeout off, and a free lock (nearly always: one
+  writer connection per process) is taken there at once;
 * ``COMMIT`` (the connection's ``commit()``) of a transaction that may have
   written, which fsyncs the WAL (``synchronous=FULL``) and may run an
   automatic checkpoint; a reader's (deferred ``BEGIN``, no row changed)
   writes nothing and ends on the loop;
 * closing a connection.
 
-A write transaction therefore costs two thread hops whatever its statements,
-and a read transaction none. Readers never wait for a lock in WAL mode, and
+A write transaction therefore costs one thread hop whatever its statements
+(two when it waits for the lock), and a read transaction none. Readers never wait for a lock in WAL mode, and
 writers hold it from ``BEGIN IMMEDIATE`` on, so the statements in between
 never sleep on ``busy_timeout``. Large scans are bounded by their callers
 (batches, ``LIMIT``), as their rows' Python processing on the loop already is.
@@ -51,6 +53,11 @@ def _waits(sql: str) -> bool:
     return sql.lstrip()[:22].upper().startswith(_WAITING)
 
 
+def _locks(sql: str) -> bool:
+    """Whether ``sql`` takes the write lock and nothing else (see :meth:`Connection.lock_at_once`)."""
+    return sql.lstrip()[:16].upper().startswith(("BEGIN IMMEDIATE", "BEGIN EXCLUSIVE"))
+
+
 class Cursor:
     """aiosqlite's cursor interface over a sqlite3 cursor (see the module's docstring)."""
 
@@ -66,10 +73,10 @@ class Cursor:
 
     async def execute(self, sql: str, parameters: Any = ()) -> Self:
         waits = _waits(sql)
-        if waits:
-            await self._connection.waiting(self._cursor.execute, sql, parameters)
-        else:
+        if not waits:
             self._cursor.execute(sql, parameters)
+        elif not (_locks(sql) and self._connection.lock_at_once(self._cursor, sql)):
+            await self._connection.waiting(self._cursor.execute, sql, parameters)
         if sql.lstrip()[:5].upper() == "BEGIN":
             self._connection.began(reading=not waits)
         return self
@@ -124,10 +131,32 @@ class Connection:
         self._connection: sqlite3.Connection | None = conn
         self._reading = False  # the open transaction began deferred (a reader's)
         self._changes = 0  # rows changed through this connection when it began
+        self._busy_ms: int | None = None  # the connection's busy timeout, read once
 
     async def waiting(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on this connection's own thread."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, functools.partial(fn, *args))
+
+    def lock_at_once(self, cursor: sqlite3.Cursor, sql: str) -> bool:
+        """Take the write lock on the loop if it is free; False if another connection holds it.
+
+        The busy timeout is off for this one statement, so it fails at once instead of sleeping;
+        the caller then waits for the lock on the thread. The lock is free nearly always (one
+        writer connection per process): this saves an APPEND the two thread hand-offs of a
+        ``BEGIN IMMEDIATE``, 0.3-0.6 ms while the blob writer works (2026-12-05).
+        """
+        if self._busy_ms is None:
+            self._busy_ms = int(self._conn.execute("PRAGMA busy_timeout").fetchone()[0])
+        self._conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            cursor.execute(sql)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                raise
+            return False
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+        return True
 
     def began(self, *, reading: bool) -> None:
         self._reading = reading

@@ -1,4 +1,4 @@
-"""storage.sqlite_driver: statements on the event loop, the write lock and the commit on a thread.
+"""storage.sqlite_driver: statements and a free write lock on the loop; a held lock, a commit on a thread.
 
 SQLite only (the driver is SQLite's): which thread runs each statement, that a
 writer waiting for another process' lock leaves the loop running, and that a
@@ -50,7 +50,11 @@ async def record_threads(db: Database) -> list[tuple[str, bool]]:
     return seen
 
 
-async def test_reads_run_on_the_loop_and_a_write_hops_only_for_its_lock_and_commit(db: Database) -> None:
+async def test_reads_and_a_free_write_lock_run_on_the_loop_and_a_write_hops_only_for_its_commit(
+    db: Database,
+) -> None:
+    """Since 2026-12-05 a free write lock is taken on the loop (BEGIN IMMEDIATE with the busy
+    timeout off for it): the lock's thread hops cost an APPEND 0.3-0.6 ms."""
     seen = await record_threads(db)
     async with db.read() as s:
         folder = await mailstore.get_folder(s, "acme", "INBOX")
@@ -66,7 +70,8 @@ async def test_reads_run_on_the_loop_and_a_write_hops_only_for_its_lock_and_comm
 
     await db.grouped(bump)
     off_loop = [word for word, on_loop in seen if not on_loop]
-    assert off_loop == ["BEGIN", "COMMIT"], seen  # BEGIN IMMEDIATE (the lock) and the commit's fsync
+    assert off_loop == ["COMMIT"], seen  # the commit's fsync
+    assert ("BEGIN", True) in seen
     assert ("UPDATE", True) in seen
 
 
