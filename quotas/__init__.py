@@ -47,6 +47,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.errors import StoreError
+from storage.mailstore import canonical_name
 from storage.models import Folder, IngestKey, QuotaDeferral, QuotaNotice, Tenant, UpstreamWaiting
 
 JUNK = "\\Junk"
@@ -82,9 +83,59 @@ async def check(s: AsyncSession, folder: Folder, adding: int, *, tenant_adding: 
     """
     if adding <= 0 or folder.special_use == JUNK:
         return
-    tenant_adding = adding if tenant_adding is None else tenant_adding
     row = (await s.execute(_USAGE, {"fid": folder.id})).one()
-    folder_used, folder_quota, tenant_used, tenant_quota = row
+    _check(folder, *row, adding, adding if tenant_adding is None else tenant_adding)
+
+
+# An APPEND's first statement: the folder, and its tenant's usage for the quota check.
+_FOLDER_AND_TENANT_USAGE = (
+    select(Folder, Tenant.used_bytes, Tenant.quota_bytes)
+    .join(Tenant, Tenant.id == Folder.tenant_id)
+    .where(Folder.tenant_id == bindparam("tid"), Folder.name == bindparam("name"))
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A folder to store into, read in the writing transaction with its tenant's usage, so that
+    :meth:`check` reads nothing more (an APPEND: one statement instead of two)."""
+
+    folder: Folder
+    tenant_used: int
+    tenant_quota: int | None
+
+    def check(self, adding: int) -> None:
+        """:func:`check` on the usage read with the folder."""
+        folder = self.folder
+        if adding > 0 and folder.special_use != JUNK:
+            _check(
+                folder,
+                folder.used_bytes,
+                folder.quota_bytes,
+                self.tenant_used,
+                self.tenant_quota,
+                adding,
+                adding,
+            )
+
+
+async def target(s: AsyncSession, tenant_id: str, name: str) -> Target | None:
+    """The tenant's folder with this name and the tenant's usage; None if there is no such folder."""
+    row = (
+        await s.execute(_FOLDER_AND_TENANT_USAGE, {"tid": tenant_id, "name": canonical_name(name)})
+    ).one_or_none()
+    return None if row is None else Target(*row)
+
+
+def _check(
+    folder: Folder,
+    folder_used: int,
+    folder_quota: int | None,
+    tenant_used: int,
+    tenant_quota: int | None,
+    adding: int,
+    tenant_adding: int,
+) -> None:
     if folder_quota is not None and folder_used + adding > folder_quota:
         raise QuotaExceeded(f"folder {folder.name!r}", folder_used, folder_quota, adding, folder_id=folder.id)
     if tenant_adding > 0 and tenant_quota is not None and tenant_used + tenant_adding > tenant_quota:

@@ -743,9 +743,10 @@ class Session:
 
         async def append(s: AsyncSession) -> tuple[Folder, list[mailstore.Stored] | int]:
             """The new messages' places, or the UID of mailgate's own copy in Sent (see _sent_copy_of)."""
-            folder = await mailstore.get_folder(s, self.tenant_id, cmd.mailbox)
-            if folder is None or not self.visible(folder.name):
+            target = await quotas.target(s, self.tenant_id, cmd.mailbox)
+            if target is None or not self.visible(target.folder.name):
                 raise No(f"no folder {cmd.mailbox}", "TRYCREATE")
+            folder = target.folder
             if sent is not None and folder.special_use == "\\Sent":
                 uid = await mailstore.submitted_copy(
                     s, folder, self.me.agent_id, sent, now - SENT_COPY_WINDOW
@@ -754,7 +755,7 @@ class Session:
                     if flags:
                         await mailstore.store_flags(s, folder, [uid], flags, "add")
                     return folder, uid
-            await quotas.check(s, folder, size)
+            target.check(size)
             stored = await mailstore.append(s, folder, new)
             await self._claim_recent(s, folder.id, stored[-1].uid + 1)
             try:
