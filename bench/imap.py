@@ -89,7 +89,7 @@ if str(ROOT) not in sys.path:
 import structlog  # noqa: E402
 from argon2 import PasswordHasher  # noqa: E402
 
-from tests import corpus  # noqa: E402
+from tests import corpus, procfs  # noqa: E402
 from tests.dovecot import Dovecot, _pgroup_members  # noqa: E402
 
 # `python -m gateway` (= the `mailgate` command) with this checkout first on the path, so that the
@@ -890,7 +890,7 @@ def run(args: argparse.Namespace, tmp: Path, messages: list[bytes], appends: lis
         }
         mg = Mailgate(config, tmp, port, args.profile)
         try:
-            mailgate = Server("mailgate", port, LOGIN, lambda: cpu_seconds(mg.pid), mg.pid)
+            mailgate = Server("mailgate", port, LOGIN, lambda: procfs.tree_cpu_seconds(mg.pid), mg.pid)
             client = connect(mailgate, args)
             try:
                 client.command(f'CREATE "{APPEND_FOLDER}"')
@@ -948,7 +948,7 @@ def idle_memory(
     (same argon2id hash, no auth cache: Dovecot's default)."""
     mg = Mailgate(config, tmp, port)
     try:
-        mailgate = Server("mailgate", port, LOGIN, lambda: cpu_seconds(mg.pid))
+        mailgate = Server("mailgate", port, LOGIN, lambda: procfs.tree_cpu_seconds(mg.pid))
         time.sleep(0.5)
         base = proc_status(mg.pid)
         reset_peak(mg.pid)

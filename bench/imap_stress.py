@@ -77,7 +77,6 @@ from bench.imap import (  # noqa: E402
     Reply,
     Server,
     connect,
-    cpu_seconds,
     dovecot_cpu,
     free_port,
     load_mailgate,
@@ -86,7 +85,7 @@ from bench.imap import (  # noqa: E402
     raise_nofile,
     write_mailgate_config,
 )
-from tests import corpus  # noqa: E402
+from tests import corpus, procfs  # noqa: E402
 
 COMMANDS = (
     "SELECT INBOX",
@@ -442,7 +441,7 @@ def run(args: argparse.Namespace, tmp: Path, messages: list[bytes], counts: list
         mg = Mailgate(config, tmp, port)
         try:
             dovecot = Server("dovecot", dc.port, DOVECOT_USER, lambda: dovecot_cpu(dc))
-            mailgate = Server("mailgate", port, LOGIN, lambda: cpu_seconds(mg.pid), mg.pid)
+            mailgate = Server("mailgate", port, LOGIN, lambda: procfs.tree_cpu_seconds(mg.pid), mg.pid)
             for server in (dovecot, mailgate):
                 prepare(server, args, folders)
             results: dict[str, dict[int, Phase]] = {"dovecot": {}, "mailgate": {}}
