@@ -233,25 +233,6 @@ def peak_rss_kib(pid: int) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a live process and its live descendants (mailgate's MIME worker
-    process) have used so far, and the children they reaped (Linux /proc)."""
-    parents: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    for p, fields in procfs.stats():
-        parents[p] = int(fields[1])
-        cpu[p] = procfs.cpu_seconds(fields)
-
-    def descends(p: int) -> bool:
-        while p > 1:
-            if p == pid:
-                return True
-            p = parents.get(p, 0)
-        return False
-
-    return sum(c for p, c in cpu.items() if descends(p))
-
-
 def mailgate_cli(config: Path, env: dict[str, str], *args: str) -> list[dict[str, object]]:
     done = run_bounded([str(MAILGATE), "-c", str(config), *args, "--format", "json"], 120, env=env)
     if done.returncode != 0:
@@ -313,7 +294,7 @@ def bench_mailgate(setup: Setup, tmp: Path, args: argparse.Namespace) -> Mailgat
     try:
         try:
             watch_log(log, proc, run, setup.expected, args.timeout)
-            run.cpu = cpu_seconds(proc.pid)
+            run.cpu = procfs.tree_cpu_seconds(proc.pid)
             run.rss_kib = peak_rss_kib(proc.pid)
         except BenchError as exc:
             run.error = str(exc)
