@@ -170,7 +170,7 @@ class Probe:
         wal = int(await self.admin.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint"))
         return Sample(
             time.perf_counter(),
-            {n: relay.cpu_seconds(pid) for n, (pid, _) in instances.items()},
+            {n: procfs.tree_cpu_seconds(pid) for n, (pid, _) in instances.items()},
             db,
             wal,
             tree_cpu(self.postmaster),

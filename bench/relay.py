@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from bench.smtp_ingest import bench_bare  # noqa: E402 (after the path is set)
+from tests import procfs  # noqa: E402
 
 MAILGATE = ROOT / ".venv" / "bin" / "mailgate"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
@@ -114,13 +115,6 @@ def rss_kib(pid: int, field: str = "VmHWM") -> int:
         if line.startswith(f"{field}:"):
             return int(line.split()[1])
     return 0  # a zombie: mailgate died during the run, and its exit status says so
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a live process has used so far."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; utime, stime are fields 14, 15
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- smtp-sink
@@ -431,14 +425,14 @@ def bench_mailgate(
             except BenchError:
                 sys.stderr.write(log.read_text(errors="replace")[-2000:])
                 raise
-            cpu_before = cpu_seconds(proc.pid)
+            cpu_before = procfs.tree_cpu_seconds(proc.pid)
             run.rss_start_kib = rss_kib(proc.pid)
             client_before = os.times()
             started = time.perf_counter()
             run.submitted = asyncio.run(submit(port, password, args, sink, proc))
             if sink.reached_at is not None:
                 run.end_to_end = sink.reached_at - started
-                run.cpu = cpu_seconds(proc.pid) - cpu_before
+                run.cpu = procfs.tree_cpu_seconds(proc.pid) - cpu_before
                 client_after = os.times()
                 run.client_cpu = (client_after.user - client_before.user) + (
                     client_after.system - client_before.system

@@ -55,6 +55,8 @@ from urllib.parse import unquote, urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from tests import procfs  # noqa: E402 (after the path is set)
+
 MAILGATE = ROOT / ".venv" / "bin" / "mailgate"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -166,9 +168,9 @@ def measure(
 ) -> None:
     """smtp-source against the server ``proc`` listening on ``port``: its time, CPU and peak RSS,
     then its exit status after SIGTERM (``grace`` seconds at most)."""
-    cpu_before = cpu_seconds(proc.pid)
+    cpu_before = procfs.tree_cpu_seconds(proc.pid)
     run.seconds, run.acked, run.error = run_source(port, args)
-    run.cpu = cpu_seconds(proc.pid) - cpu_before
+    run.cpu = procfs.tree_cpu_seconds(proc.pid) - cpu_before
     run.rss_kib = peak_rss_kib(proc.pid)
     run.status = stop(proc, grace)
 
@@ -248,13 +250,6 @@ def peak_rss_kib(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     return 0  # a zombie: mailgate died during the run, and its exit status says so
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a live process has used so far."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; utime, stime are fields 14, 15
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stored_messages(config: Path, cwd: Path) -> int:
@@ -401,9 +396,9 @@ def bench_rspamd(args: argparse.Namespace, pg: bool, dbname: str) -> MailgateRun
                 f"rspamd: {args.rspamd_workers} worker(s), hyperscan database of {regexps} regexps"
                 f" loaded, warmed with {WARM_SCANS} scans before timing"
             )
-            cpu_before = tree_cpu_seconds(rspamd.pid)
+            cpu_before = procfs.tree_cpu_seconds(rspamd.pid)
             run = run_once(args, pg, dbname, rspamd.url)
-            cpu = tree_cpu_seconds(rspamd.pid) - cpu_before
+            cpu = procfs.tree_cpu_seconds(rspamd.pid) - cpu_before
             times = sorted(float(t) for t in SCAN_TIME.findall(rspamd.log())[scanned:])
         finally:
             rspamd.close()
@@ -480,26 +475,6 @@ def warm_rspamd(url: str, size: int) -> None:
         request = urllib.request.Request(f"{url}/checkv2", data=message + body, method="POST")  # noqa: S310
         with urllib.request.urlopen(request, timeout=30) as reply:  # noqa: S310 (loopback only)
             reply.read()
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU time of ``pid`` and its children so far (rspamd's main process and its workers)."""
-    pids = [pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue  # exited meanwhile
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                pids.append(int(entry.name))
-    total = 0.0
-    for child in pids:
-        try:
-            total += cpu_seconds(child)
-        except OSError:
-            continue
-    return total
 
 
 def run_once(args: argparse.Namespace, pg: bool, dbname: str, spam_url: str) -> MailgateRun:
