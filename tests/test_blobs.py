@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
+import signal
+import smtplib
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,9 @@ from storage.blobs.s3 import S3BlobStore
 from storage.db import Database
 from storage.migrate import migrate
 from storage.models import BlobChunk, Message
-from tests.conftest import config_dict, new_database, on_every_blob_backend, s3_bucket
+from tests import procfs
+from tests.conftest import config_dict, free_port, new_database, on_every_blob_backend, s3_bucket
+from tests.daemon import Daemon, write_config
 
 
 @on_every_blob_backend
@@ -176,6 +181,51 @@ async def test_a_killed_blob_writer_loses_no_acknowledged_blob_and_the_next_writ
         assert store.path(second).read_bytes() == b"after"
     finally:
         await store.close()
+
+
+def _blob_writers(parent: int) -> list[int]:
+    """The blob writer processes whose parent is ``parent``."""
+    found = []
+    for pid, fields in procfs.stats():
+        if int(fields[1]) == parent:
+            with contextlib.suppress(OSError):
+                if b"storage.blobs.writer" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+    return found
+
+
+def _gone(pid: int, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":  # exited; its parent (init, once the daemon is gone) reaps it
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_blob_writer_ends_with_the_daemon_stopped_or_killed(tmp_path: Path) -> None:
+    """The daemon's blob writer process (2026-12-05) outlives it neither after SIGTERM (the
+    daemon closes its pipe) nor after kill -9 (the kernel does), so nothing is left behind."""
+    port = free_port()
+    config = write_config(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'mailgate.db'}", port)
+    d = Daemon(config, port, tmp_path)
+    try:
+        for how in (signal.SIGTERM, signal.SIGKILL):
+            d.start()
+            assert d.proc is not None
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+                smtp.sendmail("a@example.org", ["biuro@acme.test"], b"Subject: %d\r\n\r\nbody\r\n" % how)
+            (writer,) = _blob_writers(d.proc.pid)
+            status = d.signal(how)
+            assert status == (0 if how == signal.SIGTERM else -signal.SIGKILL)
+            assert _gone(writer), f"the blob writer {writer} outlived the daemon ({how!r})"
+        assert sum(d.folders("acme").values()) == 2
+    finally:
+        d.stop()
 
 
 @pytest.mark.parametrize("blob_backend", ["s3"], indirect=True)
