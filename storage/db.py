@@ -5,8 +5,8 @@ open their transactions with ``BEGIN IMMEDIATE``, so two writers never both
 hold a read snapshot and then fail to upgrade; readers run in WAL mode beside
 them. Commits are durable (``synchronous=FULL``) before :meth:`Database.write`
 returns. PostgreSQL needs neither trick. SQLite statements run on the event
-loop and only the waits (the write lock, the commit's fsync) on a thread:
-:mod:`storage.sqlite_driver` says why.
+loop and only the waits (a write lock another process holds, the commit's
+fsync) on a thread: :mod:`storage.sqlite_driver` says why.
 
 Group commit: :meth:`Database.grouped` runs a writer's function in a write
 transaction shared with the writers that queued while the previous one
