@@ -53,6 +53,7 @@ from datetime import UTC, datetime
 
 import structlog
 from sqlalchemy import bindparam, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -328,6 +329,12 @@ _SEEN_KEYS = select(IngestKey.key).where(
     IngestKey.tenant_id == bindparam("tid"), IngestKey.key.in_(bindparam("keys", expanding=True))
 )
 _INSERT_KEYS = insert(IngestKey)
+# A message already given a verdict (the same content, stored before) keeps its row: one
+# statement per group commit instead of a SELECT and an INSERT (issue #18).
+_INSERT_VERDICTS = {
+    "postgresql": postgresql.insert(SpamVerdict).on_conflict_do_nothing(),
+    "sqlite": sqlite.insert(SpamVerdict).on_conflict_do_nothing(),
+}
 
 
 @dataclass(slots=True)
@@ -613,13 +620,7 @@ class Pipeline:
             if out is None and (p.delivery.scan is not None or p.verdict.spam)
         }
         if verdicts:
-            known = select(SpamVerdict.blob).where(
-                SpamVerdict.tenant_id == tenant.id, SpamVerdict.blob.in_(list(verdicts))
-            )
-            for blob in (await conn.execute(known)).scalars():
-                del verdicts[blob]
-            if verdicts:
-                await conn.execute(insert(SpamVerdict), list(verdicts.values()))
+            await conn.execute(_INSERT_VERDICTS[conn.dialect.name], list(verdicts.values()))
         by_id = {f.id: f for f in folders.values()}
         for folder_id, indexes in groups.items():
             folder = by_id[folder_id]
