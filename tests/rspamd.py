@@ -64,7 +64,7 @@ logging {{
     level = "{log_level}";
 }}
 worker "normal" {{
-    bind_socket = "{host}:{normal}";
+    bind_socket = "{host}:{normal}";{normal_socket}
     .include "$CONFDIR/worker-normal.inc"
     count = {workers};
 }}
@@ -128,7 +128,16 @@ class NxDomain:
 class Rspamd:
     """One private rspamd: ``url`` (checks) and ``controller`` (learning, ``stat``)."""
 
-    def __init__(self, root: Path, *, learning: bool, workers: int = 1, log_level: str = "notice") -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        learning: bool,
+        workers: int = 1,
+        log_level: str = "notice",
+        unix_socket: Path | None = None,
+    ) -> None:
+        """``unix_socket``: the normal worker listens on that path too (bench/rspamd_client.py)."""
         from tests.conftest import free_port  # here: conftest imports this module
 
         self.root = root
@@ -146,6 +155,7 @@ class Rspamd:
             _CONFIG.format(
                 host=HOST,
                 normal=self.normal_port,
+                normal_socket=f'\n    bind_socket = "{unix_socket} mode=0600";' if unix_socket else "",
                 controller=self.controller_port,
                 workers=workers,
                 log_level=log_level,
