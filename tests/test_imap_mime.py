@@ -773,3 +773,12 @@ def test_structures_from_one_parse_equal_each_function(raw: bytes) -> None:
 def test_header_text_never_breaks_framing(text: str) -> None:
     raw = f'Subject: {text}\r\nFrom: {text} <a@b>\r\nContent-Type: text/plain; name="{text}"\r\n\r\n'.encode()
     _check_all(raw)
+
+
+@given(st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b"\0", b"\r\r\n"]), max_size=40))
+def test_stored_form_shortcut_equals_the_rewrite(pieces: list[bytes]) -> None:
+    """The CRLF-throughout shortcut of stored_form gives what its two rewrites give (a message
+    already in stored form is returned as it is)."""
+    data = b"".join(pieces).replace(b"\0", b"").removesuffix(b"\r")
+    rewritten = re.sub(rb"(?<!\r)\n", b"\r\n", re.sub(rb"\r(\r+\n)", rb"\1", data))
+    assert mime.stored_form(b"".join(pieces)) == rewritten
