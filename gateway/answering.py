@@ -314,7 +314,8 @@ class Sweeper:
             except Exception:
                 log.exception("answering.sweep_failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), SWEEP_EVERY)
+                async with asyncio.timeout(SWEEP_EVERY):  # not wait_for: it can swallow a cancel (3.11)
+                    await self._wake.wait()
 
     async def sweep(self) -> int:
         """End the marks whose draft is gone or expired; how many rows ended."""

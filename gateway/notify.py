@@ -220,7 +220,8 @@ class ClusterNotices:
                             raise
                         continue
                     try:
-                        await asyncio.wait_for(self._wake.wait(), PING)
+                        async with asyncio.timeout(PING):  # not wait_for: it can swallow a cancel (3.11)
+                            await self._wake.wait()
                     except TimeoutError:
                         await pg.fetchval("SELECT 1", timeout=TIMEOUT)
         finally:

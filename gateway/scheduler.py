@@ -187,7 +187,8 @@ class Scheduler:
                 except Exception:
                     log.exception("scheduler.job_failed", job=job.__name__)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.pipeline.deferrals.wait(), QUOTA_EVERY)
+                async with asyncio.timeout(QUOTA_EVERY):  # not wait_for: it can swallow a cancel (3.11)
+                    await self.pipeline.deferrals.wait()
 
     async def purge_spam(self, *, dry_run: bool = False) -> retention.PurgeReport:
         """Delete spam older than ``retention.spam_days``."""
@@ -279,7 +280,8 @@ class Scheduler:
             self._rescheduled.clear()
             wait = (self.next_snapshot(self.clock()) - self.clock()).total_seconds()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._rescheduled.wait(), max(wait, 1.0))
+                async with asyncio.timeout(max(wait, 1.0)):  # not wait_for: it can swallow a cancel (3.11)
+                    await self._rescheduled.wait()
                 continue  # woken by a reload: the time may have moved
             day = self.clock().astimezone().date().isoformat()
             try:

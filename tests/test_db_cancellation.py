@@ -92,3 +92,28 @@ async def test_cancelling_the_relay_loop_mid_pass_leaves_no_lock(tmp_path: Path,
         await worker.drain()
     finally:
         await db.close()
+
+
+async def test_a_wake_just_before_the_stop_never_keeps_the_relay_loop_running(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Regression (2026-12-05): a daemon did not stop within 30 s of SIGTERM. Its wake loops
+    waited with ``asyncio.wait_for(event.wait(), poll)``, which in Python 3.11 returns instead of
+    raising when the task is cancelled in the loop iteration its event was set: the loop went on
+    and the shutdown waited for it forever. They now wait with ``asyncio.timeout``."""
+    config = parse_config(config_dict(tmp_path, db_url))
+    db, blobs = await open_store(config)
+    try:
+        worker = RelayWorker(lambda: config, db, blobs, Pipeline(db, blobs))
+        for spins in range(30):
+            task = asyncio.create_task(worker.run())
+            await asyncio.sleep(0.02)  # its pass is done (nothing queued): it waits for a wake-up
+            worker.wake.set()
+            for _ in range(spins % 6):
+                await asyncio.sleep(0)
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=5)
+            assert done, f"the relay loop went on after its cancellation, {spins % 6} iterations after a wake"
+        await worker.drain()
+    finally:
+        await db.close()

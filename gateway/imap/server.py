@@ -497,7 +497,8 @@ class IMAPServer:
             if event is not None:
                 return None
             timeout = self.config().limits.imap.timeout.total_seconds()
-            data = await asyncio.wait_for(reader.read(65536), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel (3.11)
+                data = await reader.read(65536)
             if not data:
                 return None
             framer.feed(data)

@@ -319,7 +319,7 @@ class UpstreamIMAP:
         finally:
             if not self._lost.done():
                 self._client.idle_done()
-        await self._run("IDLE", asyncio.wait_for(idle, self.timeout))
+        await self._run("IDLE", idle)
         return pushed != aioimaplib.STOP_WAIT_SERVER_PUSH and bool(pushed)
 
     async def logout(self) -> None:

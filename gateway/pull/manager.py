@@ -106,7 +106,8 @@ class PullManager:
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("pull.leases_failed", error=str(exc).splitlines()[0])
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._turn.wait(), self.tick.total_seconds())
+                async with asyncio.timeout(self.tick.total_seconds()):  # not wait_for (3.11 swallows cancels)
+                    await self._turn.wait()
 
     async def _take_turn(self) -> None:
         turn = await leases.balance(

@@ -432,7 +432,8 @@ class RelayWorker:
             except Exception:
                 log.exception("relay.pass_failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), POLL)
+                async with asyncio.timeout(POLL):  # not wait_for: it can swallow a cancel (3.11)
+                    await self.wake.wait()
             self.smarthosts.expire()
 
     async def run_once(self) -> None:

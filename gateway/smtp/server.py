@@ -580,7 +580,8 @@ class RelayServer:
         if self._server is not None:
             self._server.close()
         try:
-            await asyncio.wait_for(self.handler.idle.wait(), grace)
+            async with asyncio.timeout(grace):  # not wait_for: it can swallow a cancel (3.11)
+                await self.handler.idle.wait()
         except TimeoutError:
             log.warning("smtp.drain_timeout", inflight=self.handler.inflight)
         for proto in list(self._protocols):
