@@ -154,7 +154,7 @@ async def test_the_blob_writer_process_answers_concurrent_batches_each_in_order(
         for batch, digests in zip(batches, answers, strict=True):
             assert digests == [hashlib.sha256(d).hexdigest() for d in batch]
             assert [store.path(d).read_bytes() for d in digests] == batch
-        child = store._writer._child
+        child = store._writer._child._running
         assert child is not None
     finally:
         await store.close()
@@ -170,13 +170,13 @@ async def test_a_killed_blob_writer_loses_no_acknowledged_blob_and_the_next_writ
     store = FsBlobStore(tmp_path / "blobs")
     try:
         first = await store.put(b"before")
-        child = store._writer._child
+        child = store._writer._child._running
         assert child is not None
         child.process.kill()  # before the next batch reaches it
-        with pytest.raises(OSError, match="blob writer process exited"):
+        with pytest.raises(OSError, match="writer process exited before answering"):
             await store.put(b"while it died")
         second = await store.put(b"after")
-        assert store._writer._child is not child
+        assert store._writer._child._running is not child
         assert store.path(first).read_bytes() == b"before"
         assert store.path(second).read_bytes() == b"after"
     finally:
