@@ -39,7 +39,7 @@ from gateway.connections import ConnectionGate
 from gateway.forward import load_signer
 from gateway.imap.index import FolderIndex
 from gateway.imap.server import IMAPServer
-from gateway.ingest import Pipeline, mime_process
+from gateway.ingest import Pipeline, mime_worker
 from gateway.metrics import DatabaseCollector, MetricsServer, refresh_forever
 from gateway.notify import Changes, ClusterNotices
 from gateway.oauth2 import Tokens
@@ -145,7 +145,7 @@ class Daemon:
             changes=changes,
             srs_signer=load_signer(self.config),
             spam_filter=self.spam,
-            workers=mime_process(),
+            workers=await mime_worker(),
         )
         auth = self.auth = Authenticator(self.current_config, self.db)
         tls = self.tls = server_context(self.config.tls)
@@ -166,7 +166,7 @@ class Daemon:
         if not self.db.is_sqlite:  # the other instances' writes reach this one's sessions and index
             self._tasks.append(asyncio.create_task(ClusterNotices(self.db.url, changes).run(), name="notify"))
         hourly = HourlyLimits(lambda: self.config.limits.outbound, time.monotonic)
-        outbox = Outbox(self.db, blobs, changes, self.relay.wake.set, hourly=hourly)
+        outbox = Outbox(self.db, blobs, changes, self.relay.wake.set, hourly=hourly, mime=pipeline.workers)
         for name, submission, implicit in (
             ("smtp", False, False),
             ("submission", True, False),
@@ -197,7 +197,7 @@ class Daemon:
                 continue
             server = IMAPServer(
                 self.current_config, self.db, blobs, auth, changes, tls=tls, implicit_tls=implicit, name=name,
-                index=index, learner=self.learner,
+                index=index, learner=self.learner, mime=pipeline.workers,
             )  # fmt: skip
             if name in inherited:
                 await server.start_on_socket(inherited.pop(name))

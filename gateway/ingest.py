@@ -13,7 +13,8 @@ Theory of operation
    copy (From rewritten, see :mod:`gateway.forward`) is its own blob, written
    with the message's before the transaction; its envelope sender is SRS.
    :meth:`Pipeline.prepare` does steps 1-2 and the blob writes for a whole
-   batch, in two thread hops that overlap, and :meth:`Pipeline.commit` the
+   batch, in two child processes that work at once (:class:`MimeWorker`,
+   :mod:`storage.blobs.writer`), and :meth:`Pipeline.commit` the
    transaction, so a source can prepare its next batch while one commits.
 4. Only when :meth:`Pipeline.deliver` returns may the source acknowledge
    (SMTP ``250``, upstream delete). A crash before that loses nothing: the
@@ -37,17 +38,13 @@ bad message never fails its neighbours.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
 import hashlib
-import multiprocessing
 import os
+import pickle
 import secrets
-import signal
-import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -68,6 +65,7 @@ from gateway.spam import Filter as SpamFilter
 from gateway.spam import Result as SpamResult
 from storage import mailstore, queue
 from storage.blobs import BlobStore
+from storage.child import Child, serve
 from storage.db import Database
 from storage.errors import StoreError
 from storage.models import Folder, IngestKey, SpamVerdict
@@ -263,12 +261,12 @@ def fallback_key(headers: Headers, raw: bytes) -> str:
     return "h:" + h.hexdigest()
 
 
-def _examine(
-    raws: Sequence[bytes], received: Sequence[datetime]
-) -> list[tuple[Headers, str, mailstore.NewMessage]]:
-    """The CPU-bound part of preparing a batch, in a worker thread or process (plain data in and
-    out): each message's headers, content key and metadata (the caller fills in its ``blob`` and
-    ``flags``)."""
+Examined = tuple[Headers, str, mailstore.NewMessage]
+
+
+def examine(raws: Sequence[bytes], received: Sequence[datetime]) -> list[Examined]:
+    """The CPU-bound part of preparing messages, plain data in and out (:class:`MimeWorker`): each
+    message's headers, content key and metadata (the caller fills in its ``blob`` and ``flags``)."""
     out = []
     for raw, at in zip(raws, received, strict=True):
         headers = parse_headers(raw)
@@ -276,24 +274,57 @@ def _examine(
     return out
 
 
-def mime_process() -> ProcessPoolExecutor | None:
-    """A worker process for the MIME work of batches (:meth:`Pipeline.prepare`), started now,
-    when the machine has a core to spare; else None (worker threads do it)."""
-    if (os.cpu_count() or 1) < 2:
-        return None
-    pool = ProcessPoolExecutor(
-        1, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with, initargs=(os.getpid(),)
-    )
-    pool.submit(int)  # the process starts (imports) while the daemon does
-    return pool
+class MimeWorker:
+    """Where :func:`examine` runs: the MIME work of every source's messages (pull and relay-in
+    batches, APPENDs).
+
+    With ``child`` (the daemon, on a machine with a core to spare) it runs in a child process
+    (:mod:`storage.child`), out of the event loop's GIL and with no thread: a ProcessPoolExecutor
+    brought each result back through two threads of its own, and a thread of the daemon shares the
+    GIL with the loop. A child that dies fails what it had not answered: that work is done on a
+    thread, and the next call starts a new child. Without ``child``, up to :data:`INLINE` bytes are
+    examined on the event loop (a thread hop costs more) and more on a thread.
+    """
+
+    def __init__(self, *, child: bool = False) -> None:
+        self.child = Child(__name__, "mime_main") if child else None
+
+    async def examine(self, raws: Sequence[bytes], received: Sequence[datetime]) -> list[Examined]:
+        """:func:`examine` of ``raws``, received at ``received``."""
+        if self.child is not None:
+            try:
+                answer = await self.child.ask([pickle.dumps(list(received)), *raws])
+            except OSError:
+                log.warning("ingest.mime_process_lost", fallback="thread")
+            else:
+                examined: list[Examined] = pickle.loads(answer)  # noqa: S301 (our own child's answer)
+                return examined
+        elif sum(map(len, raws)) <= INLINE:
+            return examine(raws, received)
+        return await asyncio.to_thread(examine, raws, received)
+
+    async def close(self) -> None:
+        """End the child process, if any."""
+        if self.child is not None:
+            await self.child.close()
 
 
-def _die_with(parent: int) -> None:
-    """In the worker process: die with the daemon, even when it is killed (Linux)."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before that
-        os._exit(0)
+def mime_main() -> None:
+    """The MIME worker's child process: :func:`examine` for each request (:class:`MimeWorker`)."""
+
+    def answer(requests: list[list[bytes]]) -> list[bytes]:
+        return [pickle.dumps(examine(frames[1:], pickle.loads(frames[0]))) for frames in requests]  # noqa: S301 (from our parent)
+
+    serve(answer)
+
+
+async def mime_worker() -> MimeWorker:
+    """The daemon's :class:`MimeWorker`: a child process, started now, when the machine has a core
+    to spare."""
+    worker = MimeWorker(child=(os.cpu_count() or 1) >= 2)
+    if worker.child is not None:
+        await worker.child.start()
+    return worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,8 +353,7 @@ class Prepared:
 
 
 GROUP_MAX = 500  # messages per group-commit transaction
-PROCESS_BATCH = 8  # messages from which a batch's MIME work goes to the MIME process
-_PR_SET_PDEATHSIG = 1
+INLINE = 64 * 1024  # bytes of messages examined on the event loop when there is no MIME child process
 
 _SEEN_KEYS = select(IngestKey.key).where(
     IngestKey.tenant_id == bindparam("tid"), IngestKey.key.in_(bindparam("keys", expanding=True))
@@ -363,12 +393,11 @@ class Pipeline:
         changes: Changes | None = None,
         srs_signer: srs.Signer | None = None,
         spam_filter: SpamFilter | None = None,
-        workers: Executor | None = None,
+        workers: MimeWorker | None = None,
     ) -> None:
         """``srs_signer`` signs forwards' envelope senders (the daemon's persistent keys,
         :func:`gateway.forward.load_signer`); without one, a random key of this process.
-        ``workers`` (:func:`mime_process`) takes batches' MIME work off this process; :meth:`close`
-        stops it.
+        ``workers`` (:func:`mime_worker`) does the messages' MIME work; :meth:`close` stops it.
         """
         self.db = db
         self.blobs = blobs
@@ -376,7 +405,7 @@ class Pipeline:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.changes = changes or Changes()
         self.spam = spam_filter  # asked by the sources (relay-in, pull) before they deliver
-        self.workers = workers
+        self.workers = workers or MimeWorker()
         self._pending: deque[_Job] = deque()
         self._drainer: asyncio.Task[None] | None = None
         self.deferrals = asyncio.Event()  # set when mail waits for quota (relay-in here, pull in the puller)
@@ -401,16 +430,18 @@ class Pipeline:
         return await self.commit(tenant, await self.prepare(tenant, items), within)
 
     async def prepare(self, tenant: TenantSection, items: Sequence[tuple[bytes, Delivery]]) -> list[Prepared]:
-        """The work before a commit, for a batch: headers, rules, dedupe keys and MIME structures
-        in one thread hop, while the blobs are written and fsynced in another (their syscalls
-        release the GIL); then any forwarded copies. Nothing is committed: a batch prepared and
+        """The work before a commit, for a batch: headers, dedupe keys and MIME structures
+        (:class:`MimeWorker`) while the blobs are written and fsynced (the blob writer), then the
+        rules and any forwarded copies. Nothing is committed: a batch prepared and
         never committed leaves only unreferenced blobs, which retention removes."""
         if not items:
             return []
         now = self.clock()
         raws = [raw for raw, _ in items]
         received = [delivery.received_at or now for _, delivery in items]
-        examined, digests = await asyncio.gather(self._examine(raws, received), self.blobs.put_many(raws))
+        examined, digests = await asyncio.gather(
+            self.workers.examine(raws, received), self.blobs.put_many(raws)
+        )
         prepared = []
         for (raw, delivery), (headers, content_key, message), digest in zip(
             items, examined, digests, strict=True
@@ -422,26 +453,9 @@ class Pipeline:
             prepared.append(Prepared(len(raw), headers, delivery, verdict, keys, digest, message, forwards))
         return prepared
 
-    async def _examine(
-        self, raws: Sequence[bytes], received: Sequence[datetime]
-    ) -> list[tuple[Headers, str, mailstore.NewMessage]]:
-        """:func:`_examine` on the MIME process for a batch of :data:`PROCESS_BATCH` or more (a
-        process hop costs more than it saves on fewer), else on a worker thread."""
-        if self.workers is not None and len(raws) >= PROCESS_BATCH:
-            try:
-                return await asyncio.get_running_loop().run_in_executor(
-                    self.workers, _examine, raws, received
-                )
-            except BrokenExecutor:
-                log.warning("ingest.mime_process_lost", fallback="threads")
-                self.workers = None
-        return await asyncio.to_thread(_examine, raws, received)
-
     async def close(self) -> None:
-        """Stop the MIME process, if any."""
-        if self.workers is not None:
-            pool, self.workers = self.workers, None
-            await asyncio.to_thread(pool.shutdown, cancel_futures=True)
+        """Stop the MIME worker's child process, if any."""
+        await self.workers.close()
 
     async def commit(
         self, tenant: TenantSection, prepared: Sequence[Prepared], within: Within | None = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -13,7 +12,7 @@ from sqlalchemy import select
 
 from gateway.config import Config
 from gateway.daemon import open_store
-from gateway.ingest import PROCESS_BATCH, Delivery, Outcome, Pipeline, label_keyword, mime_process
+from gateway.ingest import Delivery, Outcome, Pipeline, label_keyword, mime_worker
 from storage import mailstore
 from storage.flags import join_flags
 from storage.models import Message, Outbound, OutboundRecipient
@@ -240,24 +239,31 @@ async def test_any_bytes_are_stored_byte_exact(config: Config, pipeline: Pipelin
     assert blob == raw
 
 
-async def test_the_mime_process_prepares_what_threads_prepare_and_threads_take_over_if_it_dies(
+async def test_the_mime_process_prepares_what_threads_prepare_and_a_thread_takes_over_if_it_dies(
     config: Config, pipeline: Pipeline
 ) -> None:
+    """Regression (2026-12-05, issue #13): the MIME process was a ProcessPoolExecutor, whose results
+    came back through two threads sharing the event loop's GIL, so batches under 8 messages and
+    APPENDs were parsed on the loop or a thread. It is now a child the loop talks to over a pipe;
+    a killed child fails only the work it had not answered (done on a thread), and the next call
+    starts another."""
     tenant = config.tenant("acme")
     pipeline.clock = lambda: datetime(2026, 12, 4, tzinfo=UTC)
     items = [(m, Delivery(source="imap", dedupe_key=f"imap:k/{i}")) for i, m in enumerate(corpus.normal(12))]
     items.append((mail(b"=?utf-8?q?Za=C5=BC=C3=B3=C5=82=C4=87?=", b"mime1"), SMTP))
     by_threads = await pipeline.prepare(tenant, items)
-    workers = mime_process()
-    assert workers is not None  # this machine has two cores
+    workers = await mime_worker()
+    assert workers.child is not None  # this machine has two cores
     pipeline.workers = workers
     try:
-        assert len(items) >= PROCESS_BATCH
         assert await pipeline.prepare(tenant, items) == by_threads
-        for process in list(workers._processes.values()):  # the process dies (say, the OOM killer)
-            process.kill()
-            process.join(10)
-        assert await pipeline.prepare(tenant, items) == by_threads  # threads take over
-        assert pipeline.workers is None
+        assert await pipeline.prepare(tenant, items[:1]) == by_threads[:1]
+        running = workers.child._running
+        assert running is not None
+        running.process.kill()  # the process dies (say, the OOM killer)
+        await running.process.wait()
+        assert await pipeline.prepare(tenant, items) == by_threads  # a thread takes over
+        assert await pipeline.prepare(tenant, items) == by_threads  # and a new child after it
+        assert workers.child._running is not running
     finally:
-        await asyncio.to_thread(workers.shutdown)
+        await workers.close()

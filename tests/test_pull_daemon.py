@@ -166,7 +166,7 @@ def test_kill_9_mid_pipeline_leaves_the_last_uid_on_the_last_committed_message(
             assert d.proc is not None
             pid = d.proc.pid
             kids = children(pid)
-            assert kids  # the MIME process (gateway.ingest.mime_process), at least
+            assert kids  # the MIME worker and blob writer processes (gateway.ingest.MimeWorker), at least
             d.signal(signal.SIGKILL)
             d.wait_for("the daemon's processes to die with it", lambda k=kids: not alive(k), 10)
             stored = inbox(d)

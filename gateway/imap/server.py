@@ -60,6 +60,7 @@ from gateway.imap.parser import (
     Line as FramedLine,
 )
 from gateway.imap.session import APPEND_LIMIT, Session, State
+from gateway.ingest import MimeWorker
 from gateway.notify import Changes
 from gateway.spam import Learner
 from storage.blobs import BlobStore
@@ -256,9 +257,12 @@ class IMAPServer:
         name: str = "imap",
         index: FolderIndex | None = None,
         learner: Learner | None = None,
+        mime: MimeWorker | None = None,
     ) -> None:
+        """``mime`` examines APPENDed messages (the ingest pipeline's, in the daemon)."""
         self.config = config
         self.learner = learner
+        self.mime = mime or MimeWorker()
         self.db = db
         self.blobs = blobs
         self.auth = auth
@@ -327,6 +331,7 @@ class IMAPServer:
             loopback=is_loopback(host),
             listener=self.name,
             learner=self.learner,
+            mime=self.mime,
         )
         client = _Client(host, session, writer, self.gate)
         if not self.gate.admit(client):

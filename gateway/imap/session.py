@@ -41,6 +41,7 @@ is the one place where they become ``NO [CODE] text``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from bisect import bisect_left, bisect_right
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -61,7 +62,7 @@ from gateway.imap.index import ENTRY_COLUMNS, Entry, FolderIndex
 from gateway.imap.search import search, uses
 from gateway.imap.view import FlagRow, FolderChanges, Update, View, keywords_of
 from gateway.imap.wildcard import Matcher
-from gateway.ingest import describe
+from gateway.ingest import MimeWorker
 from gateway.message import Headers, parse_headers
 from gateway.notify import Changes
 from gateway.spam import Learner
@@ -111,7 +112,7 @@ BLOB_BATCH = 4 * 2**20  # message bytes a FETCH reads per thread hop
 _META = frozenset({"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "MODSEQ"})  # FETCH items in the index
 APPEND_LIMIT = 50 * 10**6
 MAX_UPDATES = 10  # updating searches per session (CONTEXT=SEARCH), as Dovecot's CLIENT_MAX_SEARCH_UPDATES
-INLINE_PARSE = 64 * 1024  # APPENDs up to this size are parsed on the event loop, not in a thread
+INLINE_PARSE = 64 * 1024  # APPENDs up to this size get their stored form and headers on the event loop
 SENT_COPY_WINDOW = timedelta(hours=24)  # how long a client's own copy of a sent message is recognised
 MAX_NAME = 255  # characters in a folder name: the folders.name column, as mailstore.create_folder checks
 
@@ -153,8 +154,10 @@ class Session:
         loopback: bool,
         listener: str = "imap",
         learner: Learner | None = None,
+        mime: MimeWorker | None = None,
     ) -> None:
         self.config = config
+        self.mime = mime or MimeWorker()  # examines APPENDed messages
         self.learner = learner  # agents' moves into and out of \\Junk teach the spam filter
         self.db = db
         self.blobs = blobs
@@ -719,10 +722,11 @@ class Session:
         """APPEND of one message or several (MULTIAPPEND, RFC 3502: one transaction, all or none),
         each a literal or CATENATEd (RFC 4469) from text and URLs of messages the agent may read.
 
-        The blobs are written and fsynced in a thread while this loop parses the messages and the
-        transaction stores their rows (a blob's name is its sha256, known before it is written);
-        the transaction awaits the blobs before it ends, so they are durable before the commit
-        that references them.
+        The blobs are written and fsynced by the blob writer and the messages' MIME structures
+        parsed by the MIME worker (:class:`gateway.ingest.MimeWorker`, child processes both) while
+        the transaction finds the folder and checks the quota; it awaits the structures before it
+        inserts the rows (a blob's name is its sha256, known before it is written), and the blobs
+        before it ends, so they are durable before the commit that references them.
         """
         self.may_change(cmd.mailbox)
         now = datetime.now(UTC)
@@ -734,12 +738,6 @@ class Session:
         # Stored as an IMAP server stores it: CRLF line ends, no NUL (as Dovecot does).
         def stored_forms() -> list[tuple[bytes, Headers]]:
             return [(form, parse_headers(form)) for form in map(mime.stored_form, raws)]
-
-        def structures() -> list[mailstore.NewMessage]:
-            return [
-                describe(raw, parsed, digest, now, frozenset(m.flags), m.internal_date)
-                for (raw, parsed), digest, m in zip(forms, digests, cmd.messages, strict=True)
-            ]
 
         async def append(s: AsyncSession) -> tuple[Folder, list[mailstore.Stored] | int]:
             """The new messages' places, or the UID of mailgate's own copy in Sent (see _sent_copy_of)."""
@@ -756,6 +754,10 @@ class Session:
                         await mailstore.store_flags(s, folder, [uid], flags, "add")
                     return folder, uid
             target.check(size)
+            new = [
+                dataclasses.replace(one, blob=digest, flags=frozenset(m.flags), internal_date=m.internal_date)
+                for (_, _, one), digest, m in zip(await examined, digests, cmd.messages, strict=True)
+            ]
             stored = await mailstore.append(s, folder, new)
             await self._claim_recent(s, folder.id, stored[-1].uid + 1)
             try:
@@ -765,17 +767,17 @@ class Session:
                 raise No("the message could not be written, try again later", "UNAVAILABLE") from None
             return folder, stored
 
-        inline = size <= INLINE_PARSE
-        forms = stored_forms() if inline else await asyncio.to_thread(stored_forms)
+        forms = stored_forms() if size <= INLINE_PARSE else await asyncio.to_thread(stored_forms)
         sent = self._sent_copy_of(forms[0][1].message_id) if len(forms) == 1 else None
         flags = cmd.messages[0].flags
-        written = asyncio.create_task(self.blobs.put_many([raw for raw, _ in forms]))  # noqa: RUF006 (awaited below)
+        raws = [raw for raw, _ in forms]
+        written = asyncio.create_task(self.blobs.put_many(raws))
+        examined = asyncio.create_task(self.mime.examine(raws, [now] * len(raws)))
         try:
-            digests = [await sha256(raw) for raw, _ in forms]  # the names put_many gives them
-            new = structures() if inline else await asyncio.to_thread(structures)
+            digests = [await sha256(raw) for raw in raws]  # the names put_many gives them
             folder, outcome = await self.db.grouped(append)
         finally:
-            await asyncio.wait([written])  # a blob nothing names is collected later (retention)
+            await asyncio.wait([written, examined])  # a blob nothing names is collected later (retention)
         if isinstance(outcome, int):
             if flags:
                 self.changes.publish([folder.id])

@@ -59,7 +59,7 @@ from gateway.answering import Original
 from gateway.auth import Identity
 from gateway.config import TenantSection
 from gateway.footer import add_footer
-from gateway.ingest import describe
+from gateway.ingest import MimeWorker
 from gateway.message import Headers, parse_headers
 from gateway.notify import Changes
 from gateway.plans import standing
@@ -102,8 +102,11 @@ class Outbox:
         wake: Callable[[], None],
         clock: Callable[[], datetime] | None = None,
         hourly: HourlyLimits | None = None,
+        mime: MimeWorker | None = None,
     ) -> None:
+        """``mime`` describes the Sent copies and notes (the ingest pipeline's, in the daemon)."""
         self.db = db
+        self.mime = mime or MimeWorker()
         self.hourly = hourly  # [limits.outbound]: per agent and tenant, per hour
         self.blobs = blobs
         self.changes = changes
@@ -180,9 +183,10 @@ class Outbox:
             # An internal note: filed in the conversation, never relayed; the other recipients
             # (a reply-all) get the message without the notes address in the envelope.
             noted = answering.note_form(data, headers)
-            note = await asyncio.to_thread(
-                describe, noted, parse_headers(noted), await self.blobs.put(noted), now, NOTE_FLAGS
+            note_blob, [(_, _, note)] = await asyncio.gather(
+                self.blobs.put(noted), self.mime.examine([noted], [now])
             )
+            note = dataclasses.replace(note, blob=note_blob, flags=NOTE_FLAGS)
             recipients = outgoing
             if not recipients:
                 # A note alone must fit the quota (452: the client keeps it and tries again); the
@@ -203,12 +207,15 @@ class Outbox:
         save_sent = agent.save_sent if agent is not None else "auto"
         if agent is not None and agent.footer:
             data = await asyncio.to_thread(add_footer, data, agent.footer)
-        # The blob is written (its syscalls release the GIL) while the Sent copy is described.
-        digest, described = await asyncio.gather(
-            self.blobs.put(data), asyncio.to_thread(describe, data, headers, "", now, frozenset({"\\Seen"}))
+        # The blob is written while the Sent copy is described (child processes both).
+        digest, [(_, _, described)] = await asyncio.gather(
+            self.blobs.put(data), self.mime.examine([data], [now])
         )
         sent_copy = dataclasses.replace(
-            described, blob=digest, submitted_by=identity.agent_id if identity is not None else None
+            described,
+            blob=digest,
+            flags=frozenset({"\\Seen"}),
+            submitted_by=identity.agent_id if identity is not None else None,
         )
 
         async def queue_it(s: AsyncSession) -> tuple[Submitted, set[int], bool]:
