@@ -277,8 +277,23 @@ async def append(s: AsyncSession, folder: Folder, messages: Sequence[NewMessage]
     """Append messages to a folder, allocating consecutive UIDs and one MODSEQ."""
     if not messages:
         return []
-    nbytes = sum(m.size for m in messages)
-    first_uid, modseq = await _allocate(s, folder.id, len(messages), nbytes, len(messages))
+    first_uid, modseq = await reserve(s, folder, len(messages), sum(m.size for m in messages))
+    return await insert_reserved(s, folder, first_uid, modseq, messages)
+
+
+async def reserve(s: AsyncSession, folder: Folder, count: int, nbytes: int) -> tuple[int, int]:
+    """The half of :func:`append` that needs no message's metadata: ``count`` consecutive UIDs and
+    a MODSEQ in ``folder``, and ``nbytes`` more usage for it and its tenant; returns (first UID,
+    MODSEQ). An APPEND runs it while the MIME worker parses the message."""
+    first_uid, modseq = await _allocate(s, folder.id, count, nbytes, count)
+    await _account_tenant(s, folder, nbytes, count)
+    return first_uid, modseq
+
+
+async def insert_reserved(
+    s: AsyncSession, folder: Folder, first_uid: int, modseq: int, messages: Sequence[NewMessage]
+) -> list[Stored]:
+    """The rows of ``messages``, at the UIDs from ``first_uid`` and the MODSEQ :func:`reserve` gave."""
     rows = []
     for i, m in enumerate(messages):
         bits, keywords = split_flags(m.flags)
@@ -310,7 +325,6 @@ async def append(s: AsyncSession, folder: Folder, messages: Sequence[NewMessage]
         )
     conn = await s.connection()
     ids = (await conn.execute(_INSERT_MESSAGES, rows)).scalars().all()
-    await _account_tenant(s, folder, nbytes, len(messages))
     return [Stored(id_, folder.id, first_uid + i, modseq) for i, id_ in enumerate(ids)]
 
 

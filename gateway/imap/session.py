@@ -724,9 +724,9 @@ class Session:
 
         The blobs are written and fsynced by the blob writer and the messages' MIME structures
         parsed by the MIME worker (:class:`gateway.ingest.MimeWorker`, child processes both) while
-        the transaction finds the folder and checks the quota; it awaits the structures before it
-        inserts the rows (a blob's name is its sha256, known before it is written), and the blobs
-        before it ends, so they are durable before the commit that references them.
+        the transaction finds the folder, checks the quota and reserves the UIDs; it awaits the
+        structures before it inserts the rows (a blob's name is its sha256, known before it is
+        written), and the blobs before it ends, so they are durable before the commit that references them.
         """
         self.may_change(cmd.mailbox)
         now = datetime.now(UTC)
@@ -754,11 +754,13 @@ class Session:
                         await mailstore.store_flags(s, folder, [uid], flags, "add")
                     return folder, uid
             target.check(size)
-            new = [
+            nbytes = sum(len(raw) for raw in stored_raws)
+            first_uid, modseq = await mailstore.reserve(s, folder, len(stored_raws), nbytes)
+            new = [  # the MIME worker's answer, awaited only now
                 dataclasses.replace(one, blob=digest, flags=frozenset(m.flags), internal_date=m.internal_date)
                 for (_, _, one), digest, m in zip(await examined, digests, cmd.messages, strict=True)
             ]
-            stored = await mailstore.append(s, folder, new)
+            stored = await mailstore.insert_reserved(s, folder, first_uid, modseq, new)
             await self._claim_recent(s, folder.id, stored[-1].uid + 1)
             try:
                 await asyncio.shield(written)  # durable before this transaction commits
@@ -770,11 +772,11 @@ class Session:
         forms = stored_forms() if size <= INLINE_PARSE else await asyncio.to_thread(stored_forms)
         sent = self._sent_copy_of(forms[0][1].message_id) if len(forms) == 1 else None
         flags = cmd.messages[0].flags
-        raws = [raw for raw, _ in forms]
-        written = asyncio.create_task(self.blobs.put_many(raws))
-        examined = asyncio.create_task(self.mime.examine(raws, [now] * len(raws)))
+        stored_raws = [raw for raw, _ in forms]
+        written = asyncio.create_task(self.blobs.put_many(stored_raws))
+        examined = asyncio.create_task(self.mime.examine(stored_raws, [now] * len(stored_raws)))
         try:
-            digests = [await sha256(raw) for raw in raws]  # the names put_many gives them
+            digests = [await sha256(raw) for raw in stored_raws]  # the names put_many gives them
             folder, outcome = await self.db.grouped(append)
         finally:
             await asyncio.wait([written, examined])  # a blob nothing names is collected later (retention)
