@@ -722,11 +722,12 @@ class Session:
         """APPEND of one message or several (MULTIAPPEND, RFC 3502: one transaction, all or none),
         each a literal or CATENATEd (RFC 4469) from text and URLs of messages the agent may read.
 
-        The blobs are written and fsynced by the blob writer and the messages' MIME structures
-        parsed by the MIME worker (:class:`gateway.ingest.MimeWorker`, child processes both) while
-        the transaction finds the folder, checks the quota and reserves the UIDs; it awaits the
+        The blob writer writes and fsyncs the blobs, and the MIME worker parses the messages'
+        structures (:class:`gateway.ingest.MimeWorker`; child processes both), while the
+        transaction finds the folder, checks the quota and reserves the UIDs. It awaits the
         structures before it inserts the rows (a blob's name is its sha256, known before it is
-        written), and the blobs before it ends, so they are durable before the commit that references them.
+        written), and the blobs before it ends, so they are durable before the commit that
+        references them.
         """
         self.may_change(cmd.mailbox)
         now = datetime.now(UTC)
