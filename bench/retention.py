@@ -66,6 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import func, select, text  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
 
 from gateway.config import Config, parse_config  # noqa: E402
 from gateway.daemon import open_store  # noqa: E402
@@ -415,13 +416,15 @@ async def sqlite_plan(db: Database, cutoff: datetime) -> str:
         "messages.tenant_id FROM messages JOIN folders ON folders.id = messages.folder_id "
         "WHERE folders.special_use = ? AND messages.received_at < ? ORDER BY messages.id LIMIT ?"
     )
+    naive = cutoff.astimezone(UTC).replace(tzinfo=None).isoformat(" ")
+    params = (mailstore.JUNK, naive, retention.BATCH)
+
+    def plan(s: Session) -> list[Any]:  # the driver's own statement: on the session's sync connection
+        return list(s.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params))
+
     async with db.read() as s:
-        conn = await s.connection()
-        naive = cutoff.astimezone(UTC).replace(tzinfo=None).isoformat(" ")
-        rows = await conn.exec_driver_sql(
-            f"EXPLAIN QUERY PLAN {sql}", (mailstore.JUNK, naive, retention.BATCH)
-        )
-        return "; ".join(str(r[-1]) for r in rows)
+        rows = await s.run_sync(plan)
+    return "; ".join(str(r[-1]) for r in rows)
 
 
 async def verify(

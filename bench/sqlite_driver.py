@@ -2,10 +2,12 @@
 
 Issue #16 asked for aiosqlite's thread hop to be measured against the
 alternatives. Both drivers sit under the same ``storage.db.Database`` (the
-same engines, pragmas, ``BEGIN IMMEDIATE`` and group commit); only the object
-that runs the statements differs: aiosqlite hands every cursor, execute,
-fetch and close to its thread, mailgate's driver runs statements on the loop
-and only ``BEGIN IMMEDIATE``, ``COMMIT``, opening and closing on a thread.
+same engines, pragmas, ``BEGIN IMMEDIATE`` and group commit); only the dialect
+and the object that runs the statements differ: SQLAlchemy's aiosqlite dialect
+hands every cursor, execute, fetch and close to aiosqlite's thread through its
+async adapter; mailgate's (``sqlite+mailgate``) is the sqlite3 module under the
+pysqlite dialect, statements on the loop and only ``BEGIN IMMEDIATE`` (when the
+lock is taken), ``COMMIT``, opening and closing on a thread.
 
 Each round, on a fresh migrated database per driver (the order alternates):
 
@@ -34,7 +36,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -54,16 +55,11 @@ from tests.corpus import normal  # noqa: E402
 TENANT = "bench"
 WRITERS = 8
 DRIVERS = ("aiosqlite", "mailgate")
-_OWN_CONNECT = sqlite_driver.connect
-
-
-async def _aiosqlite_connect(database: str) -> Any:
-    return await aiosqlite.connect(database, isolation_level=None)
 
 
 def use_driver(name: str) -> None:
-    """Make the next :class:`Database` open its SQLite connections with driver ``name``."""
-    sqlite_driver.connect = _OWN_CONNECT if name == "mailgate" else _aiosqlite_connect  # type: ignore[assignment]
+    """Make the next :class:`Database` open its SQLite engines with driver ``name``."""
+    sqlite_driver.DRIVERNAME = f"sqlite+{name}"
 
 
 def cpu() -> float:

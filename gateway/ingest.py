@@ -601,9 +601,8 @@ class Pipeline:
         """Store the jobs of one tenant: one key lookup, one append per folder."""
         tenant = jobs[0].tenant
         items = [(j, p) for j, job in enumerate(jobs) for p in job.prepared]
-        conn = await s.connection()
         all_keys = [k for _, p in items for k in p.keys]
-        seen = set((await conn.execute(_SEEN_KEYS, {"tid": tenant.id, "keys": all_keys})).scalars())
+        seen = set((await s.execute(_SEEN_KEYS, {"tid": tenant.id, "keys": all_keys})).scalars())
         folders: dict[str | None, Folder] = {}
         groups: dict[int, list[int]] = {}
         outcomes: list[Outcome | None] = []
@@ -619,7 +618,7 @@ class Pipeline:
             groups.setdefault(folders[p.verdict.folder].id, []).append(n)
             outcomes.append(None)
         if new_keys:
-            await conn.execute(_INSERT_KEYS, new_keys)
+            await s.execute(_INSERT_KEYS, new_keys)
         verdicts = {
             p.digest: {
                 "tenant_id": tenant.id,
@@ -634,7 +633,7 @@ class Pipeline:
             if out is None and (p.delivery.scan is not None or p.verdict.spam)
         }
         if verdicts:
-            await conn.execute(_INSERT_VERDICTS[conn.dialect.name], list(verdicts.values()))
+            await s.execute(_INSERT_VERDICTS[s.get_bind().dialect.name], list(verdicts.values()))
         by_id = {f.id: f for f in folders.values()}
         for folder_id, indexes in groups.items():
             folder = by_id[folder_id]

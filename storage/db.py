@@ -84,13 +84,11 @@ class Activity:
 
 
 def _sqlite_engine(url: str, *, begin: str, pool_size: int) -> AsyncEngine:
-    database = make_url(url).database or ":memory:"
     engine = create_async_engine(
-        url,
+        make_url(url).set(drivername=sqlite_driver.DRIVERNAME),  # no transaction control: BEGIN is ours
         pool_size=pool_size,
         max_overflow=0,
         pool_timeout=300,
-        async_creator=lambda: sqlite_driver.connect(database),  # no transaction control: BEGIN is ours
     )
 
     @event.listens_for(engine.sync_engine, "connect")

@@ -323,8 +323,7 @@ async def insert_reserved(
                 "submitted_by": m.submitted_by,
             }
         )
-    conn = await s.connection()
-    ids = (await conn.execute(_INSERT_MESSAGES, rows)).scalars().all()
+    ids = (await s.execute(_INSERT_MESSAGES, rows)).scalars().all()
     return [Stored(id_, folder.id, first_uid + i, modseq) for i, id_ in enumerate(ids)]
 
 
@@ -490,17 +489,16 @@ async def claim_recent(s: AsyncSession, folder_id: int, upto: int) -> int:
     ``[returned, upto)`` (none if it returns ``upto``). ``folders.recent_uid``
     only grows, by a compare-and-set, so two sessions never take the same UID.
     """
-    conn = await s.connection()
     while True:
-        first = await conn.scalar(select(_folders.c.recent_uid).where(_folders.c.id == folder_id))
+        first = await s.scalar(select(_folders.c.recent_uid).where(_folders.c.id == folder_id))
         if first is None or first >= upto:
             return upto
-        taken = await conn.execute(
+        taken = await s.execute(
             update(_folders)
             .where(_folders.c.id == folder_id, _folders.c.recent_uid == first)
             .values(recent_uid=upto)
         )
-        if taken.rowcount == 1:
+        if int(getattr(taken, "rowcount", 0) or 0) == 1:
             return int(first)
 
 
@@ -539,16 +537,12 @@ async def _allocate(
 ) -> tuple[int, int]:
     """Reserve ``count`` UIDs and a new MODSEQ, and add ``nbytes`` and ``nmessages`` to the folder's
     usage (the tenant's is :func:`_account_tenant`'s); returns (first UID, MODSEQ)."""
-    conn = await s.connection()
     params = {"fid": folder_id, "n": count, "nbytes": nbytes, "nmessages": nmessages}
-    uidnext, modseq = (await conn.execute(_ALLOCATE, params)).one()
+    uidnext, modseq = (await s.execute(_ALLOCATE, params)).one()
     return int(uidnext) - count, int(modseq)
 
 
 async def _account_tenant(s: AsyncSession, folder: Folder, nbytes: int, nmessages: int) -> None:
     """Add to the tenant's usage what ``folder`` gained (negative: lost); Spam never counts."""
     if folder.special_use != JUNK:
-        conn = await s.connection()
-        await conn.execute(
-            _ACCOUNT_TENANT, {"tid": folder.tenant_id, "nbytes": nbytes, "nmessages": nmessages}
-        )
+        await s.execute(_ACCOUNT_TENANT, {"tid": folder.tenant_id, "nbytes": nbytes, "nmessages": nmessages})

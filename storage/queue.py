@@ -138,8 +138,7 @@ async def enqueue(
     await s.flush()
     addresses = list(dict.fromkeys(recipients))
     # The recipients and the history line as Core inserts: nothing reads them back as objects here.
-    conn = await s.connection()
-    await conn.execute(
+    await s.execute(
         _INSERT_RECIPIENTS, [{"outbound_id": row.id, "address": a, "state": "pending"} for a in addresses]
     )
     if agent_login is None and agent_id is not None:
@@ -151,7 +150,7 @@ async def enqueue(
         "size": size,
         "recipients": addresses,
     }
-    await conn.execute(
+    await s.execute(
         _INSERT_LOG,
         {
             "queue_id": row.queue_id,

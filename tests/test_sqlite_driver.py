@@ -45,7 +45,7 @@ async def record_threads(db: Database) -> list[tuple[str, bool]]:
         conn.set_trace_callback(statement)
 
     for engine in (db.writer, db.reader):
-        event.listen(engine.sync_engine, "connect", lambda dbapi, _rec: trace(dbapi.driver_connection._conn))
+        event.listen(engine.sync_engine, "connect", lambda dbapi, _rec: trace(dbapi))
         await engine.dispose()  # connections opened from now on are traced
     return seen
 
