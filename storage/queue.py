@@ -49,7 +49,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, exists, func, insert, or_, select, text, update
+from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage import jobs
@@ -77,26 +77,40 @@ def new_id() -> str:
     return secrets.token_hex(6)
 
 
+# The statements every queued message goes through, built once: building one and its cache key
+# costs 50-80 us a call, a good part of a relayed message's CPU (docs/benchmarks.md, the relay).
+_ID_TAKEN = select(
+    exists().where(Outbound.queue_id == bindparam("qid"))
+    | exists().where(OutboundLog.queue_id == bindparam("qid"))
+)
+_INSERT_RECIPIENTS = insert(OutboundRecipient)
+_INSERT_LOG = insert(OutboundLog)
+_ENDING = (
+    update(Outbound)
+    .where(
+        Outbound.id == bindparam("oid"),
+        Outbound.claimed_by == bindparam("instance"),
+        Outbound.ended_at.is_(None),
+    )
+    .values(ended_at=bindparam("at"))
+    .execution_options(synchronize_session=False)
+)
+_DELETE = delete(Outbound).where(Outbound.id == bindparam("oid"))
+
+
 async def _unused_id(s: AsyncSession, wanted: str | None = None) -> str:
     """``wanted`` (or a fresh id) unless a message, present or past, has it; then a fresh one."""
     candidate = wanted or new_id()
-    while await s.scalar(
-        select(
-            exists().where(Outbound.queue_id == candidate) | exists().where(OutboundLog.queue_id == candidate)
-        )
-    ):
+    while await s.scalar(_ID_TAKEN, {"qid": candidate}):
         candidate = new_id()
     return candidate
 
 
-_INSERT_RECIPIENTS = insert(OutboundRecipient)
-_INSERT_LOG = insert(OutboundLog)
-
-
-def _log(row: Outbound, at: datetime, event: str, **fields: object) -> OutboundLog:
+def _log(row: Outbound, at: datetime, event: str, **fields: object) -> dict[str, object]:
+    """An ``outbound_log`` row about ``row`` (for ``_INSERT_LOG``)."""
     if row.queue_id is None:  # every path here named the message first
         raise ValueError(f"outbound message {row.id} has no queue id")
-    return OutboundLog(queue_id=row.queue_id, tenant_id=row.tenant_id, at=at, event=event, **fields)
+    return {"queue_id": row.queue_id, "tenant_id": row.tenant_id, "at": at, "event": event, **fields}
 
 
 async def enqueue(
@@ -150,16 +164,7 @@ async def enqueue(
         "size": size,
         "recipients": addresses,
     }
-    await s.execute(
-        _INSERT_LOG,
-        {
-            "queue_id": row.queue_id,
-            "tenant_id": tenant_id,
-            "at": now,
-            "event": "queued",
-            "reply": json.dumps(summary, ensure_ascii=False),
-        },
-    )
+    await s.execute(_INSERT_LOG, _log(row, now, "queued", reply=json.dumps(summary, ensure_ascii=False)))
     return row
 
 
@@ -308,12 +313,7 @@ async def ending(s: AsyncSession, row: Outbound, instance: str, at: datetime) ->
     ran out and another instance took the message): then the transaction is
     left unfinished and the server discards it.
     """
-    result = await s.execute(
-        update(Outbound)
-        .where(Outbound.id == row.id, Outbound.claimed_by == instance, Outbound.ended_at.is_(None))
-        .values(ended_at=at)
-        .execution_options(synchronize_session=False)
-    )
+    result = await s.execute(_ENDING, {"oid": row.id, "instance": instance, "at": at})
     if not result.rowcount:  # type: ignore[attr-defined]
         raise ClaimLost(f"queued message {row.queue_id} is no longer claimed by {instance}")
 
@@ -370,12 +370,24 @@ async def record(
     short).
     """
     attempt = row.attempts + 1
-    s.add_all(
-        _log(row, at, outcome, attempt=attempt, recipient=address, smarthost=smarthost, reply=reply[:500])
-        for address, (outcome, reply) in results.items()
-    )
+    if results:
+        await s.execute(
+            _INSERT_LOG,
+            [
+                _log(
+                    row,
+                    at,
+                    outcome,
+                    attempt=attempt,
+                    recipient=address,
+                    smarthost=smarthost,
+                    reply=reply[:500],
+                )
+                for address, (outcome, reply) in results.items()
+            ],
+        )
     if set(pending) <= {a for a, (outcome, _) in results.items() if OUTCOMES[outcome] != "pending"}:
-        await s.execute(delete(Outbound).where(Outbound.id == row.id))
+        await s.execute(_DELETE, {"oid": row.id})
         return True
     for address, (outcome, reply) in results.items():
         await s.execute(
@@ -389,7 +401,7 @@ async def record(
         )
     )
     if not left:
-        await s.execute(delete(Outbound).where(Outbound.id == row.id))
+        await s.execute(_DELETE, {"oid": row.id})
         return True
     await s.execute(
         update(Outbound)
@@ -408,7 +420,7 @@ async def record(
 
 async def notified(s: AsyncSession, row: Outbound, at: datetime, what: str) -> None:
     """Log that a DSN about the message went to its sender (``what`` names it)."""
-    s.add(_log(row, at, "notified", reply=what))
+    await s.execute(_INSERT_LOG, _log(row, at, "notified", reply=what))
 
 
 async def listing(
@@ -441,7 +453,7 @@ async def retry_now(s: AsyncSession, queue_id: str, now: datetime) -> bool:
         return False
     row.next_attempt_at = now
     row.ended_at = None  # the operator's word: send it again even if the server may have it
-    s.add(_log(row, now, "retry"))
+    await s.execute(_INSERT_LOG, _log(row, now, "retry"))
     await s.flush()
     return True
 
@@ -458,8 +470,8 @@ async def drop(s: AsyncSession, queue_id: str, now: datetime) -> bool:
             )
         )
     ).all()
-    s.add(_log(row, now, "dropped", reply=" ".join(pending) or None))
-    await s.execute(delete(Outbound).where(Outbound.id == row.id))
+    await s.execute(_INSERT_LOG, _log(row, now, "dropped", reply=" ".join(pending) or None))
+    await s.execute(_DELETE, {"oid": row.id})
     return True
 
 
