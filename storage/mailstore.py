@@ -35,6 +35,7 @@ from typing import Final, Literal
 from sqlalchemy import bindparam, case, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage.db import Prepared
 from storage.errors import FolderExists, NoSuchFolder, StoreError
 from storage.flags import join_flags, keywords_text, split_flags
 from storage.models import Base, Expunge, Folder, Message, Tenant
@@ -323,8 +324,8 @@ async def insert_reserved(
                 "submitted_by": m.submitted_by,
             }
         )
-    ids = (await s.execute(_INSERT_MESSAGES, rows)).scalars().all()
-    return [Stored(id_, folder.id, first_uid + i, modseq) for i, id_ in enumerate(ids)]
+    ids = (await _INSERT_MESSAGES.run(s, rows)).rows
+    return [Stored(id_, folder.id, first_uid + i, modseq) for i, (id_,) in enumerate(ids)]
 
 
 async def submitted_copy(
@@ -505,12 +506,12 @@ async def claim_recent(s: AsyncSession, folder_id: int, upto: int) -> int:
 # --------------------------------------------------------------------------- internals
 
 
-# The hot statements, built once: Core on the session's connection, so the
+# The hot statements, built once and run as storage.db.Prepared: Core on tables, so the
 # ORM neither rebuilds nor synchronises them on every delivery. Identity-map
 # copies of Folder/Tenant counters may therefore be stale; code that needs
 # them reads them with a query (see delete_folder).
 _folders, _tenants, _messages = (Base.metadata.tables[n] for n in ("folders", "tenants", "messages"))
-_ALLOCATE = (  # one write of the folder's row per change: UIDs, MODSEQ and usage together
+_ALLOCATE = Prepared(  # one write of the folder's row per change: UIDs, MODSEQ and usage together
     update(_folders)
     .where(_folders.c.id == bindparam("fid"))
     .values(
@@ -521,7 +522,7 @@ _ALLOCATE = (  # one write of the folder's row per change: UIDs, MODSEQ and usag
     )
     .returning(_folders.c.uidnext, _folders.c.highestmodseq)
 )
-_ACCOUNT_TENANT = (
+_ACCOUNT_TENANT = Prepared(
     update(_tenants)
     .where(_tenants.c.id == bindparam("tid"))
     .values(
@@ -529,7 +530,7 @@ _ACCOUNT_TENANT = (
         used_messages=_tenants.c.used_messages + bindparam("nmessages"),
     )
 )
-_INSERT_MESSAGES = insert(_messages).returning(_messages.c.id, sort_by_parameter_order=True)
+_INSERT_MESSAGES = Prepared(insert(_messages).returning(_messages.c.id, sort_by_parameter_order=True))
 
 
 async def _allocate(
@@ -538,11 +539,11 @@ async def _allocate(
     """Reserve ``count`` UIDs and a new MODSEQ, and add ``nbytes`` and ``nmessages`` to the folder's
     usage (the tenant's is :func:`_account_tenant`'s); returns (first UID, MODSEQ)."""
     params = {"fid": folder_id, "n": count, "nbytes": nbytes, "nmessages": nmessages}
-    uidnext, modseq = (await s.execute(_ALLOCATE, params)).one()
+    ((uidnext, modseq),) = (await _ALLOCATE.run(s, params)).rows
     return int(uidnext) - count, int(modseq)
 
 
 async def _account_tenant(s: AsyncSession, folder: Folder, nbytes: int, nmessages: int) -> None:
     """Add to the tenant's usage what ``folder`` gained (negative: lost); Spam never counts."""
     if folder.special_use != JUNK:
-        await s.execute(_ACCOUNT_TENANT, {"tid": folder.tenant_id, "nbytes": nbytes, "nmessages": nmessages})
+        await _ACCOUNT_TENANT.run(s, {"tid": folder.tenant_id, "nbytes": nbytes, "nmessages": nmessages})

@@ -53,8 +53,9 @@ from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, tex
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage import jobs
+from storage.db import Prepared
 from storage.instances import advisory_key
-from storage.models import Agent, Instance, Outbound, OutboundLog, OutboundRecipient
+from storage.models import Agent, Base, Instance, Outbound, OutboundLog, OutboundRecipient
 
 # A holder ends every attempt within this (the relay worker cuts it off), its answer recorded.
 ATTEMPT_DEADLINE = timedelta(minutes=10)
@@ -77,31 +78,36 @@ def new_id() -> str:
     return secrets.token_hex(6)
 
 
-# The statements every queued message goes through, built once: building one and its cache key
-# costs 50-80 us a call, a good part of a relayed message's CPU (docs/benchmarks.md, the relay).
-_ID_TAKEN = select(
-    exists().where(Outbound.queue_id == bindparam("qid"))
-    | exists().where(OutboundLog.queue_id == bindparam("qid"))
+# The statements every queued message goes through, built once and run as storage.db.Prepared
+# (Core on the tables): building one and its cache key costs 50-80 us a call, and SQLAlchemy's
+# execution of it as much again, a good part of a relayed message's CPU (docs/benchmarks.md, the relay).
+_outbound, _recipients, _log_rows = (
+    Base.metadata.tables[n] for n in ("outbound", "outbound_recipients", "outbound_log")
 )
-_INSERT_RECIPIENTS = insert(OutboundRecipient)
-_INSERT_LOG = insert(OutboundLog)
-_ENDING = (
-    update(Outbound)
+_ID_TAKEN = Prepared(
+    select(
+        exists().where(_outbound.c.queue_id == bindparam("qid"))
+        | exists().where(_log_rows.c.queue_id == bindparam("qid"))
+    )
+)
+_INSERT_RECIPIENTS = Prepared(insert(_recipients))
+_INSERT_LOG = Prepared(insert(_log_rows))
+_ENDING = Prepared(
+    update(_outbound)
     .where(
-        Outbound.id == bindparam("oid"),
-        Outbound.claimed_by == bindparam("instance"),
-        Outbound.ended_at.is_(None),
+        _outbound.c.id == bindparam("oid"),
+        _outbound.c.claimed_by == bindparam("instance"),
+        _outbound.c.ended_at.is_(None),
     )
     .values(ended_at=bindparam("at"))
-    .execution_options(synchronize_session=False)
 )
-_DELETE = delete(Outbound).where(Outbound.id == bindparam("oid"))
+_DELETE = Prepared(delete(_outbound).where(_outbound.c.id == bindparam("oid")))
 
 
 async def _unused_id(s: AsyncSession, wanted: str | None = None) -> str:
     """``wanted`` (or a fresh id) unless a message, present or past, has it; then a fresh one."""
     candidate = wanted or new_id()
-    while await s.scalar(_ID_TAKEN, {"qid": candidate}):
+    while (await _ID_TAKEN.run(s, {"qid": candidate})).rows[0][0]:
         candidate = new_id()
     return candidate
 
@@ -152,8 +158,8 @@ async def enqueue(
     await s.flush()
     addresses = list(dict.fromkeys(recipients))
     # The recipients and the history line as Core inserts: nothing reads them back as objects here.
-    await s.execute(
-        _INSERT_RECIPIENTS, [{"outbound_id": row.id, "address": a, "state": "pending"} for a in addresses]
+    await _INSERT_RECIPIENTS.run(
+        s, [{"outbound_id": row.id, "address": a, "state": "pending"} for a in addresses]
     )
     if agent_login is None and agent_id is not None:
         agent_login = await s.scalar(select(Agent.login).where(Agent.id == agent_id))
@@ -164,7 +170,7 @@ async def enqueue(
         "size": size,
         "recipients": addresses,
     }
-    await s.execute(_INSERT_LOG, _log(row, now, "queued", reply=json.dumps(summary, ensure_ascii=False)))
+    await _INSERT_LOG.run(s, _log(row, now, "queued", reply=json.dumps(summary, ensure_ascii=False)))
     return row
 
 
@@ -313,8 +319,7 @@ async def ending(s: AsyncSession, row: Outbound, instance: str, at: datetime) ->
     ran out and another instance took the message): then the transaction is
     left unfinished and the server discards it.
     """
-    result = await s.execute(_ENDING, {"oid": row.id, "instance": instance, "at": at})
-    if not result.rowcount:  # type: ignore[attr-defined]
+    if not (await _ENDING.run(s, {"oid": row.id, "instance": instance, "at": at})).rowcount:
         raise ClaimLost(f"queued message {row.queue_id} is no longer claimed by {instance}")
 
 
@@ -371,8 +376,8 @@ async def record(
     """
     attempt = row.attempts + 1
     if results:
-        await s.execute(
-            _INSERT_LOG,
+        await _INSERT_LOG.run(
+            s,
             [
                 _log(
                     row,
@@ -387,7 +392,7 @@ async def record(
             ],
         )
     if set(pending) <= {a for a, (outcome, _) in results.items() if OUTCOMES[outcome] != "pending"}:
-        await s.execute(_DELETE, {"oid": row.id})
+        await _DELETE.run(s, {"oid": row.id})
         return True
     for address, (outcome, reply) in results.items():
         await s.execute(
@@ -401,7 +406,7 @@ async def record(
         )
     )
     if not left:
-        await s.execute(_DELETE, {"oid": row.id})
+        await _DELETE.run(s, {"oid": row.id})
         return True
     await s.execute(
         update(Outbound)
@@ -420,7 +425,7 @@ async def record(
 
 async def notified(s: AsyncSession, row: Outbound, at: datetime, what: str) -> None:
     """Log that a DSN about the message went to its sender (``what`` names it)."""
-    await s.execute(_INSERT_LOG, _log(row, at, "notified", reply=what))
+    await _INSERT_LOG.run(s, _log(row, at, "notified", reply=what))
 
 
 async def listing(
@@ -453,7 +458,7 @@ async def retry_now(s: AsyncSession, queue_id: str, now: datetime) -> bool:
         return False
     row.next_attempt_at = now
     row.ended_at = None  # the operator's word: send it again even if the server may have it
-    await s.execute(_INSERT_LOG, _log(row, now, "retry"))
+    await _INSERT_LOG.run(s, _log(row, now, "retry"))
     await s.flush()
     return True
 
@@ -470,8 +475,8 @@ async def drop(s: AsyncSession, queue_id: str, now: datetime) -> bool:
             )
         )
     ).all()
-    await s.execute(_INSERT_LOG, _log(row, now, "dropped", reply=" ".join(pending) or None))
-    await s.execute(_DELETE, {"oid": row.id})
+    await _INSERT_LOG.run(s, _log(row, now, "dropped", reply=" ".join(pending) or None))
+    await _DELETE.run(s, {"oid": row.id})
     return True
 
 
