@@ -46,9 +46,10 @@ from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage.db import Prepared
 from storage.errors import StoreError
 from storage.mailstore import canonical_name
-from storage.models import Folder, IngestKey, QuotaDeferral, QuotaNotice, Tenant, UpstreamWaiting
+from storage.models import Base, Folder, IngestKey, QuotaDeferral, QuotaNotice, Tenant, UpstreamWaiting
 
 JUNK = "\\Junk"
 LEVELS = (80, 95, 100)  # warning thresholds, percent
@@ -68,10 +69,11 @@ class QuotaExceeded(StoreError):
 
 
 # One statement, built once: the folder's and the tenant's usage and limits.
-_USAGE = (
-    select(Folder.used_bytes, Folder.quota_bytes, Tenant.used_bytes, Tenant.quota_bytes)
-    .join(Tenant, Tenant.id == Folder.tenant_id)
-    .where(Folder.id == bindparam("fid"))
+_folders, _tenants = (Base.metadata.tables[n] for n in ("folders", "tenants"))
+_USAGE = Prepared(  # on every delivery: Core on the tables, compiled once
+    select(_folders.c.used_bytes, _folders.c.quota_bytes, _tenants.c.used_bytes, _tenants.c.quota_bytes)
+    .join(_tenants, _tenants.c.id == _folders.c.tenant_id)
+    .where(_folders.c.id == bindparam("fid"))
 )
 
 
@@ -83,8 +85,16 @@ async def check(s: AsyncSession, folder: Folder, adding: int, *, tenant_adding: 
     """
     if adding <= 0 or folder.special_use == JUNK:
         return
-    row = (await s.execute(_USAGE, {"fid": folder.id})).one()
-    _check(folder, *row, adding, adding if tenant_adding is None else tenant_adding)
+    ((used, quota, tenant_used, tenant_quota),) = (await _USAGE.run(s, {"fid": folder.id})).rows
+    _check(
+        folder,
+        used,
+        quota,
+        tenant_used,
+        tenant_quota,
+        adding,
+        adding if tenant_adding is None else tenant_adding,
+    )
 
 
 # An APPEND's first statement: the folder, and its tenant's usage for the quota check.

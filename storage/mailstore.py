@@ -491,15 +491,11 @@ async def claim_recent(s: AsyncSession, folder_id: int, upto: int) -> int:
     only grows, by a compare-and-set, so two sessions never take the same UID.
     """
     while True:
-        first = await s.scalar(select(_folders.c.recent_uid).where(_folders.c.id == folder_id))
+        ((first,),) = (await _RECENT_FROM.run(s, {"fid": folder_id})).rows or [(None,)]
         if first is None or first >= upto:
             return upto
-        taken = await s.execute(
-            update(_folders)
-            .where(_folders.c.id == folder_id, _folders.c.recent_uid == first)
-            .values(recent_uid=upto)
-        )
-        if int(getattr(taken, "rowcount", 0) or 0) == 1:
+        taken = await _TAKE_RECENT.run(s, {"fid": folder_id, "first": first, "upto": upto})
+        if taken.rowcount == 1:
             return int(first)
 
 
@@ -529,6 +525,12 @@ _ACCOUNT_TENANT = Prepared(
         used_bytes=_tenants.c.used_bytes + bindparam("nbytes"),
         used_messages=_tenants.c.used_messages + bindparam("nmessages"),
     )
+)
+_RECENT_FROM = Prepared(select(_folders.c.recent_uid).where(_folders.c.id == bindparam("fid")))
+_TAKE_RECENT = Prepared(
+    update(_folders)
+    .where(_folders.c.id == bindparam("fid"), _folders.c.recent_uid == bindparam("first"))
+    .values(recent_uid=bindparam("upto"))
 )
 _INSERT_MESSAGES = Prepared(insert(_messages).returning(_messages.c.id, sort_by_parameter_order=True))
 
