@@ -90,6 +90,7 @@ _ID_TAKEN = Prepared(
         | exists().where(_log_rows.c.queue_id == bindparam("qid"))
     )
 )
+_INSERT_OUTBOUND = Prepared(insert(_outbound).returning(_outbound.c.id))
 _INSERT_RECIPIENTS = Prepared(insert(_recipients))
 _INSERT_LOG = Prepared(insert(_log_rows))
 _ENDING = Prepared(
@@ -134,28 +135,31 @@ async def enqueue(
     queue_id: str | None = None,
     agent_login: str | None = None,
 ) -> Outbound:
-    """Queue a message for the tenant's relay, due now; the row has its ``queue_id`` set.
+    """Queue a message for the tenant's relay, due now; the row returned (not in the session) has
+    its ``id`` and ``queue_id``.
 
     ``queue_id`` is the id to give it if no message ever had it (the SMTP
     transaction's own), else a fresh one is chosen. ``agent_login`` is the
     login of ``agent_id`` when the caller knows it (else it is looked up).
     """
-    row = Outbound(
-        queue_id=await _unused_id(s, queue_id),
-        message_id=message_id,
-        tenant_id=tenant_id,
-        agent_id=agent_id,
-        mail_from=mail_from,
-        blob=blob,
-        size=size,
-        created_at=now,
-        next_attempt_at=now,
-        attempts=0,
-        original_id=original_id,
-        delay_notified=False,
-    )
-    s.add(row)
-    await s.flush()
+    values = {
+        "queue_id": await _unused_id(s, queue_id),
+        "message_id": message_id,
+        "tenant_id": tenant_id,
+        "agent_id": agent_id,
+        "mail_from": mail_from,
+        "blob": blob,
+        "size": size,
+        "created_at": now,
+        "next_attempt_at": now,
+        "attempts": 0,
+        "original_id": original_id,
+        "delay_notified": False,
+    }
+    # A Core insert, not the session's unit of work (a flush per message); the row returned is
+    # not in the session (callers read it).
+    ((outbound_id,),) = (await _INSERT_OUTBOUND.run(s, values)).rows
+    row = Outbound(id=outbound_id, **values)
     addresses = list(dict.fromkeys(recipients))
     # The recipients and the history line as Core inserts: nothing reads them back as objects here.
     await _INSERT_RECIPIENTS.run(
