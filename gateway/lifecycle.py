@@ -41,7 +41,7 @@ from gateway.ingest import Delivery, Pipeline
 from gateway.plans import Standing, standing
 from storage import catalog, queue, retention, snapshots
 from storage.blobs import BlobStore
-from storage.db import Database
+from storage.db import Database, rows_changed
 from storage.models import Tenant
 
 log = structlog.get_logger(__name__)
@@ -72,10 +72,10 @@ async def _claim(s: AsyncSession, tenant_id: str, step: str, now: datetime) -> b
     """Record ``step`` (a column of :data:`storage.catalog.LIFECYCLE`) unless it is recorded;
     True for the transaction that recorded it, which alone takes the step."""
     column = getattr(Tenant, step)
-    result = await s.execute(
-        update(Tenant).where(Tenant.id == tenant_id, column.is_(None)).values({step: now})
+    changed = await rows_changed(
+        s, update(Tenant).where(Tenant.id == tenant_id, column.is_(None)).values({step: now})
     )
-    return int(getattr(result, "rowcount", 0) or 0) == 1
+    return changed == 1
 
 
 async def notify(

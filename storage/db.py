@@ -49,6 +49,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, CursorResult, Dialect, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.sql import Executable
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.selectable import Select
 
@@ -109,6 +110,11 @@ class _Plan:
     compiled: Any  # SQLCompiler: construct_params() fills in the statement's own literals
     binds: tuple[tuple[str, Callable[[Any], Any] | None], ...]  # positional names and their processors
     results: tuple[Callable[[Any], Any] | None, ...]  # per returned column
+
+
+async def rows_changed(s: AsyncSession, statement: Executable) -> int:
+    """Execute an INSERT, UPDATE or DELETE through the session; how many rows it changed."""
+    return cast(CursorResult[Any], await s.execute(statement)).rowcount
 
 
 _CONNECTION = "mailgate.prepared.connection"  # Session.info: (innermost transaction, its connection)

@@ -22,6 +22,7 @@ from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage.db import rows_changed
 from storage.models import JobRun
 
 KEEP = timedelta(days=30)  # finished runs are remembered this long
@@ -38,7 +39,8 @@ async def claim(
         pass
     else:
         return True
-    taken = await s.execute(
+    taken = await rows_changed(
+        s,
         update(JobRun)
         .where(
             JobRun.job == job,
@@ -46,9 +48,9 @@ async def claim(
             JobRun.finished_at.is_(None),
             JobRun.started_at < now - stale,
         )
-        .values(instance=instance, started_at=now)
+        .values(instance=instance, started_at=now),
     )
-    return bool(taken.rowcount)  # type: ignore[attr-defined]
+    return bool(taken)
 
 
 async def finish(s: AsyncSession, job: str, period: str, now: datetime) -> None:

@@ -62,7 +62,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage import instances
-from storage.db import Database
+from storage.db import Database, rows_changed
 from storage.models import Instance, UpstreamLease
 
 TTL = timedelta(seconds=30)  # a lease not renewed for this long may be taken over
@@ -107,8 +107,7 @@ async def acquire(
         },
         where=UpstreamLease.expires_at <= now,
     )
-    result = await s.execute(stmt)
-    return now if int(getattr(result, "rowcount", 0) or 0) == 1 else None
+    return now if await rows_changed(s, stmt) == 1 else None
 
 
 async def renew(
@@ -146,8 +145,7 @@ async def release(s: AsyncSession, holder: str, keys: Iterable[Key] | None = Non
         if not keys:
             return 0
         query = query.where(_folder_key.in_(keys))
-    result = await s.execute(query)
-    return int(getattr(result, "rowcount", 0) or 0)
+    return await rows_changed(s, query)
 
 
 async def leases(s: AsyncSession) -> Sequence[UpstreamLease]:

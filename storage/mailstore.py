@@ -35,7 +35,7 @@ from typing import Final, Literal
 from sqlalchemy import bindparam, case, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.db import Prepared
+from storage.db import Prepared, rows_changed
 from storage.errors import FolderExists, NoSuchFolder, StoreError
 from storage.flags import join_flags, keywords_text, split_flags
 from storage.models import Base, Expunge, Folder, Message, Tenant
@@ -479,8 +479,7 @@ async def prune_expunges(s: AsyncSession, now: datetime, keep: timedelta = EXPUN
             .where(Folder.id == folder_id, Folder.expunges_pruned < modseq)
             .values(expunges_pruned=modseq)
         )
-    result = await s.execute(delete(Expunge).where(Expunge.expunged_at < cutoff))
-    return int(getattr(result, "rowcount", 0) or 0)
+    return await rows_changed(s, delete(Expunge).where(Expunge.expunged_at < cutoff))
 
 
 async def claim_recent(s: AsyncSession, folder_id: int, upto: int) -> int:

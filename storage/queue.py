@@ -53,7 +53,7 @@ from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, tex
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage import jobs
-from storage.db import Prepared
+from storage.db import Prepared, rows_changed
 from storage.instances import advisory_key
 from storage.models import Agent, Base, Instance, Outbound, OutboundLog, OutboundRecipient
 
@@ -346,13 +346,13 @@ async def unclaim(s: AsyncSession, row: Outbound, instance: str) -> None:
 
 async def release(s: AsyncSession, instance: str) -> int:
     """End every claim ``instance`` holds (its previous run died holding them); how many."""
-    result = await s.execute(
+    return await rows_changed(
+        s,
         update(Outbound)
         .where(Outbound.claimed_by == instance)
         .values(claimed_by=None, claimed_until=None)
-        .execution_options(synchronize_session=False)
+        .execution_options(synchronize_session=False),
     )
-    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def record(

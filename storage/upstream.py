@@ -8,6 +8,7 @@ from datetime import datetime
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage.db import rows_changed
 from storage.models import UpstreamFolder, UpstreamMailbox, UpstreamWaiting
 
 
@@ -159,5 +160,4 @@ async def drop_waiting(
         query = query.where(UpstreamWaiting.uid.in_(uids))
     if except_uidvalidity is not None:
         query = query.where(UpstreamWaiting.uidvalidity != except_uidvalidity)
-    result = await s.execute(query)
-    return int(getattr(result, "rowcount", 0) or 0)
+    return await rows_changed(s, query)
