@@ -9,20 +9,16 @@ rollback undoing it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.config import parse_config
-from gateway.daemon import open_store
+from storage.blobs import BlobStore
 from storage.db import Database, Prepared
 from storage.models import Base, OutboundLog
-from tests.conftest import config_dict
 
 LOG = Base.metadata.tables["outbound_log"]
 INSERT = Prepared(insert(LOG).returning(LOG.c.id, LOG.c.at, sort_by_parameter_order=True))
@@ -31,11 +27,8 @@ AT = datetime(2026, 12, 5, 9, 30, 15, 123456, tzinfo=UTC)
 
 
 @pytest.fixture
-async def db(tmp_path: Path, db_url: str) -> AsyncIterator[Database]:
-    config = parse_config(config_dict(tmp_path, db_url))
-    database, _ = await open_store(config)
-    yield database
-    await database.close()
+def db(store: tuple[Database, BlobStore]) -> Database:
+    return store[0]
 
 
 def row(queue_id: str, event: str = "queued") -> dict[str, object]:
@@ -112,7 +105,7 @@ async def test_each_transaction_asks_for_its_own_connection(db: Database) -> Non
     assert sorted(kept) == ["first", "third"]
 
 
-async def test_when_run_at_the_same_time(db: Database) -> None:
+async def test_writers_racing_through_group_commit_each_get_their_own_row(db: Database) -> None:
     """Writers racing through group commit: every row lands once, with its own id."""
 
     async def one(i: int):  # type: ignore[no-untyped-def]
